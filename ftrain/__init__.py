@@ -1,3 +1,25 @@
-"""ftrain: training for PyTorch in the style of JAX."""
+"""ftrain: training for PyTorch in the style of JAX.
+
+Training is a pure function ``train_step(state, batch) -> (state, metrics)`` over an immutable
+:class:`TrainState` pytree; :func:`jit` compiles the whole step with ``torch.compile``.
+"""
+
+from ftrain import losses, metrics, optim, random, schedules, tree
+from ftrain.jit import jit
+from ftrain.state import TrainState
+from ftrain.step import make_eval_step, make_train_step
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "TrainState",
+    "jit",
+    "losses",
+    "make_eval_step",
+    "make_train_step",
+    "metrics",
+    "optim",
+    "random",
+    "schedules",
+    "tree",
+]

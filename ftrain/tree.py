@@ -104,8 +104,7 @@ def tree_check_same_structure(a: PyTree, b: PyTree, /, *, names=("a", "b"), is_l
     set_a, set_b = set(paths_a), set(paths_b)
     only_a = [p for p in paths_a if p not in set_b]
     only_b = [p for p in paths_b if p not in set_a]
-    lines = [f"{names[0]} and {names[1]} have different tree structures "
-             f"({len(paths_a)} vs {len(paths_b)} leaves)."]
+    lines = [f"{names[0]} and {names[1]} have different tree structures ({len(paths_a)} vs {len(paths_b)} leaves)."]
     if only_a:
         lines.append(f"  in {names[0]} only: {', '.join(only_a[:5])}" + (" ..." if len(only_a) > 5 else ""))
     if only_b:

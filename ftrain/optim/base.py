@@ -48,9 +48,7 @@ class TransformInitFn(Protocol):
 
 
 class TransformUpdateFn(Protocol):
-    def __call__(
-        self, updates: Updates, state: OptState, params: Params | None = None
-    ) -> tuple[Updates, OptState]: ...
+    def __call__(self, updates: Updates, state: OptState, params: Params | None = None) -> tuple[Updates, OptState]: ...
 
 
 class GradientTransformation(NamedTuple):

@@ -1,0 +1,192 @@
+"""``jit``: compile a whole train or eval step with ``torch.compile``; count recompiles; donate the state.
+
+Compiling the *whole* step — forward, backward, optimizer — is what beats a hand-written loop (DESIGN.md, "Speed
+measured"): Inductor fuses the optimizer's elementwise work into a few kernels. The compiled function is the
+step's pure tensor core; the host-side work (train/eval mode, seeding the RNG from the state's key and step) stays
+outside it, so a compiled step is reproducible run to run.
+
+Donation (``donate=True``) makes the step write the new state into the old state's tensors, as
+``torch.optim`` does in place, so peak memory does not hold two copies of params and optimizer state. The donated
+state is then dead: touching any of its fields raises an error that says so.
+
+Example:
+    >>> import torch
+    >>> from ftrain import TrainState, jit, losses, make_train_step, optim
+    >>> state = TrainState.create(torch.nn.Linear(3, 1), optim.adamw(1e-2), key=0)
+    >>> step = jit(make_train_step(lambda m, b: losses.mse(m(b["x"]), b["y"])), donate=True)
+    >>> batch = {"x": torch.ones(4, 3), "y": torch.zeros(4, 1)}
+    >>> new_state, metrics = step(state, batch)  # doctest: +SKIP
+    >>> state.params  # doctest: +SKIP
+    Traceback (most recent call last):
+    ...
+    RuntimeError: this TrainState was donated to a jitted step ...
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch._dynamo
+import torch.utils._pytree
+
+from ftrain.state import TrainState
+from ftrain.step import EvalStep, TrainStep
+
+__all__ = ["Donated", "Jitted", "jit"]
+
+
+class Donated:
+    """Stands in for every field of a donated state; any use raises with the fix."""
+
+    __slots__ = ("field", "step")
+
+    def __init__(self, field: str, step: int):
+        self.field = field
+        self.step = step
+
+    def _fail(self, *args: Any, **kwargs: Any):
+        raise RuntimeError(
+            f"this TrainState was donated to a jitted step at step {self.step}: its tensors now hold the next "
+            f"state, so state.{self.field} is gone. Use the state the step returned "
+            "(state, metrics = step(state, batch)), or build the step with jit(..., donate=False)."
+        )
+
+    __getitem__ = __iter__ = __len__ = __getattr__ = __call__ = __bool__ = __float__ = __int__ = _fail
+    keys = values = items = _fail
+
+    def __repr__(self) -> str:
+        return f"<donated {self.field}>"
+
+
+def _mark_donated(state: TrainState, step: int) -> None:
+    for name in ("step", "params", "buffers", "opt_state", "key"):
+        object.__setattr__(state, name, Donated(name, step))
+
+
+def _check_alive(state: Any) -> None:
+    if isinstance(state, TrainState) and isinstance(state.params, Donated):
+        state.params._fail()
+
+
+class Jitted:
+    """A compiled :class:`~ftrain.step.TrainStep` or :class:`~ftrain.step.EvalStep`. Build with :func:`jit`.
+
+    Attributes:
+        compiles: graphs compiled so far by this step (1 after a first call that compiled one graph).
+        recompiles: compiles after the first call; stays 0 when nothing retraces.
+    """
+
+    def __init__(
+        self,
+        step: TrainStep,
+        *,
+        donate: bool = False,
+        fullgraph: bool = True,
+        deterministic: bool = True,
+        mode: str | None = None,
+        dynamic: bool | None = False,
+        fallback_random: bool = False,
+        options: dict[str, Any] | None = None,
+    ):
+        if not isinstance(step, TrainStep):
+            raise TypeError(
+                f"jit: expected a step from make_train_step or make_eval_step, got {type(step).__name__}. To "
+                "compile any other function use torch.compile directly."
+            )
+        if donate and isinstance(step, EvalStep):
+            raise ValueError("jit: donate=True is for train steps; an eval step does not produce a new state")
+        self.step = step
+        self.donate = donate
+        self.deterministic = deterministic
+        inductor_options = dict(options or {})
+        if fallback_random:
+            inductor_options["fallback_random"] = True
+        core = self._donating_core if donate else step.core
+        self._compiled = torch.compile(
+            core, fullgraph=fullgraph, dynamic=dynamic, mode=mode, options=inductor_options or None
+        )
+        self.compiles = 0
+        self.calls = 0
+        self._first_call_compiles = 0
+
+    @property
+    def recompiles(self) -> int:
+        return self.compiles - self._first_call_compiles
+
+    def _donating_core(self, skeleton, tx, params, buffers, opt_state, step, batch):
+        new_params, new_buffers, new_opt, new_step, metrics = self.step.core(
+            skeleton, tx, params, buffers, opt_state, step, batch
+        )
+        # torch's pytree, not optree: dynamo traces it without graph breaks.
+        olds = torch.utils._pytree.tree_leaves((params, buffers, opt_state, step))
+        news = torch.utils._pytree.tree_leaves((new_params, new_buffers, new_opt, new_step))
+        for old, new in zip(olds, news):
+            old.copy_(new)
+        return params, buffers, opt_state, step, metrics
+
+    @contextlib.contextmanager
+    def _context(self):
+        before = torch.are_deterministic_algorithms_enabled()
+        warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+        if self.deterministic and not before:
+            torch.use_deterministic_algorithms(True)
+        try:
+            with torch._dynamo.config.patch(trace_autograd_ops=True):
+                yield
+        finally:
+            if self.deterministic and not before:
+                torch.use_deterministic_algorithms(False, warn_only=warn_only)
+
+    def __call__(self, state: TrainState, batch: Any):
+        _check_alive(state)
+        step_before = int(state.step) if self.donate else 0
+        counters = torch._dynamo.utils.counters["stats"]
+        before = counters["unique_graphs"]
+        try:
+            with self._context():
+                new_state, metrics = self.step.run(self._compiled, state, batch)
+        except Exception as err:
+            if counters["unique_graphs"] != before or self.calls == 0:
+                self._raise_eager_error(state, batch, err)
+            raise
+        self.compiles += counters["unique_graphs"] - before
+        if self.calls == 0:
+            self._first_call_compiles = self.compiles
+        self.calls += 1
+        if self.donate:
+            _mark_donated(state, step_before)
+        if isinstance(self.step, EvalStep):
+            return metrics
+        return new_state, metrics
+
+    def _raise_eager_error(self, state: TrainState, batch: Any, err: Exception) -> None:
+        """A failed compile often hides a plain Python error (a missing batch key, a shape mismatch) behind
+        dynamo's message: run the step eagerly once and raise its error if it has one."""
+        try:
+            self.step(state, batch)
+        except Exception as eager_err:
+            raise eager_err from err
+
+    def __repr__(self) -> str:
+        return f"jit({type(self.step).__name__}, donate={self.donate}, compiles={self.compiles})"
+
+
+def jit(step: TrainStep, *, donate: bool = False, **kwargs: Any) -> Jitted | Callable:
+    """Compiles ``step`` (from :func:`~ftrain.step.make_train_step` or ``make_eval_step``) with torch.compile.
+
+    Args:
+        step: the step to compile; called the same way as the original.
+        donate: write the new state into the old state's tensors (peak memory as with ``torch.optim``); the
+            passed state is dead afterwards.
+        fullgraph: fail instead of silently falling back to eager on a graph break (default True).
+        deterministic: run with ``torch.use_deterministic_algorithms(True)`` (default True): without it a
+            multithreaded Inductor kernel (embedding backward) made reruns differ from step 1.
+        mode, dynamic, options: passed to ``torch.compile``; ``fallback_random=True`` makes dropout match eager.
+
+    Returns:
+        A :class:`Jitted` step with ``compiles`` and ``recompiles`` counters.
+    """
+    return Jitted(step, donate=donate, **kwargs)

@@ -1,0 +1,279 @@
+"""``make_train_step`` and ``make_eval_step``: pure step functions built from a loss function.
+
+A loss function takes the model bound to the current tensors and one microbatch, and returns a
+:class:`ftrain.losses.Loss` — ``(sum, count)`` — optionally followed by a dict of auxiliary 0-d tensors:
+
+    def loss_fn(model, batch):
+        logits = model(batch["input_ids"])
+        return losses.cross_entropy(logits, batch["labels"], shift=True)
+
+``train_step(state, batch) -> (state, metrics)`` then differentiates the summed loss of every microbatch with
+``torch.autograd.grad``, divides the summed gradients once by the total count (so token weighting is exact however
+the batch is split), applies ``state.tx`` and returns a new state. It mutates nothing, makes no host sync, and
+returns metrics as 0-d tensors: ``loss``, ``loss_sum``, ``count``, ``grad_norm`` (before any clipping) and
+``learning_rate`` (when the optimizer state records one), plus the loss function's auxiliary values summed over
+microbatches.
+
+The step is two layers: :meth:`TrainStep.core` is the pure tensor function that :func:`ftrain.jit` compiles;
+:meth:`TrainStep.__call__` adds what must happen on the host — the module's train/eval mode and torch's RNG seeded
+from ``fold_in(state.key, state.step)`` (DESIGN.md, "RNG under compile").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ftrain import random as _random
+from ftrain import tree as _tree
+from ftrain.losses import Loss, cross_entropy
+from ftrain.module import Bound
+from ftrain.optim.base import GradientTransformation
+from ftrain.state import TrainState
+
+__all__ = [
+    "EvalStep",
+    "TrainStep",
+    "causal_lm_loss",
+    "make_eval_step",
+    "make_train_step",
+    "model_loss",
+    "sequence_classification_loss",
+]
+
+Batch = Any
+LossFn = Callable[[Bound, Batch], Any]
+
+
+def _unpack_loss(out: Any, where: str) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    if isinstance(out, tuple) and len(out) in (2, 3):
+        aux = out[2] if len(out) == 3 else {}
+        if isinstance(aux, Mapping) and isinstance(out[0], torch.Tensor):
+            count = out[1] if isinstance(out[1], torch.Tensor) else torch.tensor(out[1])
+            return out[0], count, dict(aux)
+    raise TypeError(
+        f"{where}: the loss function must return (sum, count) or (sum, count, aux_dict) — e.g. "
+        f"ftrain.losses.cross_entropy(logits, labels) — got {type(out).__name__}. Return sums, not means: the step "
+        "divides by the total count once per optimizer step."
+    )
+
+
+def _split_microbatches(batch: Batch, accum_steps: int) -> list[Batch]:
+    if isinstance(batch, list | tuple) and not _is_tensor_tuple(batch):
+        if accum_steps != 1 and len(batch) > accum_steps:
+            raise ValueError(f"train_step: got {len(batch)} microbatches but accum_steps={accum_steps}")
+        return list(batch)
+    if accum_steps == 1:
+        return [batch]
+    paths, leaves, spec = _tree.tree_flatten_with_path(batch)
+    for path, leaf in zip(paths, leaves):
+        if isinstance(leaf, torch.Tensor) and (leaf.dim() == 0 or leaf.shape[0] % accum_steps):
+            raise ValueError(
+                f"train_step: batch{_tree.keystr(path)} has shape {tuple(leaf.shape)}; with accum_steps="
+                f"{accum_steps} its first dimension must be divisible by {accum_steps}. Pass a list of "
+                "microbatches instead to accumulate uneven ones."
+            )
+    chunks = [leaf.chunk(accum_steps) if isinstance(leaf, torch.Tensor) else [leaf] * accum_steps for leaf in leaves]
+    return [_tree.tree_unflatten(spec, [c[i] for c in chunks]) for i in range(accum_steps)]
+
+
+def _is_tensor_tuple(batch: Sequence[Any]) -> bool:
+    """``(inputs, targets)`` tuples are one batch, not a list of microbatches."""
+    return isinstance(batch, tuple) and all(isinstance(x, torch.Tensor) for x in batch)
+
+
+def _explain_missing_key(err: KeyError, batch: Batch) -> KeyError | None:
+    missing = err.args[0] if err.args else None
+    mbs = batch if isinstance(batch, list) else [batch]
+    if isinstance(missing, str) and all(isinstance(b, Mapping) and missing not in b for b in mbs):
+        return KeyError(
+            f"the loss function reads batch[{missing!r}], but the batch has only the keys {sorted(mbs[0])}. Add "
+            f"{missing!r} to the batch (the data collator builds it), or change the loss function."
+        )
+    return None
+
+
+def _learning_rate(opt_state: Any) -> torch.Tensor | None:
+    from ftrain.optim.wrappers import find_hyperparam
+
+    return find_hyperparam(opt_state, "learning_rate")
+
+
+class TrainStep:
+    """``train_step(state, batch) -> (state, metrics)``; see the module docstring. Build with
+    :func:`make_train_step`."""
+
+    def __init__(self, loss_fn: LossFn, *, accum_steps: int = 1):
+        if not callable(loss_fn):
+            raise TypeError(f"make_train_step: loss_fn must be callable, got {type(loss_fn).__name__}")
+        if not isinstance(accum_steps, int) or accum_steps < 1:
+            raise ValueError(f"make_train_step: accum_steps must be an int >= 1, got {accum_steps!r}")
+        self.loss_fn = loss_fn
+        self.accum_steps = accum_steps
+        self.training = True
+
+    def grads(
+        self, skeleton: nn.Module, params: dict, buffers: dict, batch: Batch
+    ) -> tuple[dict, dict, dict[str, torch.Tensor]]:
+        """Gradients of the whole batch, divided once by its total count; ``(grads, new_buffers, metrics)``."""
+        names = list(params)
+        leaves = [params[n].detach().requires_grad_() for n in names]
+        live = dict(zip(names, leaves))
+        # Buffers are cloned so that a module mutating them in place (BatchNorm statistics) changes the new state,
+        # never the caller's.
+        mutable = getattr(skeleton, "_ftrain_buffer_names", ())
+        buffers = {k: v.clone() if k in mutable else v for k, v in buffers.items()}
+        model = Bound(skeleton, live, buffers)
+        total_grads = None
+        total_sum = total_count = None
+        aux_sums: dict[str, torch.Tensor] = {}
+        for mb in _split_microbatches(batch, self.accum_steps):
+            with torch.enable_grad():
+                loss_sum, count, aux = _unpack_loss(self.loss_fn(model, mb), "train_step")
+            g = torch.autograd.grad(loss_sum, leaves, allow_unused=True, materialize_grads=True)
+            total_grads = list(g) if total_grads is None else torch._foreach_add(total_grads, g)
+            loss_sum, count = loss_sum.detach(), count.detach()
+            total_sum = loss_sum if total_sum is None else total_sum + loss_sum
+            total_count = count if total_count is None else total_count + count
+            for k, v in aux.items():
+                aux_sums[k] = v.detach() if k not in aux_sums else aux_sums[k] + v.detach()
+        denom = total_count.clamp_min(1)
+        grads = dict(zip(names, torch._foreach_div(total_grads, denom.to(total_grads[0].dtype))))
+        metrics = {"loss": total_sum / denom.to(total_sum.dtype), "loss_sum": total_sum, "count": total_count}
+        return grads, buffers, {**metrics, **aux_sums}
+
+    def core(
+        self,
+        skeleton: nn.Module,
+        tx: GradientTransformation,
+        params: dict,
+        buffers: dict,
+        opt_state: Any,
+        step: torch.Tensor,
+        batch: Batch,
+    ) -> tuple[dict, dict, Any, torch.Tensor, dict[str, torch.Tensor]]:
+        """The pure tensor function: ``(params, buffers, opt_state, step, metrics)`` after one update."""
+        from ftrain.optim.update import apply_updates
+
+        grads, new_buffers, metrics = self.grads(skeleton, params, buffers, batch)
+        metrics["grad_norm"] = _tree.tree_global_norm(grads)
+        updates, new_opt_state = tx.update(grads, opt_state, params)
+        lr = _learning_rate(new_opt_state)
+        if lr is not None:
+            metrics["learning_rate"] = lr
+        return apply_updates(params, updates), new_buffers, new_opt_state, step + 1, metrics
+
+    def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, torch.Tensor]]:
+        return self.run(self.core, state, batch)
+
+    def run(self, core: Callable, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, torch.Tensor]]:
+        """Calls ``core`` (this step's, or a compiled one) with the host-side set-up; returns the new state."""
+        if not isinstance(state, TrainState):
+            raise TypeError(f"train_step: expected a TrainState, got {type(state).__name__}")
+        if state.skeleton is None or state.tx is None:
+            raise ValueError("train_step: the state needs a skeleton and a tx; build it with TrainState.create")
+        if state.skeleton.training != self.training:
+            state.skeleton.train(self.training)
+        try:
+            with _random.step_rng(state.key, state.step, state.device):
+                params, buffers, opt_state, step, metrics = core(
+                    state.skeleton, state.tx, state.params, state.buffers, state.opt_state, state.step, batch
+                )
+        except KeyError as err:
+            clear = _explain_missing_key(err, batch)
+            if clear is None:
+                raise
+            raise clear from err
+        new = state.replace(step=step, params=params, buffers=buffers, opt_state=opt_state)
+        return new, metrics
+
+
+class EvalStep(TrainStep):
+    """``eval_step(state, batch) -> metrics``: the loss in eval mode, no gradients, state unchanged."""
+
+    def __init__(self, loss_fn: LossFn):
+        super().__init__(loss_fn)
+        self.training = False
+
+    def core(self, skeleton, tx, params, buffers, opt_state, step, batch):
+        with torch.no_grad():
+            model = Bound(skeleton, params, buffers)
+            loss_sum, count, aux = _unpack_loss(self.loss_fn(model, batch), "eval_step")
+        metrics = {
+            "loss": loss_sum / count.clamp_min(1).to(loss_sum.dtype),
+            "loss_sum": loss_sum,
+            "count": count,
+        }
+        return params, buffers, opt_state, step, {**metrics, **aux}
+
+    def __call__(self, state: TrainState, batch: Batch) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        return self.run(self.core, state, batch)[1]
+
+
+def make_train_step(loss_fn: LossFn, *, accum_steps: int = 1) -> TrainStep:
+    """A pure ``train_step(state, batch) -> (state, metrics)``.
+
+    Args:
+        loss_fn: ``loss_fn(model, batch) -> (sum, count)`` or ``(sum, count, aux)``; ``model`` is callable like
+            the original module.
+        accum_steps: split each batch along dim 0 into this many microbatches and accumulate their gradients
+            inside the step. A list of microbatches (e.g. uneven ones) is accumulated whatever this is.
+
+    Example:
+        >>> import torch
+        >>> from ftrain import TrainState, losses, make_train_step, optim
+        >>> state = TrainState.create(torch.nn.Linear(3, 1), optim.sgd(0.1), key=0)
+        >>> step = make_train_step(lambda m, b: losses.mse(m(b["x"]), b["y"]), accum_steps=2)
+        >>> state, metrics = step(state, {"x": torch.ones(4, 3), "y": torch.zeros(4, 1)})
+        >>> int(state.step), sorted(metrics)
+        (1, ['count', 'grad_norm', 'learning_rate', 'loss', 'loss_sum'])
+    """
+    return TrainStep(loss_fn, accum_steps=accum_steps)
+
+
+def make_eval_step(loss_fn: LossFn) -> EvalStep:
+    """``eval_step(state, batch) -> metrics`` (``loss``, ``loss_sum``, ``count`` and aux), in eval mode."""
+    return EvalStep(loss_fn)
+
+
+# Loss functions for transformers models: computed from the logits with ftrain.losses, which gives (sum, count)
+# and keeps the step traceable with fullgraph (transformers' own loss calls a logger dynamo cannot trace).
+
+
+def _forward_without_labels(model: Bound, batch: Mapping[str, Any]) -> torch.Tensor:
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "shift_labels")}
+    out = model(**inputs)
+    return (
+        out["logits"] if isinstance(out, Mapping) else getattr(out, "logits", out[0] if isinstance(out, tuple) else out)
+    )
+
+
+def causal_lm_loss(model: Bound, batch: Mapping[str, Any]) -> Loss:
+    """Next-token cross-entropy for a causal LM: ``labels`` shifted by one (or ``shift_labels`` as given)."""
+    logits = _forward_without_labels(model, batch)
+    if "shift_labels" in batch:
+        return cross_entropy(logits, batch["shift_labels"])
+    return cross_entropy(logits, batch["labels"], shift=True)
+
+
+def sequence_classification_loss(model: Bound, batch: Mapping[str, Any]) -> Loss:
+    """Cross-entropy over classes (integer ``labels``) or MSE (float ``labels``, regression), per example."""
+    logits = _forward_without_labels(model, batch)
+    labels = batch["labels"]
+    if labels.is_floating_point():
+        from ftrain.losses import mse
+
+        return mse(logits.squeeze(-1) if labels.dim() == logits.dim() - 1 else logits, labels)
+    return cross_entropy(logits, labels)
+
+
+def model_loss(model: Bound, batch: Mapping[str, Any]) -> Loss:
+    """The model's own ``loss`` output, counted as one item per microbatch (mean of microbatch means)."""
+    out = model(**batch)
+    loss = out["loss"] if isinstance(out, Mapping) else getattr(out, "loss", None)
+    if loss is None:
+        raise ValueError("model_loss: the model returned no loss; does the batch have 'labels'?")
+    return Loss(loss, torch.ones((), dtype=torch.int64, device=loss.device))
