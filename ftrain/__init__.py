@@ -4,7 +4,7 @@ Training is a pure function ``train_step(state, batch) -> (state, metrics)`` ove
 :class:`TrainState` pytree; :func:`jit` compiles the whole step with ``torch.compile``.
 """
 
-from ftrain import losses, metrics, optim, random, schedules, tree
+from ftrain import data, losses, metrics, optim, random, schedules, tree
 from ftrain.jit import jit
 from ftrain.state import TrainState
 from ftrain.step import make_eval_step, make_train_step
@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "TrainState",
+    "data",
     "jit",
     "losses",
     "make_eval_step",

@@ -1,0 +1,483 @@
+"""``TrainingArguments`` -> core pieces: the optimizer, the learning-rate schedule and the step counts.
+
+This is the one place the Trainer shell reads the optimizer and schedule fields of ``TrainingArguments``. It only
+chooses and parameterises pieces of :mod:`ftrain.optim` and :mod:`ftrain.schedules`; the maths lives there.
+
+What :func:`make_optimizer` builds matches ``transformers.Trainer.create_optimizer_and_scheduler``:
+
+- the optimizer named by ``args.optim`` (the torch-only names, plus ``lion_32bit``), with transformers' keyword
+  arguments (``adam_beta1/2``, ``adam_epsilon``, ``optim_args``);
+- its two parameter groups: weight decay ``args.weight_decay`` on the parameters
+  :func:`ftrain.optim.hf_decay_mask` marks, none on biases and normalisation weights; only trainable params;
+- gradient clipping to ``args.max_grad_norm`` first (none when it is 0 or ``None``);
+- the learning rate ``schedule(count)`` with ``count`` the number of updates done, so update ``k`` (0-based)
+  uses ``lr * λ(k)`` as transformers' scheduler does (with warmup the first update has lr 0). The value used by
+  the last update is recorded in the optimizer state; the train step reports it as ``learning_rate``, which is
+  transformers' logged ``lr_scheduler.get_last_lr()[0]``.
+
+Example:
+    >>> import torch
+    >>> from ftrain.trainer.args import TrainingArguments
+    >>> model = torch.nn.Linear(3, 2)
+    >>> args = TrainingArguments("out", learning_rate=0.1, warmup_steps=2, optim="sgd")
+    >>> tx = make_optimizer(args, model, num_training_steps=10)
+    >>> params = {k: v.detach() for k, v in model.named_parameters()}
+    >>> state = tx.init(params)
+    >>> _, state = tx.update({k: torch.ones_like(v) for k, v in params.items()}, state, params)
+    >>> float(logged_learning_rate(state))  # warmup: the first update uses lr 0
+    0.0
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import sys
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import torch
+from torch import nn
+
+from ftrain import optim
+from ftrain import tree as _tree
+from ftrain.optim.base import GradientTransformation, OptState, Schedule
+from ftrain.schedules import ReduceOnPlateauState, get_schedule, reduce_on_plateau
+from ftrain.trainer.args import OptimizerNames, SchedulerType
+
+__all__ = [
+    "SUPPORTED_OPTIMIZERS",
+    "TrainingSteps",
+    "compute_steps",
+    "get_optimizer_cls_and_kwargs",
+    "logged_learning_rate",
+    "make_optimizer",
+    "make_schedule",
+    "parse_optim_args",
+]
+
+# ``optim_args`` keys transformers reads for each torch optimizer, with their type and ftrain's argument name.
+_OPTIM_ARG_SPECS: dict[str, dict[str, tuple[type, str]]] = {
+    "sgd": {
+        "momentum": (float, "momentum"),
+        "dampening": (float, "dampening"),
+        "weight_decay": (float, "weight_decay"),
+        "nesterov": (bool, "nesterov"),
+    },
+    "adagrad": {"lr_decay": (float, "lr_decay"), "weight_decay": (float, "weight_decay"), "eps": (float, "eps")},
+    "rmsprop": {
+        "momentum": (float, "momentum"),
+        "alpha": (float, "decay"),
+        "eps": (float, "eps"),
+        "weight_decay": (float, "weight_decay"),
+        "centered": (bool, "centered"),
+    },
+}
+_FACTORIES: dict[str, Callable[..., GradientTransformation]] = {
+    "adamw_torch": optim.adamw,
+    "adamw_torch_fused": optim.adamw,
+    "adafactor": optim.adafactor,
+    "lion_32bit": optim.lion,
+    "sgd": optim.sgd,
+    "adagrad": optim.adagrad,
+    "rmsprop": optim.rmsprop,
+}
+SUPPORTED_OPTIMIZERS: tuple[str, ...] = tuple(_FACTORIES)
+"""The ``TrainingArguments.optim`` values ftrain builds."""
+
+# Why each other transformers optimizer is refused, and what to use instead.
+_UNSUPPORTED: dict[str, tuple[str, str]] = {
+    "adamw_torch_xla": ("runs on TPUs through torch_xla", "adamw_torch"),
+    "adamw_torch_npu_fused": ("runs on Ascend NPUs through torch_npu", "adamw_torch"),
+    "adamw_anyprecision": ("comes from torchdistx", "adamw_torch"),
+    "adamw_torch_4bit": ("keeps 4-bit states through torchao", "adamw_torch"),
+    "adamw_torch_8bit": ("keeps 8-bit states through torchao", "adamw_torch"),
+    "grokadamw": ("comes from the grokadamw package", "adamw_torch"),
+    "stable_adamw": ("comes from torch-optimi", "adamw_torch"),
+    "lomo": ("fuses the update into the backward pass (lomo-optim)", "sgd"),
+    "adalomo": ("fuses the update into the backward pass (lomo-optim)", "adafactor"),
+    "schedule_free_radam": ("comes from schedulefree", "adamw_torch"),
+    "schedule_free_adamw": ("comes from schedulefree", "adamw_torch"),
+    "schedule_free_sgd": ("comes from schedulefree", "sgd"),
+}
+for _name in ("adamw_bnb_8bit", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit", "ademamix", "ademamix_8bit"):
+    _UNSUPPORTED[_name] = ("is a bitsandbytes optimizer (8-bit or paged states)", "adamw_torch")
+for _name in ("paged_ademamix_32bit", "paged_ademamix_8bit"):
+    _UNSUPPORTED[_name] = ("is a bitsandbytes optimizer (8-bit or paged states)", "adamw_torch")
+for _name in ("lion_8bit", "paged_lion_32bit", "paged_lion_8bit"):
+    _UNSUPPORTED[_name] = ("is a bitsandbytes optimizer (8-bit or paged states)", "lion_32bit")
+for _name in ("rmsprop_bnb", "rmsprop_bnb_8bit", "rmsprop_bnb_32bit"):
+    _UNSUPPORTED[_name] = ("is a bitsandbytes optimizer (8-bit or paged states)", "rmsprop")
+for _name in ("galore_adamw", "galore_adamw_8bit", "galore_adamw_layerwise", "galore_adamw_8bit_layerwise"):
+    _UNSUPPORTED[_name] = ("projects gradients to low rank (galore_torch)", "adamw_torch")
+for _name in ("galore_adafactor", "galore_adafactor_layerwise"):
+    _UNSUPPORTED[_name] = ("projects gradients to low rank (galore_torch)", "adafactor")
+for _name in ("apollo_adamw", "apollo_adamw_layerwise"):
+    _UNSUPPORTED[_name] = ("projects gradients to low rank (apollo_torch)", "adamw_torch")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The optimizer.
+
+
+def parse_optim_args(optim_args: str | None) -> dict[str, str]:
+    """Splits transformers' ``optim_args`` string ``"key=value,key=value"`` (spaces ignored) into a dict.
+
+    Args:
+        optim_args: the string, or ``None``.
+
+    Returns:
+        ``{key: value}`` with the values still strings.
+
+    Raises:
+        ValueError: a part that is not ``key=value``.
+
+    Example:
+        >>> parse_optim_args("momentum=0.9, nesterov=True")
+        {'momentum': '0.9', 'nesterov': 'True'}
+    """
+    out: dict[str, str] = {}
+    for part in (optim_args or "").replace(" ", "").split(","):
+        if not part:
+            continue
+        key, sep, value = part.partition("=")
+        if not sep or not key or not value or "=" in value:
+            raise ValueError(
+                f"optim_args: {part!r} is not key=value; write e.g. optim_args='momentum=0.9,nesterov=True'."
+            )
+        out[key] = value
+    return out
+
+
+def _typed_optim_args(name: str, raw: dict[str, str]) -> dict[str, Any]:
+    """``optim_args`` of a torch optimizer as ftrain keyword arguments (floats and bools, ftrain's names)."""
+    specs = _OPTIM_ARG_SPECS[name]
+    unknown = sorted(set(raw) - set(specs))
+    if unknown:
+        raise ValueError(f"optim_args: {unknown} are not arguments of optim={name!r}; it takes {sorted(specs)}.")
+    out: dict[str, Any] = {}
+    for key, text in raw.items():
+        kind, ftrain_name = specs[key]
+        if kind is bool:
+            if text.lower() not in ("true", "1", "yes", "false", "0", "no"):
+                raise ValueError(f"optim_args: {key}={text!r} for optim={name!r} must be true/false (or 1/0, yes/no).")
+            out[ftrain_name] = text.lower() in ("true", "1", "yes")
+        else:
+            try:
+                out[ftrain_name] = float(text)
+            except ValueError:
+                raise ValueError(f"optim_args: {key}={text!r} for optim={name!r} must be a number.") from None
+    return out
+
+
+def _optimizer_name(value: Any) -> str:
+    """``args.optim`` as a plain string, checked against transformers' names."""
+    text = value.value if isinstance(value, Enum) else str(value)
+    try:
+        return OptimizerNames(text).value
+    except ValueError:
+        raise ValueError(
+            f"optim={text!r} is not an optimizer name; ftrain builds {list(SUPPORTED_OPTIMIZERS)}."
+        ) from None
+
+
+def get_optimizer_cls_and_kwargs(args: Any, model: nn.Module | None = None) -> tuple[Callable[..., Any], dict]:
+    """The optimizer ``args.optim`` names, as transformers' ``Trainer.get_optimizer_cls_and_kwargs`` gives it:
+    a factory (an :mod:`ftrain.optim` alias) and its keyword arguments.
+
+    The keyword arguments are ftrain's names for transformers' ones: ``learning_rate`` (``args.learning_rate``),
+    Adam's ``b1``/``b2``/``eps`` from ``adam_beta1``/``adam_beta2``/``adam_epsilon``, and the ``optim_args`` keys
+    transformers reads for ``sgd`` / ``adagrad`` / ``rmsprop``. Weight decay is not among them: transformers sets
+    it per parameter group, and :func:`make_optimizer` does the same.
+
+    Args:
+        args: a ``TrainingArguments`` (ftrain's or transformers').
+        model: unused (transformers needs it for GaLore-like optimizers, which ftrain does not build).
+
+    Returns:
+        ``(factory, kwargs)``; ``factory(**kwargs, weight_decay=..., ...)`` is a ``GradientTransformation``.
+
+    Raises:
+        ValueError: an unknown or unsupported optimizer name (the message suggests a supported one), or
+            ``optim_args`` the optimizer does not take or cannot parse.
+
+    Example:
+        >>> from ftrain.trainer.args import TrainingArguments
+        >>> factory, kwargs = get_optimizer_cls_and_kwargs(TrainingArguments("out", optim="rmsprop",
+        ...                                                optim_args="alpha=0.9,centered=true"))
+        >>> factory.__name__, kwargs
+        ('rmsprop', {'learning_rate': 5e-05, 'decay': 0.9, 'centered': True})
+    """
+    name = _optimizer_name(args.optim)
+    if name in _UNSUPPORTED:
+        reason, instead = _UNSUPPORTED[name]
+        raise ValueError(
+            f"optim={name!r} is not available in ftrain: it {reason}, and ftrain's optimizers are pure functions "
+            f"from ftrain.optim. Use optim={instead!r} (--optim {instead}), or give the Trainer your own "
+            "ftrain.optim GradientTransformation."
+        )
+    kwargs: dict[str, Any] = {"learning_rate": args.learning_rate}
+    raw = parse_optim_args(args.optim_args)
+    if name in _OPTIM_ARG_SPECS:
+        typed = _typed_optim_args(name, raw)
+        if "weight_decay" in typed:
+            warnings.warn(
+                f"optim_args weight_decay={typed.pop('weight_decay')} is ignored, as in transformers: weight decay "
+                "is set per parameter group from TrainingArguments.weight_decay; set that instead.",
+                UserWarning,
+                stacklevel=2,
+            )
+        kwargs.update(typed)
+    elif raw:
+        raise ValueError(
+            f"optim_args={args.optim_args!r}: optim={name!r} takes no optim_args (transformers would ignore "
+            "them); its settings are learning_rate, adam_beta1, adam_beta2, adam_epsilon and weight_decay."
+        )
+    if name in ("adamw_torch", "adamw_torch_fused"):
+        kwargs.update(b1=args.adam_beta1, b2=args.adam_beta2, eps=args.adam_epsilon)
+    elif name == "lion_32bit":
+        kwargs.update(b1=args.adam_beta1, b2=args.adam_beta2)
+    elif name == "adafactor":
+        kwargs.update(scale_parameter=False, relative_step=False)
+    return _FACTORIES[name], kwargs
+
+
+def _with_weight_decay(
+    factory: Callable[..., GradientTransformation], kwargs: dict[str, Any], decays: dict[str, bool], wd: float
+) -> GradientTransformation:
+    """transformers' two parameter groups: ``wd`` where ``decays`` is True, 0 elsewhere.
+
+    Optimizers with decoupled decay take a ``mask``; for the others (L2 decay added to the gradient) the params
+    are split with :func:`ftrain.optim.partition` when both groups are non-empty and decay is on.
+    """
+    if "mask" in inspect.signature(factory).parameters:
+        return factory(**kwargs, weight_decay=wd, mask=decays)
+    flags = list(decays.values())
+    if wd == 0 or not any(flags):
+        return factory(**kwargs, weight_decay=0.0)
+    if all(flags):
+        return factory(**kwargs, weight_decay=wd)
+    labels = {name: "decay" if d else "no_decay" for name, d in decays.items()}
+    groups = {"decay": factory(**kwargs, weight_decay=wd), "no_decay": factory(**kwargs, weight_decay=0.0)}
+    return optim.partition(groups, labels)
+
+
+def make_optimizer(args: Any, model: nn.Module, *, num_training_steps: int) -> GradientTransformation:
+    """The optimizer transformers' ``Trainer`` would create for ``args``, as a pure ``GradientTransformation``.
+
+    ``chain(clip_by_global_norm(max_grad_norm), <optimizer with its two decay groups and the schedule>)``, plus
+    :func:`ftrain.schedules.reduce_on_plateau` at the end for ``lr_scheduler_type="reduce_lr_on_plateau"``.
+    The params tree it expects is ``{name: tensor}`` over the model's trainable parameters
+    (``ftrain.module.split_module``).
+
+    Args:
+        args: a ``TrainingArguments``.
+        model: the model whose trainable parameters the optimizer updates (used for the decay groups).
+        num_training_steps: the total number of optimizer steps (``max_steps`` after the step arithmetic).
+
+    Returns:
+        The optimizer.
+
+    Raises:
+        ValueError: an unsupported optimizer or schedule, bad ``optim_args`` / ``lr_scheduler_kwargs``, or a
+            model without trainable parameters.
+    """
+    factory, kwargs = get_optimizer_cls_and_kwargs(args, model)
+    decays = optim.hf_decay_mask(model)
+    if not decays:
+        raise ValueError(
+            f"make_optimizer: {type(model).__name__} has no parameter with requires_grad=True, so there is "
+            "nothing to train; unfreeze some parameters."
+        )
+    kwargs["learning_rate"] = make_schedule(args, num_training_steps)
+    parts = []
+    if args.max_grad_norm is not None and args.max_grad_norm > 0:
+        parts.append(optim.clip_by_global_norm(args.max_grad_norm))
+    parts.append(_with_weight_decay(factory, kwargs, decays, args.weight_decay))
+    if SchedulerType(args.lr_scheduler_type) == SchedulerType.REDUCE_ON_PLATEAU:
+        parts.append(_plateau(args))
+    return optim.chain(*parts)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The learning rate.
+
+
+def make_schedule(args: Any, num_training_steps: int) -> Schedule:
+    """``step -> learning rate`` for ``args.lr_scheduler_type``, ``args.get_warmup_steps(num_training_steps)``
+    and ``args.lr_scheduler_kwargs`` (:func:`ftrain.schedules.get_schedule`, transformers' ``get_scheduler``).
+
+    For ``reduce_lr_on_plateau`` it is the constant ``learning_rate``; the reduction is a separate
+    transformation that :func:`make_optimizer` adds.
+
+    Args:
+        args: a ``TrainingArguments``.
+        num_training_steps: the total number of optimizer steps.
+
+    Returns:
+        The schedule, called with the number of updates done (0 for the first).
+
+    Raises:
+        ValueError: ``greedy`` (not implemented in ftrain), or arguments the schedule rejects.
+        TypeError: a ``lr_scheduler_kwargs`` key the schedule does not take.
+
+    Example:
+        >>> import torch
+        >>> from ftrain.trainer.args import TrainingArguments
+        >>> sched = make_schedule(TrainingArguments("out", learning_rate=1.0, warmup_steps=0.5), 4)
+        >>> [float(sched(torch.tensor(k))) for k in range(4)]
+        [0.0, 0.5, 1.0, 0.5]
+    """
+    name = SchedulerType(args.lr_scheduler_type).value
+    if name == "greedy":
+        raise ValueError(
+            "lr_scheduler_type='greedy' is not implemented in ftrain; use 'reduce_lr_on_plateau' (also driven by "
+            "the evaluation metric) or a step schedule such as 'cosine'."
+        )
+    if name == "reduce_lr_on_plateau":
+        return get_schedule("constant", args.learning_rate)
+    return get_schedule(
+        name,
+        args.learning_rate,
+        num_warmup_steps=args.get_warmup_steps(num_training_steps),
+        num_training_steps=num_training_steps,
+        **dict(args.lr_scheduler_kwargs or {}),
+    )
+
+
+_PLATEAU_KEYS = ("mode", "factor", "patience", "threshold", "threshold_mode", "cooldown", "min_lr", "eps")
+
+
+def _plateau(args: Any) -> GradientTransformation:
+    """``torch.optim.lr_scheduler.ReduceLROnPlateau(**lr_scheduler_kwargs)`` as a scale on the updates
+    (``min_lr`` and ``eps`` are learning rates there; here they are fractions of ``learning_rate``)."""
+    kw = dict(args.lr_scheduler_kwargs or {})
+    unknown = sorted(set(kw) - set(_PLATEAU_KEYS))
+    if unknown:
+        raise ValueError(
+            f"lr_scheduler_kwargs: {unknown} are not arguments of reduce_lr_on_plateau; it takes {list(_PLATEAU_KEYS)}."
+        )
+    if not args.learning_rate > 0:
+        raise ValueError("lr_scheduler_type='reduce_lr_on_plateau' needs learning_rate > 0.")
+    min_lr, eps = kw.pop("min_lr", 0.0), kw.pop("eps", 1e-8)
+    if not isinstance(min_lr, (int, float)):
+        raise ValueError(f"lr_scheduler_kwargs: min_lr must be one number (one learning rate), got {min_lr!r}.")
+    return reduce_on_plateau(**kw, min_scale=min_lr / args.learning_rate, eps=eps / args.learning_rate)
+
+
+def logged_learning_rate(opt_state: OptState) -> torch.Tensor | None:
+    """The learning rate the last update used, as transformers logs it (``get_last_lr()[0]``, or the param
+    group's lr under ``reduce_lr_on_plateau``): the recorded rate times any plateau scale.
+
+    Args:
+        opt_state: the state of an optimizer from :func:`make_optimizer`.
+
+    Returns:
+        A 0-d tensor, or ``None`` when the state records no learning rate.
+    """
+    lr = optim.find_hyperparam(opt_state, "learning_rate")
+    if lr is None:
+        return None
+    is_plateau = lambda x: isinstance(x, ReduceOnPlateauState)
+    for leaf in _tree.tree_leaves(opt_state, is_leaf=is_plateau):
+        if is_plateau(leaf):
+            lr = lr * leaf.scale.to(lr.dtype)
+    return lr
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Step arithmetic.
+
+
+@dataclass(frozen=True)
+class TrainingSteps:
+    """How long training runs, in transformers' units (a step is one optimizer update).
+
+    Attributes:
+        max_steps: optimizer steps in the whole run (the schedule's ``num_training_steps``).
+        num_train_epochs: epochs the loop starts (``sys.maxsize`` for a loader without a length).
+        num_update_steps_per_epoch: optimizer steps per full epoch.
+        steps_in_epoch: micro-batches per epoch.
+        total_train_batch_size: samples per optimizer step over all data-parallel ranks.
+        warmup_steps: warmup length in optimizer steps.
+        logging_steps, eval_steps, save_steps: the intervals in steps (ratios resolved against ``max_steps``);
+            ``eval_steps`` is ``None`` when unset.
+    """
+
+    max_steps: int
+    num_train_epochs: int
+    num_update_steps_per_epoch: int
+    steps_in_epoch: int
+    total_train_batch_size: int
+    warmup_steps: int
+    logging_steps: int
+    eval_steps: int | None
+    save_steps: int
+
+
+def _interval(value: float | None, max_steps: int) -> int | None:
+    if value is None:
+        return None
+    return math.ceil(max_steps * value) if value < 1 else int(value)
+
+
+def compute_steps(args: Any, len_dataloader: int | None, *, world_size: int | None = None) -> TrainingSteps:
+    """transformers' step arithmetic (``Trainer.set_initial_training_values`` and ``TrainerState.compute_steps``).
+
+    With a loader length: ``updates_per_epoch = max(ceil(len / GA), 1)``; if ``max_steps <= 0`` the run is
+    ``ceil(num_train_epochs * updates_per_epoch)`` steps over ``ceil(num_train_epochs)`` epochs, else
+    ``max_steps`` steps over ``ceil(max_steps / updates_per_epoch)`` epochs. Without one, ``max_steps`` must be
+    positive and the data is re-iterated as needed.
+
+    Args:
+        args: a ``TrainingArguments``.
+        len_dataloader: micro-batches per epoch on this rank, or ``None`` if the loader has no length.
+        world_size: data-parallel processes (default: ``args.world_size``).
+
+    Returns:
+        The counts.
+
+    Raises:
+        ValueError: no loader length and ``max_steps <= 0``, or an empty loader.
+
+    Example:
+        >>> from ftrain.trainer.args import TrainingArguments
+        >>> s = compute_steps(TrainingArguments("out", num_train_epochs=2.5, gradient_accumulation_steps=4,
+        ...                                     logging_steps=0.1), len_dataloader=10, world_size=1)
+        >>> s.num_update_steps_per_epoch, s.max_steps, s.num_train_epochs, s.logging_steps
+        (3, 8, 3, 1)
+    """
+    ga = args.gradient_accumulation_steps
+    world = args.world_size if world_size is None else world_size
+    if len_dataloader == 0:
+        raise ValueError("compute_steps: the training dataloader is empty; check the dataset and the batch size.")
+    if len_dataloader is not None:
+        per_epoch = max(math.ceil(len_dataloader / ga), 1)
+        if args.max_steps > 0:
+            max_steps = args.max_steps
+            epochs = math.ceil(max_steps / per_epoch)
+        else:
+            max_steps = math.ceil(args.num_train_epochs * per_epoch)
+            epochs = math.ceil(args.num_train_epochs)
+        steps_in_epoch = len_dataloader
+    elif args.max_steps > 0:
+        max_steps, epochs, per_epoch = args.max_steps, sys.maxsize, args.max_steps
+        steps_in_epoch = args.max_steps * ga
+    else:
+        raise ValueError(
+            f"compute_steps: the training data has no length, so max_steps must be set > 0 (it is {args.max_steps})."
+        )
+    return TrainingSteps(
+        max_steps=max_steps,
+        num_train_epochs=epochs,
+        num_update_steps_per_epoch=per_epoch,
+        steps_in_epoch=steps_in_epoch,
+        total_train_batch_size=args.train_batch_size * ga * world,
+        warmup_steps=args.get_warmup_steps(max_steps),
+        logging_steps=_interval(args.logging_steps, max_steps),
+        eval_steps=_interval(args.eval_steps, max_steps),
+        save_steps=_interval(args.save_steps, max_steps),
+    )
