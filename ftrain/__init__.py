@@ -24,3 +24,12 @@ __all__ = [
     "schedules",
     "tree",
 ]
+
+
+def __getattr__(name: str):
+    """``ftrain.Trainer`` / ``ftrain.TrainingArguments``, imported on first use (the shell is optional)."""
+    if name in ("Trainer", "TrainingArguments"):
+        import importlib
+
+        return getattr(importlib.import_module("ftrain.trainer"), name)  # lazy: the core never imports the shell
+    raise AttributeError(f"module 'ftrain' has no attribute {name!r}")

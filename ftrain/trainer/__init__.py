@@ -21,6 +21,7 @@ from ftrain.trainer.callbacks import (
     TrainerCallback,
 )
 from ftrain.trainer.hf_argparser import HfArgumentParser
+from ftrain.trainer.trainer import Trainer
 from ftrain.trainer.trainer_state import TrainerControl, TrainerState
 from ftrain.trainer.utils import EvalPrediction, PredictionOutput, TrainOutput, get_last_checkpoint, set_seed
 
@@ -38,6 +39,7 @@ __all__ = [
     "SaveStrategy",
     "SchedulerType",
     "TrainOutput",
+    "Trainer",
     "TrainerCallback",
     "TrainerControl",
     "TrainerState",

@@ -1,0 +1,245 @@
+"""When to save and what to keep: :class:`CheckpointManagerOptions` and the pure functions that apply it.
+
+The vocabulary is Orbax's ``CheckpointManagerOptions``; the retention rules are stated once, here:
+
+**Saving.** A step is due when it is newer than every committed checkpoint and any of these holds: ``step %
+save_interval_steps == 0``; ``step in save_on_steps``; ``save_interval_seconds`` have passed since the last save (or
+since the manager started); a preemption signal arrived (``save_on_preemption``). With none of the first three set,
+every new step is due (Orbax's default ``save_interval_steps=1``).
+
+**Keeping.** Only ``max_to_keep`` deletes anything. With it set, the checkpoints that survive a save are the union of
+
+- the ``max_to_keep`` newest steps,
+- every step with ``step % keep_period == 0`` (kept forever),
+- the ``keep_best`` best steps by the metric (``metric`` + ``best_mode``, or ``best_fn``; default ``keep_best=1``),
+- always the newest step and the best step.
+
+So a best-metric policy never deletes the checkpoint a crashed run resumes from — the bug in Orbax's manager, which
+counted ``max_to_keep`` among the best only and could delete the newest step. Checkpoints saved without the metric
+(a preemption save, say) are never "best" but are kept by the other rules. Ties in the metric go to the earlier step
+(as in Hugging Face's ``Trainer``, a later step must be strictly better); a NaN metric is never best.
+
+Example:
+    >>> opts = CheckpointManagerOptions(max_to_keep=2, keep_period=10, metric="loss")
+    >>> metrics = {5: {"loss": 0.5}, 10: {"loss": 0.9}, 15: {"loss": 0.2}, 20: {"loss": 0.8}, 25: {"loss": 0.7}}
+    >>> sorted(select_to_keep([5, 10, 15, 20, 25], metrics, opts))  # newest 2, multiples of 10, best (15)
+    [10, 15, 20, 25]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+from collections.abc import Callable, Collection, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from ftrain.checkpoint.atomic import StepNaming
+from ftrain.checkpoint.integrity import check_hash_algorithm
+
+if TYPE_CHECKING:
+    from ftrain.checkpoint.backends import Backend
+
+__all__ = ["CheckpointManagerOptions", "best_steps", "is_save_due", "metric_value", "select_to_keep"]
+
+Metrics = Mapping[str, float]
+BACKEND_NAMES = ("safetensors", "dcp", "orbax")
+
+
+def _check_positive_int(name: str, value: Any, *, zero_ok: bool = False) -> None:
+    if value is None:
+        return
+    low = 0 if zero_ok else 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"CheckpointManagerOptions: {name} must be an int >= {low} or None, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointManagerOptions:
+    """What :class:`~ftrain.checkpoint.CheckpointManager` saves, keeps and how it writes. Validated when built.
+
+    Args:
+        save_interval_steps: save when ``step % save_interval_steps == 0``.
+        save_on_steps: save on exactly these steps.
+        save_interval_seconds: save when this much wall-clock time has passed since the last save.
+        save_on_preemption: install a handler for ``preemption_signals`` (SIGTERM by default) that makes the next
+            :meth:`~ftrain.checkpoint.CheckpointManager.should_save` return True; the previous handler is restored
+            on ``close()``. The manager must then be built in the main thread.
+        preemption_signals: the signals that mean "about to be preempted".
+        max_to_keep: keep this many newest checkpoints (plus the exemptions below); ``None`` keeps everything.
+        keep_period: never delete a step that is a multiple of this (needs ``max_to_keep``).
+        metric: name of the metric (in ``save(..., metrics=...)``) that ranks checkpoints.
+        best_fn: instead of ``metric``, a function of the metrics dict returning the number to rank by.
+        best_mode: ``"min"`` (lower is better, e.g. a loss) or ``"max"`` (e.g. accuracy).
+        keep_best: keep this many best checkpoints (default 1 when a metric is set; needs ``max_to_keep``).
+        async_save: return from ``save`` once the tensors are staged; write on a background thread.
+        backend: ``"safetensors"`` (default, one process), ``"dcp"`` (torch.distributed.checkpoint; DTensor
+            states, any world size), ``"orbax"`` (``pip install ftrain[orbax]``), or a
+            :class:`~ftrain.checkpoint.Backend` instance.
+        hash_algorithm: :mod:`hashlib` algorithm of the manifest (``"sha256"`` by default).
+        step_prefix, step_digits: directory names, ``step_prefix + zero-padded step`` (``step_00000120``);
+            ``("checkpoint-", 0)`` gives Hugging Face's ``checkpoint-120``.
+
+    Raises:
+        ValueError: an invalid value or an option that would have no effect, with the fix.
+    """
+
+    save_interval_steps: int | None = None
+    save_on_steps: Collection[int] = ()
+    save_interval_seconds: float | None = None
+    save_on_preemption: bool = False
+    preemption_signals: tuple[int, ...] = (signal.SIGTERM,)
+    max_to_keep: int | None = None
+    keep_period: int | None = None
+    metric: str | None = None
+    best_fn: Callable[[Metrics], float] | None = None
+    best_mode: str = "min"
+    keep_best: int | None = None
+    async_save: bool = False
+    backend: str | Backend = "safetensors"
+    hash_algorithm: str = "sha256"
+    step_prefix: str = "step_"
+    step_digits: int = 8
+
+    def __post_init__(self):
+        _check_positive_int("save_interval_steps", self.save_interval_steps)
+        _check_positive_int("max_to_keep", self.max_to_keep)
+        _check_positive_int("keep_period", self.keep_period)
+        _check_positive_int("keep_best", self.keep_best)
+        steps = frozenset(self.save_on_steps)
+        for s in steps:
+            _check_positive_int("every entry of save_on_steps", s, zero_ok=True)
+        object.__setattr__(self, "save_on_steps", steps)
+        sec = self.save_interval_seconds
+        if sec is not None and (isinstance(sec, bool) or not isinstance(sec, int | float) or not sec > 0):
+            raise ValueError(f"CheckpointManagerOptions: save_interval_seconds must be a number > 0, got {sec!r}")
+        self._check_best()
+        if self.max_to_keep is None:
+            for name in ("keep_period", "keep_best"):
+                if getattr(self, name) is not None:
+                    raise ValueError(
+                        f"CheckpointManagerOptions: {name}={getattr(self, name)} has no effect without max_to_keep "
+                        "(nothing is ever deleted). Set max_to_keep, or drop it."
+                    )
+        if not self.preemption_signals or not all(isinstance(s, int) for s in self.preemption_signals):
+            raise ValueError(
+                f"CheckpointManagerOptions: preemption_signals must be signal numbers, got {self.preemption_signals!r}"
+            )
+        check_hash_algorithm(self.hash_algorithm)
+        if isinstance(self.backend, str):
+            if self.backend not in BACKEND_NAMES:
+                raise ValueError(
+                    f"CheckpointManagerOptions: backend={self.backend!r} is unknown; use one of {list(BACKEND_NAMES)} "
+                    "or an object with write(directory, tensors, meta, ...) and read(directory, like, ...)"
+                )
+        elif not (callable(getattr(self.backend, "write", None)) and callable(getattr(self.backend, "read", None))):
+            raise ValueError(
+                f"CheckpointManagerOptions: backend must be one of {list(BACKEND_NAMES)} or an object with write() "
+                f"and read() methods (see ftrain.checkpoint.Backend), got {type(self.backend).__name__}"
+            )
+        StepNaming(self.step_prefix, self.step_digits)  # validates
+
+    def _check_best(self) -> None:
+        if self.metric is not None and self.best_fn is not None:
+            raise ValueError(
+                "CheckpointManagerOptions: give either metric (a name in the metrics dict) or best_fn (a function of "
+                "it), not both."
+            )
+        if self.metric is not None and (not isinstance(self.metric, str) or not self.metric):
+            raise ValueError(f"CheckpointManagerOptions: metric must be a metric name (str), got {self.metric!r}")
+        if self.best_fn is not None and not callable(self.best_fn):
+            raise ValueError(f"CheckpointManagerOptions: best_fn must be callable, got {type(self.best_fn).__name__}")
+        if self.best_mode not in ("min", "max"):
+            raise ValueError(
+                f"CheckpointManagerOptions: best_mode must be 'min' (lower is better, e.g. a loss) or 'max' (e.g. "
+                f"accuracy), got {self.best_mode!r}"
+            )
+        if self.keep_best is not None and not self.has_best:
+            raise ValueError(
+                f"CheckpointManagerOptions: keep_best={self.keep_best} needs a metric to rank by: set metric='loss' "
+                "(a key of the metrics passed to save) or best_fn."
+            )
+
+    @property
+    def has_best(self) -> bool:
+        return self.metric is not None or self.best_fn is not None
+
+    @property
+    def naming(self) -> StepNaming:
+        return StepNaming(self.step_prefix, self.step_digits)
+
+    @property
+    def has_save_trigger(self) -> bool:
+        return bool(self.save_interval_steps or self.save_on_steps or self.save_interval_seconds)
+
+
+def metric_value(metrics: Metrics | None, options: CheckpointManagerOptions, *, strict: bool = False) -> float | None:
+    """The number a checkpoint is ranked by, or ``None`` (no metric configured, none recorded, or NaN).
+
+    Raises:
+        KeyError: with ``strict=True``, ``metrics`` lacks the configured metric (names the ones it has).
+    """
+    if not options.has_best or metrics is None:
+        return None
+    try:
+        value = options.best_fn(metrics) if options.best_fn is not None else metrics[options.metric]
+        value = float(value)
+    except (KeyError, TypeError, ValueError) as e:
+        if strict:
+            what = f"metric {options.metric!r}" if options.metric else "best_fn"
+            raise KeyError(
+                f"save(metrics=...): {what} cannot be read from the metrics {sorted(metrics)} ({e!r}). Pass the "
+                "metric the options rank by, or save without metrics (such a checkpoint is never 'best')."
+            ) from None
+        return None
+    return None if math.isnan(value) else value
+
+
+def best_steps(values: Mapping[int, float | None], options: CheckpointManagerOptions, n: int) -> list[int]:
+    """The ``n`` best steps, best first; steps without a value are left out; ties go to the earlier step."""
+    sign = 1.0 if options.best_mode == "min" else -1.0
+    ranked = sorted((sign * v, s) for s, v in values.items() if v is not None)
+    return [s for _, s in ranked[:n]]
+
+
+def select_to_keep(
+    steps: Iterable[int], metrics: Mapping[int, Metrics | None], options: CheckpointManagerOptions
+) -> set[int]:
+    """The committed steps that survive under ``options`` (see the module docstring); the rest may be deleted.
+
+    Args:
+        steps: every committed step.
+        metrics: the metrics each step was saved with (missing or ``None``: saved without metrics).
+        options: the retention policy.
+    """
+    steps = sorted(set(steps))
+    if not steps or options.max_to_keep is None:
+        return set(steps)
+    keep = set(steps[-options.max_to_keep :])
+    if options.keep_period is not None:
+        keep.update(s for s in steps if s % options.keep_period == 0)
+    if options.has_best:
+        values = {s: metric_value(metrics.get(s), options) for s in steps}
+        keep.update(best_steps(values, options, options.keep_best or 1))
+    keep.add(steps[-1])
+    return keep
+
+
+def is_save_due(
+    step: int,
+    options: CheckpointManagerOptions,
+    *,
+    latest_step: int | None,
+    seconds_since_save: float,
+    preempted: bool = False,
+) -> bool:
+    """Whether ``step`` should be saved (see the module docstring); never for a step at or before ``latest_step``."""
+    if latest_step is not None and step <= latest_step:
+        return False
+    if preempted or not options.has_save_trigger:
+        return True
+    if options.save_interval_steps and step % options.save_interval_steps == 0:
+        return True
+    if step in options.save_on_steps:
+        return True
+    return bool(options.save_interval_seconds and seconds_since_save >= options.save_interval_seconds)

@@ -1,0 +1,324 @@
+"""The trainer's losses and its evaluation / prediction loop.
+
+**Losses.** The train step needs ``loss_fn(model, batch) -> (sum, count)`` (DESIGN.md invariant 6). The default one
+is built once by :func:`make_loss_fn` from the model class and the arguments, with :mod:`ftrain.losses`:
+
+- ``*ForCausalLM`` / ``*LMHeadModel``: next-token cross-entropy, ``count = (labels[..., 1:] != -100).sum()``
+  (transformers 5.x ``num_items_in_batch`` semantics, so gradient accumulation is exactly full-batch equivalent);
+- ``*ForSequenceClassification``: cross-entropy per example (MSE for float labels, i.e. regression);
+- anything else: the model's own ``loss`` output, counted as one item per microbatch (mean of microbatch means,
+  transformers' behaviour for models without loss kwargs);
+- ``label_smoothing_factor``: uniform label smoothing in the cross-entropy (``LabelSmoother``'s maths);
+- ``compute_loss_func(outputs, labels, num_items_in_batch=n)``: called with this microbatch's item count ``n`` and
+  read as a mean over those items, so ``(loss * n, n)`` — exact for transformers-style loss functions.
+
+**Evaluation.** :class:`EvaluationMixin` runs the model (weights synced from the train state) in eval mode under
+``no_grad`` over a :class:`~ftrain.data.BatchStream`. ``{prefix}_loss`` is the ``(sum, count)`` mean over the whole
+set — token-weighted for causal LMs; transformers' sample-weighted mean of batch means equals it when every batch
+has the same number of tokens per example. Logits and labels are gathered as numpy arrays (dim 1 padded with
+-100 across batches, as transformers does) for ``compute_metrics``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from ftrain.losses import Loss, cross_entropy, mse
+from ftrain.trainer.utils import EvalLoopOutput, EvalPrediction, PredictionOutput, denumpify_detensorize, speed_metrics
+
+__all__ = ["EvaluationMixin", "LossWithOutputs", "make_loss_fn", "model_kind"]
+
+LossWithOutputs = Callable[[Any, Mapping[str, Any]], tuple[Loss, Any]]
+_LABEL_KEYS = ("labels", "shift_labels")
+
+
+def model_kind(model: Any) -> str:
+    """``"causal_lm"``, ``"sequence_classification"`` or ``"other"``, from the model's class name."""
+    name = type(model).__name__
+    if name.endswith("ForCausalLM") or name.endswith("LMHeadModel"):
+        return "causal_lm"
+    if name.endswith("ForSequenceClassification"):
+        problem = getattr(getattr(model, "config", None), "problem_type", None)
+        return "other" if problem == "multi_label_classification" else "sequence_classification"
+    return "other"
+
+
+def _logits(outputs: Any) -> torch.Tensor:
+    if isinstance(outputs, Mapping):
+        return outputs["logits"]
+    logits = getattr(outputs, "logits", None)
+    if logits is not None:
+        return logits
+    return outputs[0] if isinstance(outputs, tuple | list) else outputs
+
+
+def _one(device: torch.device) -> torch.Tensor:
+    return torch.ones((), dtype=torch.int64, device=device)
+
+
+def _own_loss(outputs: Any) -> torch.Tensor:
+    loss = outputs.get("loss") if isinstance(outputs, Mapping) else getattr(outputs, "loss", None)
+    if loss is None:
+        raise ValueError(
+            "The model did not return a loss from the inputs; its batch needs labels (keys: 'labels' or "
+            "TrainingArguments.label_names), or pass compute_loss_func= to the Trainer."
+        )
+    return loss
+
+
+def _item_count(labels: torch.Tensor, causal: bool) -> torch.Tensor:
+    """transformers 5.x ``num_items_in_batch`` of one microbatch: labels that count (shifted for causal LMs)."""
+    if labels.is_floating_point():
+        return torch.tensor(labels.shape[0], device=labels.device)
+    return ((labels[..., 1:] if causal else labels) != -100).sum()
+
+
+def make_loss_fn(
+    model: Any, *, label_smoothing: float = 0.0, compute_loss_func: Callable[..., Any] | None = None
+) -> LossWithOutputs:
+    """``fn(model, batch) -> (Loss(sum, count), outputs)`` for ``model``'s class; see the module docstring.
+
+    Args:
+        model: the model (its class name picks the loss; ``config.problem_type`` is read for classifiers).
+        label_smoothing: ``TrainingArguments.label_smoothing_factor``.
+        compute_loss_func: transformers' ``compute_loss_func(outputs, labels, num_items_in_batch=...)``.
+
+    Returns:
+        The loss function; wrap it as ``lambda m, b: fn(m, b)[0]`` for :func:`ftrain.make_train_step`.
+    """
+    kind = model_kind(model)
+    causal = kind == "causal_lm"
+
+    def loss_with_outputs(bound: Any, batch: Mapping[str, Any]) -> tuple[Loss, Any]:
+        labels = batch.get("labels")
+        own_loss = labels is None or (kind == "other" and compute_loss_func is None and not label_smoothing)
+        if own_loss:
+            outputs = bound(**batch)
+            loss = _own_loss(outputs)
+            return Loss(loss, _one(loss.device)), outputs
+        outputs = bound(**{k: v for k, v in batch.items() if k not in _LABEL_KEYS})
+        if compute_loss_func is not None:
+            count = _item_count(labels, causal)
+            loss = compute_loss_func(outputs, labels, num_items_in_batch=count)
+            return Loss(loss * count.to(loss.dtype), count), outputs
+        logits = _logits(outputs)
+        if causal and "shift_labels" in batch:
+            return cross_entropy(logits, batch["shift_labels"], label_smoothing=label_smoothing), outputs
+        if kind == "sequence_classification" and labels.is_floating_point():
+            squeeze = labels.dim() == logits.dim() - 1 or logits.shape[-1] == 1
+            return mse(logits.squeeze(-1) if squeeze else logits, labels.reshape(logits.squeeze(-1).shape)), outputs
+        return cross_entropy(logits, labels, shift=causal, label_smoothing=label_smoothing), outputs
+
+    return loss_with_outputs
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Gathering predictions.
+
+
+def _to_numpy(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().float().cpu().numpy() if value.is_floating_point() else value.detach().cpu().numpy()
+    if isinstance(value, tuple | list):
+        return type(value)(_to_numpy(v) for v in value)
+    return value
+
+
+def _concat(arrays: list[Any]) -> Any:
+    """transformers' ``nested_concat``: along dim 0, dim 1 padded with -100 to the longest."""
+    first = arrays[0]
+    if isinstance(first, tuple | list):
+        return type(first)(_concat([a[i] for a in arrays]) for i in range(len(first)))
+    if first.ndim < 2 or all(a.shape[1:] == first.shape[1:] for a in arrays):
+        return np.concatenate(arrays, axis=0)
+    width = max(a.shape[1] for a in arrays)
+    out = np.full((sum(a.shape[0] for a in arrays), width, *first.shape[2:]), -100, dtype=first.dtype)
+    row = 0
+    for a in arrays:
+        out[row : row + a.shape[0], : a.shape[1]] = a
+        row += a.shape[0]
+    return out
+
+
+def _prediction_logits(outputs: Any, ignore_keys: list[str]) -> Any:
+    if isinstance(outputs, Mapping):
+        values = tuple(v for k, v in outputs.items() if k not in ignore_keys + ["loss"] and torch.is_tensor(v))
+    else:
+        values = tuple(v for v in outputs[1:] if torch.is_tensor(v))
+    return values[0] if len(values) == 1 else values
+
+
+class EvaluationMixin:
+    """``evaluate``, ``predict``, ``evaluation_loop``, ``prediction_step`` and ``compute_loss`` of the Trainer."""
+
+    def compute_loss(
+        self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
+        """The microbatch's mean loss (``sum / count``, or ``sum / num_items_in_batch`` when given), as transformers.
+
+        Override it to change the training loss: the train step then uses the returned scalar as the mean over
+        this microbatch, one item per microbatch (transformers' behaviour for losses without ``num_items``).
+        """
+        loss, outputs = self._loss_with_outputs(model, inputs)
+        denom = loss.count if num_items_in_batch is None else torch.as_tensor(num_items_in_batch)
+        mean = loss.sum / denom.clamp_min(1).to(loss.sum.dtype)
+        return (mean, outputs) if return_outputs else mean
+
+    def _default_ignore_keys(self, ignore_keys: list[str] | None) -> list[str]:
+        if ignore_keys is not None:
+            return list(ignore_keys)
+        return list(getattr(getattr(self.model, "config", None), "keys_to_ignore_at_inference", None) or ["cache"])
+
+    def _prediction_parts(
+        self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool, ignore_keys: list[str]
+    ) -> tuple[Loss | None, Any, Any]:
+        """``(Loss(sum, count) or None, logits, labels)`` of one batch, under ``no_grad``."""
+        names = self.label_names
+        has_labels = bool(names) and all(inputs.get(k) is not None for k in names)
+        labels = None
+        if has_labels:
+            labels = tuple(inputs[k].detach() for k in names)
+            labels = labels[0] if len(labels) == 1 else labels
+        with torch.no_grad():
+            if has_labels or self._custom_compute_loss():
+                if self._custom_compute_loss():
+                    mean, outputs = self.compute_loss(model, inputs, return_outputs=True)
+                    loss = Loss(mean.detach(), _one(mean.device))
+                else:
+                    loss, outputs = self._loss_with_outputs(model, inputs)
+                    loss = Loss(loss.sum.detach(), loss.count.detach())
+            else:
+                loss, outputs = None, model(**inputs)
+        if prediction_loss_only:
+            return loss, None, None
+        return loss, _prediction_logits(outputs, ignore_keys), labels
+
+    def prediction_step(
+        self,
+        model: Any,
+        inputs: dict[str, Any],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+    ) -> tuple[torch.Tensor | None, Any, Any]:
+        """``(loss, logits, labels)`` of one batch, as transformers; ``loss`` is the batch's mean."""
+        loss, logits, labels = self._prediction_parts(
+            model, inputs, prediction_loss_only, self._default_ignore_keys(ignore_keys)
+        )
+        mean = None if loss is None else loss.sum / loss.count.clamp_min(1).to(loss.sum.dtype)
+        return mean, logits, labels
+
+    def _batch_parts(self, model: Any, batch: dict, loss_only: bool, ignore_keys: list[str]) -> tuple:
+        if type(self).prediction_step is EvaluationMixin.prediction_step:
+            return self._prediction_parts(model, batch, loss_only, ignore_keys)
+        mean, logits, labels = self.prediction_step(model, batch, loss_only, ignore_keys=ignore_keys)
+        rows = next(iter(batch.values())).shape[0]
+        loss = None if mean is None else Loss(mean.detach() * rows, torch.tensor(rows))  # sample-weighted, as HF
+        return loss, logits, labels
+
+    def evaluation_loop(
+        self,
+        dataloader: Any,
+        description: str,
+        prediction_loss_only: bool | None = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> EvalLoopOutput:
+        """Runs the model over ``dataloader`` (a BatchStream); returns predictions, labels and prefixed metrics."""
+        loss_only = self.args.prediction_loss_only if prediction_loss_only is None else prediction_loss_only
+        ignore_keys = self._default_ignore_keys(ignore_keys)
+        model = self._model_for_inference()
+        total_sum = total_count = None
+        preds, labels = [], []
+        num_samples = 0
+        for batch in dataloader.iter_from(0):
+            batch = {k: v for k, v in batch.items() if k != "_valid"}
+            num_samples += next(iter(batch.values())).shape[0]
+            loss, logits, batch_labels = self._batch_parts(model, batch, loss_only, ignore_keys)
+            if loss is not None:
+                total_sum = loss.sum if total_sum is None else total_sum + loss.sum
+                total_count = loss.count if total_count is None else total_count + loss.count
+            if logits is not None and self.preprocess_logits_for_metrics is not None:
+                logits = self.preprocess_logits_for_metrics(logits, batch_labels)
+            if logits is not None:
+                preds.append(_to_numpy(logits))
+            if batch_labels is not None:
+                labels.append(_to_numpy(batch_labels))
+            self.control = self.callback_handler.on_prediction_step(self.args, self.state, self.control)
+        all_preds = _concat(preds) if preds else None
+        all_labels = _concat(labels) if labels else None
+        metrics = self._loop_metrics(all_preds, all_labels, total_sum, total_count, metric_key_prefix)
+        return EvalLoopOutput(all_preds, all_labels, metrics, num_samples)
+
+    def _loop_metrics(self, preds: Any, labels: Any, total_sum: Any, total_count: Any, prefix: str) -> dict:
+        metrics: dict[str, Any] = {}
+        if self.compute_metrics is not None and preds is not None and labels is not None:
+            metrics = dict(self.compute_metrics(EvalPrediction(predictions=preds, label_ids=labels)) or {})
+        metrics = denumpify_detensorize(metrics)
+        if total_sum is not None:
+            metrics[f"{prefix}_loss"] = float(total_sum / total_count.clamp_min(1).to(total_sum.dtype))
+        return {k if k.startswith(f"{prefix}_") else f"{prefix}_{k}": v for k, v in metrics.items()}
+
+    def evaluate(
+        self, eval_dataset: Any = None, ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval"
+    ) -> dict[str, float]:
+        """Evaluates on ``eval_dataset`` (default ``self.eval_dataset``; a dict evaluates each, prefixed by name),
+        logs the metrics and fires ``on_evaluate``.
+
+        Returns:
+            ``{prefix}_loss``, the ``compute_metrics`` results, ``{prefix}_runtime``, ``{prefix}_samples_per_second``
+            and ``{prefix}_steps_per_second``.
+        """
+        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        if isinstance(dataset, dict):
+            metrics = {}
+            for name, data in dataset.items():
+                metrics.update(self.evaluate(data, ignore_keys, f"{metric_key_prefix}_{name}"))
+            return metrics
+        stream = self.get_eval_dataloader(dataset)
+        start = time.time()
+        output = self.evaluation_loop(
+            stream,
+            "Evaluation",
+            prediction_loss_only=True if self.compute_metrics is None else None,
+            ignore_keys=ignore_keys,
+            metric_key_prefix=metric_key_prefix,
+        )
+        batch_size = self.args.eval_batch_size * self.args.world_size
+        output.metrics.update(
+            speed_metrics(
+                metric_key_prefix,
+                start,
+                num_samples=output.num_samples,
+                num_steps=math.ceil(output.num_samples / batch_size),
+            )
+        )
+        self.log(output.metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, output.metrics)
+        return output.metrics
+
+    def predict(
+        self, test_dataset: Any, ignore_keys: list[str] | None = None, metric_key_prefix: str = "test"
+    ) -> PredictionOutput:
+        """Predictions, labels (``None`` without) and ``test_*`` metrics on ``test_dataset``; fires ``on_predict``."""
+        stream = self.get_test_dataloader(test_dataset)
+        start = time.time()
+        output = self.evaluation_loop(
+            stream, "Prediction", ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix
+        )
+        batch_size = self.args.eval_batch_size * self.args.world_size
+        output.metrics.update(
+            speed_metrics(
+                metric_key_prefix,
+                start,
+                num_samples=output.num_samples,
+                num_steps=math.ceil(output.num_samples / batch_size),
+            )
+        )
+        self.control = self.callback_handler.on_predict(self.args, self.state, self.control, output.metrics)
+        return PredictionOutput(predictions=output.predictions, label_ids=output.label_ids, metrics=output.metrics)

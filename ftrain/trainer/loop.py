@@ -1,0 +1,366 @@
+"""The Trainer's training loop and checkpoints: a loop over the pure ``train_step``, callbacks, logs and saves.
+
+The loop holds no training math (DESIGN.md rule 2): one call of the core ``train_step(state, batch)`` is one
+optimizer update, with accumulation, the loss reduction, clipping, the optimizer and the schedule inside it. The
+shell only fires callbacks in transformers' order, turns metrics into numbers when it logs, and saves.
+
+Events per optimizer step, as transformers fires them: ``on_step_begin``, ``on_substep_end`` once per microbatch
+but the last (fired before the step runs: the microbatches are accumulated inside the one pure step),
+``on_pre_optimizer_step``, the step, ``on_optimizer_step``, ``on_step_end``, then log / evaluate / save.
+
+**Checkpoint layout.** ``output_dir/checkpoint-{global_step}/`` is a :class:`~ftrain.checkpoint.CheckpointManager`
+checkpoint (``step_prefix="checkpoint-"``, no zero padding), written atomically: ``state.safetensors`` (the whole
+``TrainState``: params, buffers, optimizer state, step, key), ``meta.json`` (whose ``extra`` holds the
+``TrainerState`` at that step), ``manifest.json`` and ``COMMIT`` (written last). Once committed, the directory gets
+the Hugging Face views: ``model.safetensors`` + ``config.json`` (:func:`~ftrain.checkpoint.export_pretrained`),
+``trainer_state.json`` and ``training_args.json`` (JSON, never a pickle). A resume reads only committed data — the
+state and the ``TrainerState`` in ``meta.json`` — so a crash after the commit but before the views are written still
+resumes. The data position is ``state.step`` (``BatchStream.iter_from``) and dropout keys are
+``fold_in(key, step)``, so a resume continues bitwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ftrain.checkpoint import CheckpointManager, CheckpointManagerOptions, export_pretrained
+from ftrain.state import TrainState
+from ftrain.trainer.args import SaveStrategy
+from ftrain.trainer.convert import compute_steps, logged_learning_rate
+from ftrain.trainer.trainer_state import TrainerState
+from ftrain.trainer.utils import PREFIX_CHECKPOINT_DIR, TrainOutput, get_last_checkpoint, speed_metrics
+
+__all__ = ["TRAINER_STATE_NAME", "TRAINING_ARGS_NAME", "TrainingLoopMixin"]
+
+TRAINER_STATE_NAME = "trainer_state.json"
+TRAINING_ARGS_NAME = "training_args.json"
+_CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+
+
+def checkpoint_options() -> CheckpointManagerOptions:
+    """The manager options of the HF layout: ``checkpoint-N`` names; the trainer rotates (``save_total_limit``)."""
+    return CheckpointManagerOptions(step_prefix=f"{PREFIX_CHECKPOINT_DIR}-", step_digits=0)
+
+
+class TrainingLoopMixin:
+    """``train`` and its parts (``_inner_training_loop``, ``_run_epoch``, ``_maybe_log_save_evaluate``,
+    ``_save_checkpoint``...) with transformers' names."""
+
+    # ---- set-up ---------------------------------------------------------------------------------------------------
+
+    def _resolve_resume(self, resume_from_checkpoint: bool | str | None) -> str | None:
+        if resume_from_checkpoint is False or resume_from_checkpoint is None:
+            return None
+        if resume_from_checkpoint is True:
+            found = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+            if found is None:
+                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
+            return found
+        if not os.path.isdir(resume_from_checkpoint):
+            raise ValueError(f"Can't find a valid checkpoint at {resume_from_checkpoint}")
+        return str(resume_from_checkpoint)
+
+    def _checkpoint_manager(self, directory: str | os.PathLike[str]) -> CheckpointManager:
+        directory = Path(directory).absolute()
+        if self._manager is None or self._manager.directory != directory:
+            if self._manager is not None:
+                self._manager.close()
+            self._manager = CheckpointManager(directory, checkpoint_options())
+        return self._manager
+
+    def _restore_checkpoint(self, checkpoint: str, state: TrainState) -> TrainState:
+        """The ``TrainState`` and ``TrainerState`` saved in ``checkpoint`` (a ``checkpoint-N`` directory)."""
+        path = Path(checkpoint).absolute()
+        match = _CHECKPOINT_RE.match(path.name)
+        manager = self._checkpoint_manager(path.parent) if match else None
+        if manager is None or int(match.group(1)) not in manager.all_steps():
+            raise ValueError(
+                f"{checkpoint} is not a committed ftrain checkpoint (no COMMIT marker / ftrain state): it was written "
+                "by transformers, with save_only_model=True, or interrupted. ftrain resumes only from its own "
+                "checkpoints; load the weights with from_pretrained and train without resume_from_checkpoint."
+            )
+        step = int(match.group(1))
+        restored = manager.restore(step, like=state)
+        self.state = TrainerState(**manager.restore_extra(step)["trainer_state"])
+        if self.state.best_model_checkpoint and not os.path.isdir(self.state.best_model_checkpoint):
+            self.state.best_model_checkpoint = None
+        if self.args.restore_callback_states_from_checkpoint:
+            from ftrain.trainer.callbacks import restore_callback_states
+
+            self.control = restore_callback_states(self.callback_handler, self.control, self.state.stateful_callbacks)
+        return restored
+
+    # ---- the loop -------------------------------------------------------------------------------------------------
+
+    def train(
+        self,
+        resume_from_checkpoint: bool | str | None = None,
+        trial: Any = None,
+        ignore_keys_for_eval: list[str] | None = None,
+        **kwargs: Any,
+    ) -> TrainOutput:
+        """Trains for ``max_steps`` / ``num_train_epochs``; resumes bitwise from a checkpoint (``True``: the last one
+        in ``output_dir``). Returns ``TrainOutput(global_step, training_loss, metrics)``."""
+        if kwargs:
+            raise TypeError(f"train() got unexpected keyword arguments: {', '.join(kwargs)}")
+        if trial is not None:
+            raise NotImplementedError("hyper-parameter search trials are not supported by ftrain's Trainer yet.")
+        checkpoint = self._resolve_resume(resume_from_checkpoint)
+        if self.model_init is not None:
+            self._seed()
+            self.model = self.call_model_init()
+        self.is_in_train = True
+        try:
+            return self._inner_training_loop(checkpoint, ignore_keys_for_eval)
+        finally:
+            self.is_in_train = False
+
+    def _inner_training_loop(self, checkpoint: str | None, ignore_keys_for_eval: list[str] | None) -> TrainOutput:
+        stream = self.get_train_dataloader()
+        steps = compute_steps(self.args, stream.layout.microbatches_per_epoch)
+        self._setup_training(stream, steps.max_steps, checkpoint)
+        self.state.init_training_references(self, steps.max_steps, steps.num_train_epochs, None)
+        self.state.train_batch_size = self.args.train_batch_size
+        self.state.compute_steps(self.args, steps.max_steps)
+        start_time = time.time()
+        self._initial_global_step = self.state.global_step
+        self._tr_loss = torch.zeros((), dtype=torch.float64)
+        self._total_loss_scalar = 0.0
+        self._globalstep_last_logged = self.state.global_step
+        self._last_step_metrics: dict[str, torch.Tensor] | None = None
+        self.control = self.callback_handler.on_train_begin(self.args, self.state, self.control)
+        if self.args.eval_on_start:
+            self._evaluate(ignore_keys_for_eval)
+        for epoch in range(self.state.global_step // len(stream), steps.num_train_epochs):
+            self.control = self.callback_handler.on_epoch_begin(self.args, self.state, self.control)
+            self._run_epoch(stream, epoch, ignore_keys_for_eval)
+            if self.control.should_training_stop:
+                break
+        num_train_samples = steps.max_steps * steps.total_train_batch_size
+        return self._finalize_training(num_train_samples, start_time)
+
+    def _setup_training(self, stream: Any, max_steps: int, checkpoint: str | None) -> None:
+        """Converts the arguments into core pieces once: the optimizer, the state, the step, the manager."""
+        self.state = TrainerState()
+        self.callback_handler.train_dataloader = stream
+        self.create_optimizer_and_scheduler(num_training_steps=max_steps)
+        state = TrainState.create(self.model, self.optimizer, key=self.args.seed)
+        if checkpoint is not None:
+            state = self._restore_checkpoint(checkpoint, state)
+        self._train_state = state
+        self._train_step = self._make_train_step()
+        self._model_stale = checkpoint is not None
+
+    def _run_epoch(self, stream: Any, epoch: int, ignore_keys_for_eval: list[str] | None) -> None:
+        """One pass over the epoch from the current global step; transformers' ``_run_epoch``."""
+        per_epoch = len(stream)
+        stop = min((epoch + 1) * per_epoch, self.state.max_steps)
+        ran = False
+        for batch in stream.iter_from(self.state.global_step, stop=stop):
+            ran = True
+            self._training_update(batch, stream, epoch)
+            self._maybe_log_save_evaluate(ignore_keys_for_eval)
+            if self.control.should_epoch_stop or self.control.should_training_stop:
+                break
+        if not ran and self.state.global_step < self.state.max_steps:
+            self.control.should_training_stop = True
+        self.control = self.callback_handler.on_epoch_end(self.args, self.state, self.control)
+        self._maybe_log_save_evaluate(ignore_keys_for_eval)
+
+    def _training_update(self, batch: Any, stream: Any, epoch: int) -> None:
+        """One optimizer update with its callbacks; the update itself is one call of the pure step."""
+        handler, args = self.callback_handler, self.args
+        self.control = handler.on_step_begin(args, self.state, self.control)
+        for _ in range(len(batch) - 1 if isinstance(batch, list) else 0):
+            self.control = handler.on_substep_end(args, self.state, self.control)
+        self.control = handler.on_pre_optimizer_step(args, self.state, self.control)
+        self._train_state, metrics = self._train_step(self._train_state, batch)
+        self._model_stale = True
+        self.control = handler.on_optimizer_step(args, self.state, self.control)
+        self._tr_loss = self._tr_loss + metrics["loss"].detach().to(self._tr_loss.dtype)
+        self._last_step_metrics = metrics
+        self._store_flos(batch)
+        self.state.global_step += 1
+        per_epoch = len(stream)
+        micro_done = min((self.state.global_step - epoch * per_epoch) * stream.layout.accum_steps,
+                         stream.layout.microbatches_per_epoch)  # fmt: skip
+        self.state.epoch = epoch + micro_done / stream.layout.microbatches_per_epoch
+        self.control = handler.on_step_end(args, self.state, self.control)
+
+    def _store_flos(self, batch: Any) -> None:
+        """``total_flos`` as transformers estimates it: 6 × non-embedding parameters × input tokens."""
+        count = getattr(self.model, "num_parameters", None)
+        if count is None:
+            return
+        if self._flos_params is None:
+            self._flos_params = count(exclude_embeddings=True)
+        for mb in batch if isinstance(batch, list) else [batch]:
+            ids = mb.get("input_ids") if isinstance(mb, dict) else None
+            if ids is not None:
+                self.state.total_flos += 6 * ids.numel() * self._flos_params
+
+    def _maybe_log_save_evaluate(self, ignore_keys_for_eval: list[str] | None = None) -> None:
+        """Logs, evaluates and saves as ``control`` asks (transformers' ``_maybe_log_save_evaluate``)."""
+        if self.control.should_log and self.state.global_step > self._globalstep_last_logged:
+            self._log_training_metrics()
+        if self.control.should_evaluate:
+            metrics = self._evaluate(ignore_keys_for_eval)
+            is_new_best = self._determine_best_metric(metrics)
+            if self.args.save_strategy == SaveStrategy.BEST:
+                self.control.should_save = is_new_best
+        if self.control.should_save:
+            self._save_checkpoint()
+            self.control = self.callback_handler.on_save(self.args, self.state, self.control)
+
+    def _log_training_metrics(self) -> None:
+        """``loss`` (mean over the updates since the last log), ``grad_norm``, ``learning_rate``."""
+        tr_loss = float(self._tr_loss)
+        self._tr_loss = torch.zeros((), dtype=torch.float64)
+        logs: dict[str, float] = {"loss": tr_loss / (self.state.global_step - self._globalstep_last_logged)}
+        metrics = self._last_step_metrics or {}
+        if "grad_norm" in metrics:
+            logs["grad_norm"] = float(metrics["grad_norm"])
+        logs["learning_rate"] = self._current_learning_rate(metrics)
+        self._total_loss_scalar += tr_loss
+        self._globalstep_last_logged = self.state.global_step
+        self.log(logs)
+
+    def _current_learning_rate(self, metrics: dict[str, torch.Tensor]) -> float:
+        lr = logged_learning_rate(self._train_state.opt_state)
+        if lr is None:
+            lr = metrics.get("learning_rate")
+        return float(lr) if lr is not None else float("nan")
+
+    def _evaluate(self, ignore_keys_for_eval: list[str] | None) -> dict[str, float]:
+        return self.evaluate(ignore_keys=ignore_keys_for_eval)
+
+    def _determine_best_metric(self, metrics: dict[str, float]) -> bool:
+        """Updates ``best_metric`` / ``best_global_step`` from ``metric_for_best_model``; True on a new best."""
+        name = self.args.metric_for_best_model
+        if name is None:
+            return False
+        key = name if name.startswith("eval_") else f"eval_{name}"
+        if key not in metrics:
+            raise KeyError(
+                f"The `metric_for_best_model` training argument is set to '{key}', which is not found in the "
+                f"evaluation metrics. The available evaluation metrics are: {list(metrics)}. Consider changing the "
+                "`metric_for_best_model` via the TrainingArguments."
+            )
+        value, greater = metrics[key], self.args.greater_is_better
+        if self.state.best_metric is None:
+            self.state.best_metric = float("-inf") if greater else float("inf")
+        if (value > self.state.best_metric) if greater else (value < self.state.best_metric):
+            self.state.best_metric = value
+            if self.args.save_strategy in (SaveStrategy.STEPS, SaveStrategy.EPOCH, SaveStrategy.BEST):
+                self.state.best_global_step = self.state.global_step
+            return True
+        return False
+
+    def _finalize_training(self, num_train_samples: int, start_time: float) -> TrainOutput:
+        self._total_loss_scalar += float(self._tr_loss)
+        steps_run = self.state.global_step - self._initial_global_step
+        train_loss = self._total_loss_scalar / max(steps_run, 0.001)
+        metrics = speed_metrics(
+            "train",
+            start_time,
+            num_samples=num_train_samples * steps_run / max(self.state.max_steps, 1),
+            num_steps=steps_run,
+        )
+        metrics["total_flos"] = self.state.total_flos
+        metrics["train_loss"] = train_loss
+        self.log(metrics)
+        if self.args.load_best_model_at_end and self.state.best_model_checkpoint is not None:
+            self._load_best_model()
+        self._sync_model()
+        if self.args.should_save and self.state.best_model_checkpoint and self.args.save_total_limit == 1:
+            for step, path in self._checkpoint_dirs():
+                if os.path.abspath(path) != os.path.abspath(self.state.best_model_checkpoint):
+                    self._delete_checkpoint(step, path)
+        self.control = self.callback_handler.on_train_end(self.args, self.state, self.control)
+        return TrainOutput(self.state.global_step, train_loss, metrics)
+
+    def _load_best_model(self) -> None:
+        """Restores the whole state saved in ``best_model_checkpoint`` (weights bitwise)."""
+        path = Path(self.state.best_model_checkpoint)
+        step = int(_CHECKPOINT_RE.match(path.name).group(1))
+        manager = self._checkpoint_manager(path.parent)
+        self._train_state = manager.restore(step, like=self._train_state)
+        self._model_stale = True
+
+    # ---- checkpoints ----------------------------------------------------------------------------------------------
+
+    def _save_checkpoint(self, model: Any = None, trial: Any = None) -> None:
+        """Writes ``output_dir/checkpoint-{global_step}`` (see the module docstring), then rotates."""
+        step = self.state.global_step
+        manager = self._checkpoint_manager(self.args.output_dir)
+        folder = manager.directory / f"{PREFIX_CHECKPOINT_DIR}-{step}"
+        if step in manager.all_steps():
+            manager.delete(step)  # transformers overwrites a checkpoint of the same step
+        elif folder.exists():
+            shutil.rmtree(folder)
+        if self.state.best_global_step:
+            best = manager.directory / f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}"
+            if best.exists() or self.state.best_global_step == step:
+                self.state.best_model_checkpoint = str(best)
+        self._refresh_stateful_callbacks()
+        extra = {"trainer_state": dataclasses.asdict(self.state)}
+        if self.args.save_only_model:
+            folder.mkdir(parents=True)
+        else:
+            manager.save(step, self._train_state, extra=extra, force=True)
+        export_pretrained(self._train_state, folder)
+        if self.processing_class is not None and hasattr(self.processing_class, "save_pretrained"):
+            self.processing_class.save_pretrained(str(folder))
+        self.state.save_to_json(folder / TRAINER_STATE_NAME)
+        (folder / TRAINING_ARGS_NAME).write_text(self.args.to_json_string())
+        if self.args.should_save:
+            self._rotate_checkpoints()
+
+    def _refresh_stateful_callbacks(self) -> None:
+        from ftrain.trainer.trainer_state import ExportableState, export_callback_states
+
+        stateful = [cb for cb in [*self.callback_handler.callbacks, self.control] if isinstance(cb, ExportableState)]
+        self.state.stateful_callbacks = export_callback_states(stateful)
+
+    def _checkpoint_dirs(self) -> list[tuple[int, str]]:
+        out = self.args.output_dir
+        if not os.path.isdir(out):
+            return []
+        found = [(int(m.group(1)), os.path.join(out, n)) for n in os.listdir(out) if (m := _CHECKPOINT_RE.match(n))]
+        return sorted(s for s in found if os.path.isdir(s[1]))
+
+    def _delete_checkpoint(self, step: int, path: str) -> None:
+        manager = self._checkpoint_manager(self.args.output_dir)
+        if step in manager.all_steps():
+            manager.delete(step)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def _rotate_checkpoints(self) -> None:
+        """transformers' rule: keep the newest and the best; delete the oldest others down to ``save_total_limit``."""
+        limit = self.args.save_total_limit
+        if limit is None or limit <= 0:
+            return
+        dirs = self._checkpoint_dirs()
+        best = self.state.best_model_checkpoint
+        protected = {dirs[-1][1]} if dirs else set()
+        if best is not None:
+            protected.add(os.path.join(self.args.output_dir, os.path.basename(best)))
+        keep = max(limit, len(protected))
+        deletable = [d for d in dirs if d[1] not in protected]
+        for step, path in deletable[: max(0, len(dirs) - keep)]:
+            self._delete_checkpoint(step, path)
+
+    def _sync_model(self) -> None:
+        """Copies the train state's weights into ``self.model`` (what users, callbacks and eval see)."""
+        if self._train_state is not None and self._model_stale:
+            self._train_state.load_into(self.model)
+            self._model_stale = False
