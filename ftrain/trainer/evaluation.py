@@ -16,7 +16,10 @@ is built once by :func:`make_loss_fn` from the model class and the arguments, wi
 ``no_grad`` over a :class:`~ftrain.data.BatchStream`. ``{prefix}_loss`` is the ``(sum, count)`` mean over the whole
 set — token-weighted for causal LMs; transformers' sample-weighted mean of batch means equals it when every batch
 has the same number of tokens per example. Logits and labels are gathered as numpy arrays (dim 1 padded with
--100 across batches, as transformers does) for ``compute_metrics``.
+-100 across batches, as transformers does) for ``compute_metrics``; ``include_for_metrics`` adds the inputs and
+per-example losses, and ``batch_eval_metrics`` calls ``compute_metrics`` per batch instead (transformers' semantics).
+``eval_accumulation_steps`` is accepted and has nothing to do: every batch's outputs are already moved to the CPU
+(as numpy) as soon as they are computed, which is what transformers does every ``eval_accumulation_steps`` batches.
 """
 
 from __future__ import annotations
@@ -154,6 +157,19 @@ def _prediction_logits(outputs: Any, ignore_keys: list[str]) -> Any:
     return values[0] if len(values) == 1 else values
 
 
+def _with_last(iterable: Any) -> Any:
+    """``(item, is_last)`` pairs, looking one item ahead."""
+    it = iter(iterable)
+    try:
+        item = next(it)
+    except StopIteration:
+        return
+    for following in it:
+        yield item, False
+        item = following
+    yield item, True
+
+
 class EvaluationMixin:
     """``evaluate``, ``predict``, ``evaluation_loop``, ``prediction_step`` and ``compute_loss`` of the Trainer."""
 
@@ -229,37 +245,74 @@ class EvaluationMixin:
         ignore_keys: list[str] | None = None,
         metric_key_prefix: str = "eval",
     ) -> EvalLoopOutput:
-        """Runs the model over ``dataloader`` (a BatchStream); returns predictions, labels and prefixed metrics."""
-        loss_only = self.args.prediction_loss_only if prediction_loss_only is None else prediction_loss_only
+        """Runs the model over ``dataloader`` (a BatchStream); returns predictions, labels and prefixed metrics.
+
+        ``include_for_metrics`` adds ``inputs`` (the model's main input, dim 1 padded with -100 across batches) and
+        ``losses`` (each batch's mean loss, once per example) to the ``EvalPrediction``. With ``batch_eval_metrics``
+        ``compute_metrics(EvalPrediction(batch tensors), compute_result=is_last_batch)`` runs on every batch (its
+        ``inputs`` is then the whole batch dict, as transformers) and its last return is the metrics; predictions are
+        then not gathered, except for ``predict``.
+        """
+        args = self.args
+        loss_only = args.prediction_loss_only if prediction_loss_only is None else prediction_loss_only
         ignore_keys = self._default_ignore_keys(ignore_keys)
         model = self._model_for_inference()
+        batch_metrics = args.batch_eval_metrics
+        keep = not batch_metrics or description == "Prediction"
+        main_input = getattr(self.model, "main_input_name", "input_ids")
+        want_inputs, want_losses = "inputs" in args.include_for_metrics, "loss" in args.include_for_metrics
         total_sum = total_count = None
-        preds, labels = [], []
+        preds, labels, inputs, losses = [], [], [], []
+        metrics: dict[str, Any] | None = None
         num_samples = 0
-        for batch in dataloader.iter_from(0):
+        for batch, is_last in _with_last(dataloader.iter_from(0)):
             batch = {k: v for k, v in batch.items() if k != "_valid"}
-            num_samples += next(iter(batch.values())).shape[0]
+            rows = next(iter(batch.values())).shape[0]
+            num_samples += rows
             loss, logits, batch_labels = self._batch_parts(model, batch, loss_only, ignore_keys)
+            batch_losses = None
             if loss is not None:
                 total_sum = loss.sum if total_sum is None else total_sum + loss.sum
                 total_count = loss.count if total_count is None else total_count + loss.count
+                batch_losses = (loss.sum / loss.count.clamp_min(1).to(loss.sum.dtype)).reshape(1).repeat(rows)
+                if want_losses:
+                    losses.append(_to_numpy(batch_losses))
+            if want_inputs and keep and main_input in batch:
+                inputs.append(_to_numpy(batch[main_input]))
             if logits is not None and self.preprocess_logits_for_metrics is not None:
                 logits = self.preprocess_logits_for_metrics(logits, batch_labels)
-            if logits is not None:
+            if logits is not None and keep:
                 preds.append(_to_numpy(logits))
-            if batch_labels is not None:
+            if batch_labels is not None and keep:
                 labels.append(_to_numpy(batch_labels))
-            self.control = self.callback_handler.on_prediction_step(self.args, self.state, self.control)
+            self.control = self.callback_handler.on_prediction_step(args, self.state, self.control)
+            if batch_metrics and self.compute_metrics is not None and logits is not None and batch_labels is not None:
+                prediction = EvalPrediction(
+                    predictions=logits,
+                    label_ids=batch_labels,
+                    inputs=batch if want_inputs else None,
+                    losses=batch_losses if want_losses else None,
+                )
+                metrics = self.compute_metrics(prediction, compute_result=is_last)
         all_preds = _concat(preds) if preds else None
         all_labels = _concat(labels) if labels else None
-        metrics = self._loop_metrics(all_preds, all_labels, total_sum, total_count, metric_key_prefix)
+        all_inputs = _concat(inputs) if inputs else None
+        all_losses = np.concatenate(losses) if losses else None
+        if not batch_metrics:
+            metrics = None
+            if self.compute_metrics is not None and all_preds is not None and all_labels is not None:
+                prediction = EvalPrediction(
+                    predictions=all_preds,
+                    label_ids=all_labels,
+                    inputs=all_inputs if want_inputs else None,
+                    losses=all_losses if want_losses else None,
+                )
+                metrics = self.compute_metrics(prediction)
+        metrics = self._loop_metrics(metrics, total_sum, total_count, metric_key_prefix)
         return EvalLoopOutput(all_preds, all_labels, metrics, num_samples)
 
-    def _loop_metrics(self, preds: Any, labels: Any, total_sum: Any, total_count: Any, prefix: str) -> dict:
-        metrics: dict[str, Any] = {}
-        if self.compute_metrics is not None and preds is not None and labels is not None:
-            metrics = dict(self.compute_metrics(EvalPrediction(predictions=preds, label_ids=labels)) or {})
-        metrics = denumpify_detensorize(metrics)
+    def _loop_metrics(self, metrics: Any, total_sum: Any, total_count: Any, prefix: str) -> dict:
+        metrics = denumpify_detensorize(dict(metrics or {}))
         if total_sum is not None:
             metrics[f"{prefix}_loss"] = float(total_sum / total_count.clamp_min(1).to(total_sum.dtype))
         return {k if k.startswith(f"{prefix}_") else f"{prefix}_{k}": v for k, v in metrics.items()}

@@ -8,6 +8,15 @@ Events per optimizer step, as transformers fires them: ``on_step_begin``, ``on_s
 but the last (fired before the step runs: the microbatches are accumulated inside the one pure step),
 ``on_pre_optimizer_step``, the step, ``on_optimizer_step``, ``on_step_end``, then log / evaluate / save.
 
+**Logging and metric-driven pieces.** ``logging_nan_inf_filter`` replaces a NaN/inf step loss in the logging
+accumulator by ``accumulator / (1 + steps since the last log)`` as transformers does — per optimizer step here, per
+microbatch there (the same with ``gradient_accumulation_steps=1``); after a log the accumulator restarts at 0, where
+transformers' ``tr_loss -= tr_loss`` keeps an unfiltered NaN for the rest of the run. ``include_num_input_tokens_seen``
+counts tokens per microbatch into ``state.num_input_tokens_seen`` (logged with every entry, with
+``train_tokens_per_second`` in the training logs). Under ``lr_scheduler_type="reduce_lr_on_plateau"`` each evaluation
+in ``train()`` (not ``eval_on_start``) feeds ``eval_{metric_for_best_model}`` to
+:func:`ftrain.schedules.plateau_update` on the optimizer state in the ``TrainState``.
+
 **Checkpoint layout.** ``output_dir/checkpoint-{global_step}/`` is a :class:`~ftrain.checkpoint.CheckpointManager`
 checkpoint (``step_prefix="checkpoint-"``, no zero padding), written atomically: ``state.safetensors`` (the whole
 ``TrainState``: params, buffers, optimizer state, step, key), ``meta.json`` (whose ``extra`` holds the
@@ -22,6 +31,7 @@ resumes. The data position is ``state.step`` (``BatchStream.iter_from``) and dro
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 import shutil
@@ -31,7 +41,9 @@ from typing import Any
 
 import torch
 
+from ftrain import tree as _tree
 from ftrain.checkpoint import CheckpointManager, CheckpointManagerOptions, export_pretrained
+from ftrain.schedules import ReduceOnPlateauState, plateau_update
 from ftrain.state import TrainState
 from ftrain.trainer.args import SaveStrategy
 from ftrain.trainer.convert import compute_steps, logged_learning_rate
@@ -42,6 +54,7 @@ __all__ = ["TRAINER_STATE_NAME", "TRAINING_ARGS_NAME", "TrainingLoopMixin"]
 
 TRAINER_STATE_NAME = "trainer_state.json"
 TRAINING_ARGS_NAME = "training_args.json"
+logger = logging.getLogger(__name__)
 _CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
 
@@ -131,14 +144,16 @@ class TrainingLoopMixin:
         self.state.train_batch_size = self.args.train_batch_size
         self.state.compute_steps(self.args, steps.max_steps)
         start_time = time.time()
+        self._train_start_time = start_time
         self._initial_global_step = self.state.global_step
+        self._initial_num_input_tokens_seen = self.state.num_input_tokens_seen
         self._tr_loss = torch.zeros((), dtype=torch.float64)
         self._total_loss_scalar = 0.0
         self._globalstep_last_logged = self.state.global_step
         self._last_step_metrics: dict[str, torch.Tensor] | None = None
         self.control = self.callback_handler.on_train_begin(self.args, self.state, self.control)
         if self.args.eval_on_start:
-            self._evaluate(ignore_keys_for_eval)
+            self._evaluate(ignore_keys_for_eval, skip_scheduler=True)
         for epoch in range(self.state.global_step // len(stream), steps.num_train_epochs):
             self.control = self.callback_handler.on_epoch_begin(self.args, self.state, self.control)
             self._run_epoch(stream, epoch, ignore_keys_for_eval)
@@ -185,15 +200,56 @@ class TrainingLoopMixin:
         self._train_state, metrics = self._train_step(self._train_state, batch)
         self._model_stale = True
         self.control = handler.on_optimizer_step(args, self.state, self.control)
-        self._tr_loss = self._tr_loss + metrics["loss"].detach().to(self._tr_loss.dtype)
+        self._accumulate_loss(metrics["loss"].detach().to(self._tr_loss.dtype))
         self._last_step_metrics = metrics
         self._store_flos(batch)
+        self._track_num_input_tokens(batch)
         self.state.global_step += 1
         per_epoch = len(stream)
         micro_done = min((self.state.global_step - epoch * per_epoch) * stream.layout.accum_steps,
                          stream.layout.microbatches_per_epoch)  # fmt: skip
         self.state.epoch = epoch + micro_done / stream.layout.microbatches_per_epoch
         self.control = handler.on_step_end(args, self.state, self.control)
+
+    def _accumulate_loss(self, step_loss: torch.Tensor) -> None:
+        """Adds the step's loss to the logging accumulator. With ``logging_nan_inf_filter``, a NaN/inf loss adds
+        ``accumulator / (1 + steps since the last log)`` instead, as transformers (the update itself already ran).
+
+        transformers filters per microbatch; here the step is one pure update, so a non-finite microbatch makes the
+        whole step's loss non-finite and the whole step is replaced (identical when ``gradient_accumulation_steps``
+        is 1)."""
+        if self.args.logging_nan_inf_filter:
+            window = 1 + self.state.global_step - self._globalstep_last_logged
+            step_loss = torch.where(torch.isfinite(step_loss), step_loss, self._tr_loss / window)
+        self._tr_loss = self._tr_loss + step_loss
+
+    def _track_num_input_tokens(self, batch: Any) -> None:
+        """``state.num_input_tokens_seen`` as transformers counts it (``include_num_input_tokens_seen``): every
+        element of the main input, or with ``"non_padding"`` the ``attention_mask`` sum (else the tokens that are not
+        the tokenizer's pad id)."""
+        mode = self.args.include_num_input_tokens_seen
+        if mode == "no":
+            return
+        name = getattr(self.model, "main_input_name", "input_ids")
+        pad_id = getattr(self.processing_class, "pad_token_id", None)
+        for mb in batch if isinstance(batch, list) else [batch]:
+            if not isinstance(mb, dict) or name not in mb:
+                logger.warning(
+                    "Tried to track the number of tokens seen, but the batch has no %r (the model's main_input_name); "
+                    "set main_input_name on the model.",
+                    name,
+                )
+                return
+            ids = mb[name]
+            valid = mb.get("_valid")
+            rows = valid.to(torch.bool) if valid is not None else torch.ones(ids.shape[0], dtype=torch.bool)
+            if mode == "non_padding" and "attention_mask" in mb:
+                tokens = mb["attention_mask"][rows].sum()
+            elif mode == "non_padding" and pad_id is not None:
+                tokens = (ids[rows] != pad_id).sum()
+            else:
+                tokens = ids[rows].numel()
+            self.state.num_input_tokens_seen += int(tokens)
 
     def _store_flos(self, batch: Any) -> None:
         """``total_flos`` as transformers estimates it: 6 × non-embedding parameters × input tokens."""
@@ -231,7 +287,7 @@ class TrainingLoopMixin:
         logs["learning_rate"] = self._current_learning_rate(metrics)
         self._total_loss_scalar += tr_loss
         self._globalstep_last_logged = self.state.global_step
-        self.log(logs)
+        self.log(logs, self._train_start_time)
 
     def _current_learning_rate(self, metrics: dict[str, torch.Tensor]) -> float:
         lr = logged_learning_rate(self._train_state.opt_state)
@@ -239,8 +295,29 @@ class TrainingLoopMixin:
             lr = metrics.get("learning_rate")
         return float(lr) if lr is not None else float("nan")
 
-    def _evaluate(self, ignore_keys_for_eval: list[str] | None) -> dict[str, float]:
-        return self.evaluate(ignore_keys=ignore_keys_for_eval)
+    def _evaluate(self, ignore_keys_for_eval: list[str] | None, skip_scheduler: bool = False) -> dict[str, float]:
+        """Evaluates, then feeds ``eval_{metric_for_best_model}`` to the optimizer's plateau state (transformers
+        steps ``ReduceLROnPlateau`` there), through :func:`ftrain.schedules.plateau_update`."""
+        metrics = self.evaluate(ignore_keys=ignore_keys_for_eval)
+        if skip_scheduler or not self._has_plateau():
+            return metrics
+        name = self.args.metric_for_best_model
+        key = name if name.startswith("eval_") else f"eval_{name}"
+        if key not in metrics:
+            raise KeyError(
+                f"The `metric_for_best_model` training argument is set to '{key}', which is not found in the "
+                f"evaluation metrics. The available evaluation metrics are: {list(metrics)}. Make compute_metrics "
+                f"return '{key}' or change `metric_for_best_model` in the TrainingArguments."
+            )
+        opt_state = plateau_update(self._train_state.opt_state, float(metrics[key]))
+        self._train_state = self._train_state.replace(opt_state=opt_state)
+        return metrics
+
+    def _has_plateau(self) -> bool:
+        if self._train_state is None:
+            return False
+        is_plateau = lambda x: isinstance(x, ReduceOnPlateauState)
+        return any(is_plateau(x) for x in _tree.tree_leaves(self._train_state.opt_state, is_leaf=is_plateau))
 
     def _determine_best_metric(self, metrics: dict[str, float]) -> bool:
         """Updates ``best_metric`` / ``best_global_step`` from ``metric_for_best_model``; True on a new best."""

@@ -43,6 +43,8 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import logging
 import os
@@ -65,7 +67,7 @@ from ftrain.trainer.evaluation import EvaluationMixin, make_loss_fn
 from ftrain.trainer.integrations import get_reporting_integration_callbacks
 from ftrain.trainer.loop import TRAINER_STATE_NAME, TRAINING_ARGS_NAME, TrainingLoopMixin
 from ftrain.trainer.trainer_state import TrainerControl, TrainerState
-from ftrain.trainer.utils import enable_full_determinism, number_of_arguments, set_seed
+from ftrain.trainer.utils import enable_full_determinism, number_of_arguments, set_seed, speed_metrics
 
 __all__ = ["Trainer"]
 
@@ -92,7 +94,8 @@ class Trainer(EvaluationMixin, TrainingLoopMixin):
 
     Args:
         model: the ``nn.Module`` to train (or use ``model_init``; exactly one of them).
-        args: a :class:`TrainingArguments` (default ``TrainingArguments(output_dir="tmp_trainer")``).
+        args: a :class:`TrainingArguments` (default ``TrainingArguments(output_dir="tmp_trainer")``), or a
+            ``transformers.TrainingArguments`` (or subclass), converted field by field (see ``_as_ftrain_args``).
         data_collator: ``list[example] -> batch``; default: padding with ``processing_class`` if it is a tokenizer,
             else :func:`~ftrain.data.default_collate`.
         train_dataset, eval_dataset: map-style or iterable datasets; ``eval_dataset`` may be a dict of them.
@@ -126,7 +129,7 @@ class Trainer(EvaluationMixin, TrainingLoopMixin):
         optimizer_cls_and_kwargs: tuple[Any, dict[str, Any]] | None = None,
         preprocess_logits_for_metrics: Any = None,
     ) -> None:
-        self.args = TrainingArguments(output_dir="tmp_trainer") if args is None else args
+        self.args = TrainingArguments(output_dir="tmp_trainer") if args is None else _as_ftrain_args(args)
         self._seed()
         self.model_init = model_init
         self._validate(model, train_dataset, eval_dataset, optimizers, optimizer_cls_and_kwargs)
@@ -135,6 +138,13 @@ class Trainer(EvaluationMixin, TrainingLoopMixin):
         self.data_collator = data_collator if data_collator is not None else self._default_collator()
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
         self.compute_loss_func, self.compute_metrics = compute_loss_func, compute_metrics
+        if self.args.batch_eval_metrics and compute_metrics is not None:
+            if "compute_result" not in inspect.signature(compute_metrics).parameters:
+                raise ValueError(
+                    "With `batch_eval_metrics=True`, `compute_metrics` must take a boolean `compute_result` argument: "
+                    "it is called on every evaluation batch and `compute_result=True` on the last one, which should "
+                    "return the summary metrics."
+                )
         self.preprocess_logits_for_metrics = preprocess_logits_for_metrics
         self.optimizer, self.lr_scheduler = optimizers
         self.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs
@@ -373,9 +383,16 @@ class Trainer(EvaluationMixin, TrainingLoopMixin):
             self.state.save_to_json(os.path.join(self.args.output_dir, TRAINER_STATE_NAME))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Adds ``epoch``, appends ``{**logs, "step": global_step}`` to ``log_history`` and fires ``on_log``."""
+        """Adds ``epoch`` (and ``num_input_tokens_seen`` when counted, with ``train_tokens_per_second`` of this
+        ``train()`` call when ``start_time`` is given), appends ``{**logs, "step": global_step}`` to ``log_history``
+        and fires ``on_log``."""
         if self.state.epoch is not None:
             logs["epoch"] = self.state.epoch
+        if self.args.include_num_input_tokens_seen != "no":
+            logs["num_input_tokens_seen"] = self.state.num_input_tokens_seen
+            if start_time is not None:
+                tokens = self.state.num_input_tokens_seen - getattr(self, "_initial_num_input_tokens_seen", 0)
+                logs.update(speed_metrics("train", start_time, num_tokens=tokens))
         self.state.log_history.append({**logs, "step": self.state.global_step})
         self.control = self.callback_handler.on_log(self.args, self.state, self.control, logs)
 
@@ -428,6 +445,63 @@ class Trainer(EvaluationMixin, TrainingLoopMixin):
     def get_decay_parameter_names(self, model: nn.Module | None = None) -> list[str]:
         """Names of the parameters that get weight decay (transformers' rule: not biases, not norm weights)."""
         return [name for name, decays in _optim.hf_decay_mask(model or self.model).items() if decays]
+
+
+def _as_ftrain_args(args: Any) -> TrainingArguments:
+    """``args`` as ftrain's :class:`TrainingArguments`; a ``transformers.TrainingArguments`` (or a subclass such
+    as TRL's configs) is converted through its ``to_dict()``, with the real ``*_token`` values (``to_dict`` masks
+    them). ftrain's class has every transformers 5.24 field, so the values are validated by its ``__post_init__``
+    (which refuses what ftrain cannot honour). Fields ftrain does not have are refused unless they keep their
+    default.
+
+    Raises:
+        ValueError: a field ftrain does not have set to a non-default value, or a value ftrain cannot honour.
+        TypeError: ``args`` is neither kind of ``TrainingArguments``.
+    """
+    if isinstance(args, TrainingArguments):
+        return args
+    if not _is_hf_args(args):
+        raise TypeError(
+            f"Trainer: args must be an ftrain.trainer.TrainingArguments or a transformers.TrainingArguments, got "
+            f"{type(args).__name__}."
+        )
+    values = args.to_dict()
+    for name in values:
+        if name.endswith("_token"):
+            values[name] = getattr(args, name)
+    known = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+    defaults = {f.name: f for f in dataclasses.fields(type(args)) if f.init}
+    extra = sorted(name for name in values if name not in known)
+    custom = [name for name in extra if not _is_default(defaults.get(name), getattr(args, name))]
+    if custom:
+        raise ValueError(
+            f"Trainer: {type(args).__name__} sets {custom}, which ftrain's TrainingArguments does not have, so "
+            "ftrain's Trainer cannot honour them. Leave them at their defaults, or pass an "
+            "ftrain.trainer.TrainingArguments."
+        )
+    try:
+        return TrainingArguments(**{k: v for k, v in values.items() if k in known})
+    except (TypeError, ValueError) as e:
+        raise ValueError(
+            f"Trainer: the {type(args).__name__} cannot be used by ftrain's Trainer (converted field by field to "
+            f"ftrain.trainer.TrainingArguments): {e}"
+        ) from e
+
+
+def _is_hf_args(args: Any) -> bool:
+    return any(
+        cls.__name__ == "TrainingArguments" and cls.__module__.startswith("transformers") for cls in type(args).__mro__
+    )
+
+
+def _is_default(field: Any, value: Any) -> bool:
+    if field is None:
+        return False
+    if field.default is not dataclasses.MISSING:
+        return value == field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return value == field.default_factory()
+    return False
 
 
 def _has_column(dataset: Any, args: TrainingArguments) -> bool:
