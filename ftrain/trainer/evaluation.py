@@ -35,7 +35,7 @@ import torch
 from ftrain.losses import Loss, cross_entropy, mse
 from ftrain.trainer.utils import EvalLoopOutput, EvalPrediction, PredictionOutput, denumpify_detensorize, speed_metrics
 
-__all__ = ["EvaluationMixin", "LossWithOutputs", "make_loss_fn", "model_kind"]
+__all__ = ["EvaluationMixin", "LossWithOutputs", "loss_item_count", "make_loss_fn", "model_kind"]
 
 LossWithOutputs = Callable[[Any, Mapping[str, Any]], tuple[Loss, Any]]
 _LABEL_KEYS = ("labels", "shift_labels")
@@ -79,6 +79,26 @@ def _item_count(labels: torch.Tensor, causal: bool) -> torch.Tensor:
     """transformers 5.x ``num_items_in_batch`` of one microbatch: labels that count (shifted for causal LMs)."""
     if labels.is_floating_point():
         return torch.tensor(labels.shape[0], device=labels.device)
+    return ((labels[..., 1:] if causal else labels) != -100).sum()
+
+
+def loss_item_count(
+    model: Any, batch: Mapping[str, Any], *, label_smoothing: float = 0.0, compute_loss_func: Any = None
+) -> torch.Tensor:
+    """The ``count`` of the ``Loss`` that :func:`make_loss_fn` gives for ``batch``, from the labels alone (the
+    items a microbatch contributes to the step's ``(sum, count)`` reduction)."""
+    kind = model_kind(model)
+    causal = kind == "causal_lm"
+    labels = batch.get("labels")
+    if labels is None or (kind == "other" and compute_loss_func is None and not label_smoothing):
+        first = next((v for v in batch.values() if torch.is_tensor(v)), None)
+        return _one(first.device if first is not None else torch.device("cpu"))
+    if compute_loss_func is not None:
+        return _item_count(labels, causal)
+    if causal and "shift_labels" in batch:
+        return (batch["shift_labels"] != -100).sum()
+    if kind == "sequence_classification" and labels.is_floating_point():
+        return torch.tensor(labels.numel(), device=labels.device)
     return ((labels[..., 1:] if causal else labels) != -100).sum()
 
 
@@ -201,7 +221,7 @@ class EvaluationMixin:
         if has_labels:
             labels = tuple(inputs[k].detach() for k in names)
             labels = labels[0] if len(labels) == 1 else labels
-        with torch.no_grad():
+        with torch.no_grad(), self.compute_loss_context_manager():
             if has_labels or self._custom_compute_loss():
                 if self._custom_compute_loss():
                     mean, outputs = self.compute_loss(model, inputs, return_outputs=True)

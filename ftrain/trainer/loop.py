@@ -63,6 +63,38 @@ def checkpoint_options() -> CheckpointManagerOptions:
     return CheckpointManagerOptions(step_prefix=f"{PREFIX_CHECKPOINT_DIR}-", step_digits=0)
 
 
+def _rebinding_checkpoint(checkpoint_func: Any) -> Any:
+    """``checkpoint_func(function, *args)`` whose recompute sees the tensors the layer had in the forward.
+
+    transformers calls it with ``functools.partial(forward, layer, **kwargs)``. Inside ``functional_call`` the
+    layer's parameters and buffers are the step's tensors; when the backward recomputes the layer they are meta
+    again, so the recompute re-binds the ones captured at forward time."""
+    from torch.nn.utils.stateless import _reparametrize_module
+
+    def func(function: Any, *args: Any, **kwargs: Any) -> Any:
+        layer = getattr(function, "args", (None,))[0] if getattr(function, "args", None) else None
+        if not isinstance(layer, torch.nn.Module):
+            return checkpoint_func(function, *args, **kwargs)
+        names = [n for n, _ in layer.named_parameters(remove_duplicate=False)]
+        names += [n for n, _ in layer.named_buffers(remove_duplicate=False)]
+        tensors = {n: _get_attr(layer, n) for n in names}
+
+        def run(*inner: Any) -> Any:
+            with _reparametrize_module(layer, tensors):
+                return function(*inner)
+
+        return checkpoint_func(run, *args, **kwargs)
+
+    func._ftrain_rebinds = True
+    return func
+
+
+def _get_attr(module: torch.nn.Module, name: str) -> Any:
+    for part in name.split("."):
+        module = getattr(module, part)
+    return module
+
+
 class TrainingLoopMixin:
     """``train`` and its parts (``_inner_training_loop``, ``_run_epoch``, ``_maybe_log_save_evaluate``,
     ``_save_checkpoint``...) with transformers' names."""
@@ -170,9 +202,35 @@ class TrainingLoopMixin:
         state = TrainState.create(self.model, self.optimizer, key=self.args.seed)
         if checkpoint is not None:
             state = self._restore_checkpoint(checkpoint, state)
+        if self.args.activation_checkpointing:
+            self._enable_activation_checkpointing(state.skeleton)
         self._train_state = state
         self._train_step = self._make_train_step()
         self._model_stale = checkpoint is not None
+
+    def _enable_activation_checkpointing(self, skeleton: Any) -> None:
+        """transformers' activation checkpointing, enabled on the step's meta skeleton (never the user's model).
+
+        ``every_n_layers`` and ``offload`` are taken out of ``activation_checkpointing_kwargs`` as transformers does;
+        the rest goes to ``torch.utils.checkpoint.checkpoint`` (``use_reentrant=False`` by default). Each layer's
+        checkpoint function is wrapped to re-bind the tensors the functional forward gave the layer: the recompute
+        runs during the step's backward, after ``functional_call`` has put the meta tensors back."""
+        kwargs = dict(self.args.activation_checkpointing_kwargs or {})
+        every_n_layers, offload = kwargs.pop("every_n_layers", 1), kwargs.pop("offload", False)
+        enable = getattr(skeleton, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs=kwargs or None, every_n_layers=every_n_layers, offload=offload)
+        elif hasattr(skeleton, "gradient_checkpointing_enable"):
+            skeleton.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs or None)
+        else:
+            raise ValueError(
+                f"activation_checkpointing=True needs a model with activation_checkpointing_enable() (a transformers "
+                f"PreTrainedModel); {type(skeleton).__name__} has none."
+            )
+        for module in skeleton.modules():
+            func = getattr(module, "_gradient_checkpointing_func", None)
+            if func is not None and not getattr(func, "_ftrain_rebinds", False):
+                module._gradient_checkpointing_func = _rebinding_checkpoint(func)
 
     def _run_epoch(self, stream: Any, epoch: int, ignore_keys_for_eval: list[str] | None) -> None:
         """One pass over the epoch from the current global step; transformers' ``_run_epoch``."""
@@ -398,6 +456,8 @@ class TrainingLoopMixin:
             self.processing_class.save_pretrained(str(folder))
         self.state.save_to_json(folder / TRAINER_STATE_NAME)
         (folder / TRAINING_ARGS_NAME).write_text(self.args.to_json_string())
+        if self.args.push_to_hub:
+            self._push_from_checkpoint(str(folder))
         if self.args.should_save:
             self._rotate_checkpoints()
 

@@ -11,11 +11,18 @@ Differences from transformers, on purpose:
 - **Optimizers are pure.** ``optimizers=(tx, None)`` takes an ``ftrain.optim`` ``GradientTransformation`` (with
   its schedule inside, e.g. ``ftrain.optim.adamw(ftrain.schedules.get_schedule(...))``); a ``torch.optim``
   optimizer or scheduler is refused with that advice.
-- **Custom losses.** A subclass overriding ``compute_loss`` trains on it: its scalar is taken as the mean over
-  its microbatch, and the step averages microbatches (transformers' behaviour without ``num_items_in_batch``).
-  Overriding ``training_step`` is refused at construction: the update is one pure ``train_step`` (forward,
-  backward, accumulation, clipping and optimizer together), so there is no per-microbatch hook to replace —
-  override ``compute_loss`` or pass ``compute_loss_func`` instead.
+- **Custom losses and training steps.** The pure step is built from the overridable pieces: its ``loss_fn`` calls
+  ``training_step(model, microbatch, num_items_in_batch)`` once per microbatch, which by default calls
+  ``compute_loss`` under ``compute_loss_context_manager()``. ``training_step`` *returns* the differentiable
+  microbatch loss (the step differentiates, accumulates, clips and updates); it must not call ``backward`` itself —
+  that is detected and refused with how to port it. A scalar from an overridden ``compute_loss`` is taken as the
+  mean over its microbatch and the step averages microbatches (transformers' behaviour without
+  ``num_items_in_batch``); with the default ``compute_loss`` the microbatch gets ``num_items_in_batch`` = its
+  item count and the step weights it by that count (token-weighted, as transformers).
+- **NEFTune, bf16, activation checkpointing** act inside the pure step: the NEFTune hook is registered on the
+  state's meta skeleton for the duration of one training forward (never on the user's model), its noise is drawn
+  from the step's seeded RNG; ``bf16`` runs the forward under ``torch.autocast``; activation checkpointing is
+  enabled on the skeleton, with a checkpoint function that re-binds the layer's tensors when it recomputes.
 - **Checkpoints** hold the whole pure state (``state.safetensors``) next to transformers' views
   (``model.safetensors``, ``config.json``, ``trainer_state.json``), and ``training_args.json`` instead of the
   pickled ``training_args.bin``; see :mod:`ftrain.trainer.loop`.
@@ -43,10 +50,12 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import json
 import logging
+import math
 import os
 from typing import Any
 
@@ -63,7 +72,9 @@ from ftrain.step import make_train_step
 from ftrain.trainer.args import IntervalStrategy, TrainingArguments
 from ftrain.trainer.callbacks import DEFAULT_CALLBACKS, DEFAULT_PROGRESS_CALLBACK, CallbackHandler, PrinterCallback
 from ftrain.trainer.convert import logged_learning_rate, make_optimizer, make_schedule
-from ftrain.trainer.evaluation import EvaluationMixin, make_loss_fn
+from ftrain.trainer.evaluation import EvaluationMixin, loss_item_count, make_loss_fn
+from ftrain.trainer.hp_search import HyperparameterSearchMixin
+from ftrain.trainer.hub import HubMixin
 from ftrain.trainer.integrations import get_reporting_integration_callbacks
 from ftrain.trainer.loop import TRAINER_STATE_NAME, TRAINING_ARGS_NAME, TrainingLoopMixin
 from ftrain.trainer.trainer_state import TrainerControl, TrainerState
@@ -89,7 +100,7 @@ _TORCH_OPTIMIZER_ADVICE = (
 )
 
 
-class Trainer(EvaluationMixin, TrainingLoopMixin):
+class Trainer(HyperparameterSearchMixin, HubMixin, EvaluationMixin, TrainingLoopMixin):
     """Hugging Face's ``Trainer`` API over ftrain's pure core; see the module docstring.
 
     Args:
@@ -146,6 +157,7 @@ class Trainer(EvaluationMixin, TrainingLoopMixin):
                     "return the summary metrics."
                 )
         self.preprocess_logits_for_metrics = preprocess_logits_for_metrics
+        self.neftune_noise_alpha = self.args.neftune_noise_alpha
         self.optimizer, self.lr_scheduler = optimizers
         self.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs
         self._user_optimizer = self.optimizer
@@ -156,6 +168,8 @@ class Trainer(EvaluationMixin, TrainingLoopMixin):
         self.callback_handler = CallbackHandler(self._default_callbacks(callbacks), self.model, processing_class,
                                                 self.optimizer, self.lr_scheduler)  # fmt: skip
         self.control = self.callback_handler.on_init_end(self.args, self.state, self.control)
+        if self.args.push_to_hub:
+            self.init_hf_repo()
 
     # ---- construction ---------------------------------------------------------------------------------------------
 
@@ -166,18 +180,11 @@ class Trainer(EvaluationMixin, TrainingLoopMixin):
             set_seed(self.args.seed)
 
     def _validate(self, model: Any, train_dataset: Any, eval_dataset: Any, optimizers: Any, cls_kwargs: Any) -> None:
-        """transformers' constructor checks, plus ftrain's (torch optimizers, ``training_step`` overrides)."""
+        """transformers' constructor checks, plus ftrain's (torch optimizers)."""
         if (model is None) == (self.model_init is None):
             raise ValueError(
                 "Trainer requires either a `model` or a `model_init` argument, not both and not neither"
                 + (" (both were given)." if model is not None else ".")
-            )
-        if type(self).training_step is not Trainer.training_step:
-            raise TypeError(
-                f"{type(self).__name__} overrides training_step, which ftrain cannot honour: one optimizer update is "
-                "one pure train_step (forward, backward, accumulation, clipping, optimizer together), with no "
-                "per-microbatch hook. Override compute_loss (its scalar is the microbatch's mean loss) or pass "
-                "compute_loss_func= instead."
             )
         if self.args.eval_strategy != IntervalStrategy.NO and eval_dataset is None:
             raise ValueError(
@@ -278,13 +285,35 @@ class Trainer(EvaluationMixin, TrainingLoopMixin):
                           compute_loss_func=self.compute_loss_func)  # fmt: skip
         return fn(model, batch)
 
+    def _custom_training_step(self) -> bool:
+        return type(self).training_step is not Trainer.training_step
+
     def _make_loss_fn(self) -> Any:
-        """The step's ``loss_fn(model, batch) -> (sum, count)``: the default one, or an overridden compute_loss."""
-        if self._custom_compute_loss():
-            return lambda model, batch: Loss(self.compute_loss(model, batch), torch.ones((), dtype=torch.int64))
-        fn = make_loss_fn(self.model, label_smoothing=self.args.label_smoothing_factor,
-                          compute_loss_func=self.compute_loss_func)  # fmt: skip
-        return lambda model, batch: fn(model, batch)[0]
+        """The step's ``loss_fn(model, batch) -> (sum, count)``, built from the overridable pieces.
+
+        Without overrides it is the fused default loss (under ``compute_loss_context_manager``). With an overridden
+        ``compute_loss`` or ``training_step`` it calls ``training_step`` per microbatch and weights its loss: by 1
+        for a custom ``compute_loss`` (a microbatch mean), else by the microbatch's item count, which is passed as
+        ``num_items_in_batch``. NEFTune, when on, wraps either.
+        """
+        kwargs = dict(label_smoothing=self.args.label_smoothing_factor, compute_loss_func=self.compute_loss_func)
+        custom_loss = self._custom_compute_loss()
+        default = None if custom_loss or self._custom_training_step() else make_loss_fn(self.model, **kwargs)
+
+        def loss_fn(model: Any, batch: Any) -> Loss:
+            with self._neftune(model):
+                if default is not None:
+                    with self.compute_loss_context_manager():
+                        return default(model, batch)[0]
+                if custom_loss:
+                    weight, items = torch.ones((), dtype=torch.int64), None
+                else:
+                    weight = items = loss_item_count(self.model, batch, **kwargs)
+                loss = self.training_step(model, batch, num_items_in_batch=items)
+                _check_training_step_loss(type(self).__name__, loss, model)
+                return Loss(loss * weight.to(device=loss.device, dtype=loss.dtype), weight.to(loss.device))
+
+        return loss_fn
 
     def _make_train_step(self) -> Any:
         step = make_train_step(self._make_loss_fn(), accum_steps=self.args.gradient_accumulation_steps)
@@ -293,16 +322,74 @@ class Trainer(EvaluationMixin, TrainingLoopMixin):
         return step
 
     def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> torch.Tensor:
-        """One pure optimizer update on ``inputs`` (a batch or a list of microbatches); returns the detached loss.
+        """One microbatch's differentiable loss, called inside the pure train step (transformers' name and
+        arguments); the default is ``compute_loss`` under ``compute_loss_context_manager()``.
 
-        transformers' ``training_step`` is one microbatch's backward; here the whole update is one pure step. It
-        must not be overridden (the constructor says why).
+        Override it to change or extend the per-microbatch loss: ``loss = super().training_step(...)``, then
+        modify and *return* it. Unlike transformers' it must not call ``backward`` (the step differentiates what
+        it returns, then accumulates, clips and updates).
+
+        Args:
+            model: the model bound to the step's parameters (call it like the module).
+            inputs: one microbatch.
+            num_items_in_batch: the microbatch's item count when the default ``compute_loss`` is used (its mean
+                is then ``sum / num_items_in_batch``); ``None`` with an overridden ``compute_loss``.
         """
-        if self._train_state is None:
-            raise RuntimeError("training_step needs the train state; call it during train().")
-        self._train_state, metrics = self._train_step(self._train_state, inputs)
-        self._model_stale = True
-        return metrics["loss"].detach()
+        with self.compute_loss_context_manager():
+            return self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+
+    def compute_loss_context_manager(self) -> contextlib.ExitStack:
+        """The contexts the loss is computed in (transformers' name): ``autocast_smart_context_manager()``."""
+        stack = contextlib.ExitStack()
+        autocast = self.autocast_smart_context_manager()
+        if not isinstance(autocast, contextlib.nullcontext):
+            stack.enter_context(autocast)
+        return stack
+
+    def autocast_smart_context_manager(self, cache_enabled: bool | None = True) -> contextlib.AbstractContextManager:
+        """``torch.autocast(device_type, dtype=torch.bfloat16)`` when ``args.bf16``, else a ``nullcontext``."""
+        if self.args.bf16:
+            return torch.autocast(self.args.device.type, dtype=torch.bfloat16, cache_enabled=cache_enabled)
+        return contextlib.nullcontext()
+
+    # ---- NEFTune --------------------------------------------------------------------------------------------------
+
+    def _activate_neftune(self, model: Any) -> Any:
+        """Registers the NEFTune noise hook on ``model``'s input embeddings (the step's skeleton); returns the
+        handle. The noise is ``uniform(-m, m)`` with ``m = neftune_noise_alpha / sqrt(seq_len * hidden)``, added
+        to the embeddings' output in training mode only (transformers' NEFTune)."""
+        get = getattr(model, "get_input_embeddings", None)
+        if get is None:
+            raise ValueError(
+                f"neftune_noise_alpha needs a model with get_input_embeddings(); {type(model).__name__} has none."
+            )
+        embeddings = get()
+        alpha = float(self.neftune_noise_alpha)
+
+        def hook(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+            if not module.training:
+                return output
+            magnitude = alpha / math.sqrt(output.size(1) * output.size(2))
+            return output + torch.zeros_like(output).uniform_(-magnitude, magnitude)
+
+        return embeddings.register_forward_hook(hook)
+
+    def _deactivate_neftune(self, model: Any, handle: Any = None) -> None:
+        """Removes the hook that :meth:`_activate_neftune` registered."""
+        if handle is not None:
+            handle.remove()
+
+    @contextlib.contextmanager
+    def _neftune(self, model: Any) -> Any:
+        """NEFTune around one training forward: the hook lives on the skeleton only while the loss runs."""
+        if self.neftune_noise_alpha is None or not getattr(model, "training", True):
+            yield
+            return
+        handle = self._activate_neftune(model)
+        try:
+            yield
+        finally:
+            self._deactivate_neftune(model, handle)
 
     # ---- data -----------------------------------------------------------------------------------------------------
 
@@ -445,6 +532,21 @@ class Trainer(EvaluationMixin, TrainingLoopMixin):
     def get_decay_parameter_names(self, model: nn.Module | None = None) -> list[str]:
         """Names of the parameters that get weight decay (transformers' rule: not biases, not norm weights)."""
         return [name for name, decays in _optim.hf_decay_mask(model or self.model).items() if decays]
+
+
+def _check_training_step_loss(name: str, loss: Any, model: Any) -> None:
+    """Refuses a ``training_step`` that ran ``backward`` itself or returned no differentiable scalar."""
+    backward_ran = not torch.compiler.is_compiling() and any(
+        getattr(p, "grad", None) is not None for p in getattr(model, "params", {}).values()
+    )
+    if backward_ran or not isinstance(loss, torch.Tensor) or loss.grad_fn is None:
+        what = "called backward()" if backward_ran else "returned a loss with no autograd graph (detached?)"
+        raise RuntimeError(
+            f"{name}.training_step {what}. In ftrain, training_step runs inside the pure train step and must "
+            "return the microbatch's differentiable loss: the step itself differentiates it, accumulates, clips "
+            "and updates. Port transformers-style code by deleting loss.backward() / accelerator.backward(loss) "
+            "and returning the loss instead of loss.detach()."
+        )
 
 
 def _as_ftrain_args(args: Any) -> TrainingArguments:

@@ -225,13 +225,16 @@ def test_compute_loss_override_trains_on_it(tmp_path):
             assert torch.equal(p, before[name]), name
 
 
-def test_training_step_override_is_refused(tmp_path):
+def test_training_step_override_calling_backward_is_refused(tmp_path):
     class Custom(Trainer):
         def training_step(self, model, inputs, num_items_in_batch=None):
-            return super().training_step(model, inputs)
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            loss.backward()
+            return loss.detach()
 
-    with pytest.raises(TypeError, match="Override compute_loss"):
-        make(tmp_path, trainer_cls=Custom, max_steps=1)
+    trainer = make(tmp_path, trainer_cls=Custom, max_steps=1, save_strategy="no")
+    with pytest.raises(RuntimeError, match="called backward"):
+        trainer.train()
 
 
 # ---- export -------------------------------------------------------------------------------------------------------

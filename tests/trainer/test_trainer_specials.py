@@ -1,0 +1,223 @@
+"""training_step overrides, NEFTune, bf16 autocast and activation checkpointing, against transformers.Trainer."""
+
+import math
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("datasets")
+
+from ftrain.trainer import Trainer, TrainingArguments  # noqa: E402
+from tests.trainer.test_trainer_parity import ARGS, tiny_gpt2, token_rows  # noqa: E402
+
+
+def _run(trainer_cls, args_cls, tmp_path, name, data=None, **overrides):
+    args = args_cls(output_dir=str(tmp_path / name), **{**ARGS, **overrides})
+    trainer = trainer_cls(model=tiny_gpt2(), args=args, train_dataset=data if data is not None else token_rows())
+    trainer.train()
+    return trainer
+
+
+def _losses(trainer):
+    return [e["loss"] for e in trainer.state.log_history if "loss" in e]
+
+
+def _params(trainer):
+    return {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
+
+
+# ---- training_step overrides ----------------------------------------------------------------------------------------
+
+
+def _custom(base):
+    """transformers' documented pattern: a custom compute_loss and a training_step doing extra work, then super()."""
+
+    class Custom(base):
+        calls = 0
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            outputs = model(**inputs)
+            loss = outputs.loss * 0.5 + 0.1 * outputs.logits.pow(2).mean()
+            return (loss, outputs) if return_outputs else loss
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            type(self).calls += 1
+            labels = inputs["labels"].clone()
+            labels[:, :4] = -100  # ignore the first positions of every row
+            return super().training_step(model, {**inputs, "labels": labels}, num_items_in_batch)
+
+    return Custom
+
+
+def test_compute_loss_and_training_step_overrides_match_transformers(tmp_path):
+    kw = dict(gradient_accumulation_steps=1, max_steps=4)
+    hf = _run(_custom(transformers.Trainer), transformers.TrainingArguments, tmp_path, "hf", **kw)
+    ft_cls = _custom(Trainer)
+    ft = _run(ft_cls, TrainingArguments, tmp_path, "ft", **kw)
+    assert ft_cls.calls == 4
+    plain = _run(Trainer, TrainingArguments, tmp_path, "plain", **kw)
+    assert _losses(ft) == pytest.approx(_losses(hf), rel=1e-5)
+    assert _losses(ft)[0] != pytest.approx(_losses(plain)[0], rel=1e-3)  # the overrides took effect
+    hf_p, ft_p = _params(hf), _params(ft)
+    for name in ft_p:
+        torch.testing.assert_close(ft_p[name], hf_p[name], rtol=1e-4, atol=1e-5)
+
+
+def test_training_step_override_modifying_the_loss_takes_effect(tmp_path):
+    class Doubled(Trainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            return 2.0 * super().training_step(model, inputs, num_items_in_batch)
+
+    class DoubledLoss(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            return 2.0 * super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    kw = dict(max_steps=3, gradient_accumulation_steps=1, optim="sgd", warmup_steps=0)
+    doubled = _run(Doubled, TrainingArguments, tmp_path, "a", **kw)
+    reference = _run(DoubledLoss, TrainingArguments, tmp_path, "b", **kw)
+    plain = _run(Trainer, TrainingArguments, tmp_path, "c", **kw)
+    assert _losses(doubled) == pytest.approx(_losses(reference), rel=1e-6)
+    assert _losses(doubled)[0] == pytest.approx(2 * _losses(plain)[0], rel=1e-6)
+    for name, p in _params(doubled).items():
+        torch.testing.assert_close(p, _params(reference)[name])
+
+
+def test_training_step_override_with_default_loss_keeps_token_weighting(tmp_path):
+    class Passthrough(Trainer):
+        seen = []
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            type(self).seen.append(int(num_items_in_batch))
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    rows = token_rows()
+    rows = rows.map(lambda r, i: {"labels": [-100] * (i % 5) + r["labels"][i % 5 :]}, with_indices=True)
+    over = _run(Passthrough, TrainingArguments, tmp_path, "a", data=rows, max_steps=3)
+    plain = _run(Trainer, TrainingArguments, tmp_path, "b", data=rows, max_steps=3)
+    assert len(Passthrough.seen) == 6 and len(set(Passthrough.seen)) > 1  # 3 steps x 2 microbatches, uneven counts
+    assert _losses(over) == pytest.approx(_losses(plain), rel=1e-6)
+    for name, p in _params(over).items():
+        torch.testing.assert_close(p, _params(plain)[name])
+
+
+def test_training_step_returning_a_detached_loss_is_refused(tmp_path):
+    class Detached(Trainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            return super().training_step(model, inputs, num_items_in_batch).detach()
+
+    with pytest.raises(RuntimeError, match="return the microbatch's differentiable loss"):
+        _run(Detached, TrainingArguments, tmp_path, "a", max_steps=1)
+
+
+# ---- NEFTune --------------------------------------------------------------------------------------------------------
+
+
+def test_neftune_hook_draws_transformers_noise(tmp_path):
+    from transformers.integrations.neftune import activate_neftune, deactivate_neftune
+
+    alpha, ids = 5.0, torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(0))
+    hf_model, ft_model = tiny_gpt2().train(), tiny_gpt2().train()
+    clean = ft_model.get_input_embeddings()(ids)
+    handle = activate_neftune(hf_model, alpha)
+    torch.manual_seed(123)
+    hf_out = hf_model.get_input_embeddings()(ids)
+    deactivate_neftune(hf_model, handle)
+
+    args = TrainingArguments(str(tmp_path), **{**ARGS, "neftune_noise_alpha": alpha})
+    trainer = Trainer(model=ft_model, args=args, train_dataset=token_rows())
+    handle = trainer._activate_neftune(ft_model)
+    torch.manual_seed(123)
+    ft_out = ft_model.get_input_embeddings()(ids)
+    ft_model.eval()
+    assert torch.equal(ft_model.get_input_embeddings()(ids), clean)  # eval: no noise
+    trainer._deactivate_neftune(ft_model, handle)
+    ft_model.train()
+    assert torch.equal(ft_model.get_input_embeddings()(ids), clean)  # removed
+
+    assert torch.equal(ft_out, hf_out)
+    bound = alpha / math.sqrt(16 * 32)
+    noise = ft_out - clean
+    assert noise.abs().max() <= bound * (1 + 1e-5) and noise.abs().max() > 0.9 * bound
+    assert noise.mean().abs() < 0.05 * bound and noise.var().item() == pytest.approx(bound**2 / 3, rel=0.05)
+
+
+def test_neftune_changes_training_not_eval_and_leaves_the_model_alone(tmp_path):
+    evals = token_rows(8, seed=2)
+    kw = dict(max_steps=3)
+    base = _run(Trainer, TrainingArguments, tmp_path, "base", **kw)
+    runs = [_run(Trainer, TrainingArguments, tmp_path, f"n{i}", neftune_noise_alpha=5.0, **kw) for i in range(2)]
+    assert _losses(runs[0]) == _losses(runs[1])  # the step seeds the noise
+    assert _losses(runs[0])[0] != pytest.approx(_losses(base)[0], rel=1e-4)
+    assert all(not m._forward_hooks for m in runs[0].model.modules())  # no hook leaks onto the user's model
+    assert all(not m._forward_hooks for m in runs[0]._train_state.skeleton.modules())
+    # Evaluation has no noise: same weights, same eval loss with and without NEFTune.
+    fresh = [
+        Trainer(
+            model=tiny_gpt2(),
+            args=TrainingArguments(str(tmp_path / f"e{a}"), **{**ARGS, **kw}, neftune_noise_alpha=a),
+            eval_dataset=evals,
+        )
+        for a in (None, 5.0)
+    ]
+    assert fresh[0].evaluate()["eval_loss"] == fresh[1].evaluate()["eval_loss"]
+
+
+# ---- bf16 -----------------------------------------------------------------------------------------------------------
+
+
+def test_bf16_autocasts_the_forward_and_matches_transformers(tmp_path):
+    class Recording(Trainer):
+        dtypes = []
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+            type(self).dtypes.append(outputs.logits.dtype)
+            return (loss, outputs) if return_outputs else loss
+
+    kw = dict(bf16=True, max_steps=3)
+    _run(Recording, TrainingArguments, tmp_path, "rec", **kw)
+    assert Recording.dtypes and set(Recording.dtypes) == {torch.bfloat16}
+    hf = _run(transformers.Trainer, transformers.TrainingArguments, tmp_path, "hf", **kw)
+    ft = _run(Trainer, TrainingArguments, tmp_path, "ft", **kw)
+    fp32 = _run(Trainer, TrainingArguments, tmp_path, "fp32", max_steps=3)
+    assert _losses(ft) == pytest.approx(_losses(hf), rel=1e-2)
+    assert _losses(ft) != _losses(fp32)  # bf16 really changed the arithmetic
+    assert all(p.dtype == torch.float32 for p in ft.model.parameters())  # params stay fp32
+    evals = token_rows(8, seed=2)
+    assert ft.evaluate(evals)["eval_loss"] == pytest.approx(hf.evaluate(evals)["eval_loss"], rel=1e-2)
+
+
+# ---- activation checkpointing ----------------------------------------------------------------------------------------
+
+
+def test_activation_checkpointing_gives_the_same_losses_and_grads(tmp_path):
+    class Counting(Trainer):
+        recomputed = 0
+
+        def _enable_activation_checkpointing(self, skeleton):
+            super()._enable_activation_checkpointing(skeleton)
+            for module in skeleton.modules():
+                func = getattr(module, "_gradient_checkpointing_func", None)
+                if func is not None:
+
+                    def counted(*a, _func=func, **k):
+                        type(self).recomputed += 1
+                        return _func(*a, **k)
+
+                    module._gradient_checkpointing_func = counted
+
+    kw = dict(max_steps=3)
+    plain = _run(Trainer, TrainingArguments, tmp_path, "plain", **kw)
+    ckpt = _run(Counting, TrainingArguments, tmp_path, "ckpt", activation_checkpointing=True, **kw)
+    assert Counting.recomputed == 3 * 2 * 2  # steps x microbatches x layers
+    assert not tiny_gpt2().transformer.h[0].gradient_checkpointing
+    assert (
+        not plain.model.transformer.h[0].gradient_checkpointing
+        and not ckpt.model.transformer.h[0].gradient_checkpointing
+    )
+    grads = lambda t: [e["grad_norm"] for e in t.state.log_history if "grad_norm" in e]  # noqa: E731
+    assert _losses(ckpt) == pytest.approx(_losses(plain), rel=1e-6, abs=1e-6)
+    assert grads(ckpt) == pytest.approx(grads(plain), rel=1e-6, abs=1e-6)
+    for name, p in _params(ckpt).items():
+        torch.testing.assert_close(p, _params(plain)[name], rtol=0, atol=1e-6)
