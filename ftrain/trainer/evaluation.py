@@ -362,18 +362,18 @@ class EvaluationMixin:
             ignore_keys=ignore_keys,
             metric_key_prefix=metric_key_prefix,
         )
-        batch_size = self.args.eval_batch_size * self.args.world_size
-        output.metrics.update(
-            speed_metrics(
-                metric_key_prefix,
-                start,
-                num_samples=output.num_samples,
-                num_steps=math.ceil(output.num_samples / batch_size),
-            )
-        )
+        self._add_speed_metrics(output, metric_key_prefix, start)
         self.log(output.metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, output.metrics)
         return output.metrics
+
+    def _add_speed_metrics(self, output: Any, metric_key_prefix: str, start: float) -> None:
+        """``{prefix}_runtime``, ``_samples_per_second`` and ``_steps_per_second`` into ``output.metrics``."""
+        batch_size = self.args.eval_batch_size * self.args.world_size
+        num_steps = math.ceil(output.num_samples / batch_size)
+        output.metrics.update(
+            speed_metrics(metric_key_prefix, start, num_samples=output.num_samples, num_steps=num_steps)
+        )
 
     def predict(
         self, test_dataset: Any, ignore_keys: list[str] | None = None, metric_key_prefix: str = "test"
@@ -384,14 +384,6 @@ class EvaluationMixin:
         output = self.evaluation_loop(
             stream, "Prediction", ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix
         )
-        batch_size = self.args.eval_batch_size * self.args.world_size
-        output.metrics.update(
-            speed_metrics(
-                metric_key_prefix,
-                start,
-                num_samples=output.num_samples,
-                num_steps=math.ceil(output.num_samples / batch_size),
-            )
-        )
+        self._add_speed_metrics(output, metric_key_prefix, start)
         self.control = self.callback_handler.on_predict(self.args, self.state, self.control, output.metrics)
         return PredictionOutput(predictions=output.predictions, label_ids=output.label_ids, metrics=output.metrics)

@@ -13,6 +13,7 @@ transformers = pytest.importorskip("transformers")
 datasets = pytest.importorskip("datasets")
 
 from ftrain.trainer import Trainer, TrainingArguments  # noqa: E402
+from tests.trainer.test_trainer_parity import tiny_gpt2  # noqa: E402
 
 STEPS, SEQ, BATCH, ACCUM = 50, 16, 2, 4
 ARGS = dict(
@@ -36,17 +37,7 @@ ARGS = dict(
 )
 
 
-def tiny_gpt2() -> torch.nn.Module:
-    config = transformers.GPT2Config(
-        n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0,
-        bos_token_id=0, eos_token_id=0,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(config).float()
-    # As in test_trainer_parity.py: without a loss type transformers 5.24 counts num_items_in_batch over the unshifted
-    # labels; "ForCausalLM" gives the documented v5 count (labels[..., 1:] != -100), which ftrain implements.
-    model.loss_type = "ForCausalLM"
-    return model
+# tiny_gpt2 (dropout off, loss_type named) is shared with the short parity test.
 
 
 def tiny_bert() -> torch.nn.Module:
