@@ -43,6 +43,7 @@ import torch
 
 from ftrain import tree as _tree
 from ftrain.checkpoint import CheckpointManager, CheckpointManagerOptions, export_pretrained
+from ftrain.metrics import to_host
 from ftrain.schedules import ReduceOnPlateauState, plateau_update
 from ftrain.state import TrainState
 from ftrain.trainer.args import SaveStrategy
@@ -336,22 +337,26 @@ class TrainingLoopMixin:
 
     def _log_training_metrics(self) -> None:
         """``loss`` (mean over the updates since the last log), ``grad_norm``, ``learning_rate``."""
-        tr_loss = float(self._tr_loss)
+        metrics = self._last_step_metrics or {}
+        # One device-to-host transfer for everything this log reads.
+        pending = {"loss": self._tr_loss, "learning_rate": self._learning_rate_tensor(metrics)}
+        if "grad_norm" in metrics:
+            pending["grad_norm"] = metrics["grad_norm"]
+        host = to_host({k: v for k, v in pending.items() if v is not None})
+        tr_loss = host["loss"]
         self._tr_loss = torch.zeros((), dtype=torch.float64)
         logs: dict[str, float] = {"loss": tr_loss / (self.state.global_step - self._globalstep_last_logged)}
-        metrics = self._last_step_metrics or {}
-        if "grad_norm" in metrics:
-            logs["grad_norm"] = float(metrics["grad_norm"])
-        logs["learning_rate"] = self._current_learning_rate(metrics)
+        if "grad_norm" in host:
+            logs["grad_norm"] = host["grad_norm"]
+        logs["learning_rate"] = host.get("learning_rate", float("nan"))
         self._total_loss_scalar += tr_loss
         self._globalstep_last_logged = self.state.global_step
         self.log(logs, self._train_start_time)
 
-    def _current_learning_rate(self, metrics: dict[str, torch.Tensor]) -> float:
+    def _learning_rate_tensor(self, metrics: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The lr of the last update (with any plateau scale), as a tensor; ``None`` when the optimizer has none."""
         lr = logged_learning_rate(self._train_state.opt_state)
-        if lr is None:
-            lr = metrics.get("learning_rate")
-        return float(lr) if lr is not None else float("nan")
+        return metrics.get("learning_rate") if lr is None else torch.as_tensor(lr)
 
     def _evaluate(self, ignore_keys_for_eval: list[str] | None, skip_scheduler: bool = False) -> dict[str, float]:
         """Evaluates, then feeds ``eval_{metric_for_best_model}`` to the optimizer's plateau state (transformers

@@ -61,22 +61,7 @@ INTENTIONAL_BEHAVIOUR_DIFFERENCES = {
 }
 
 
-def _device_without_accelerate(self):
-    """transformers' device choice for one process without accelerate's state: cuda:0 if usable, else CPU."""
-    self.distributed_state = None
-    if self.use_cpu or not torch.cuda.is_available():
-        self._n_gpu = 0
-        return torch.device("cpu")
-    self._n_gpu = torch.cuda.device_count()
-    return torch.device("cuda:0")
-
-
-@pytest.fixture
-def HFArgs(monkeypatch):
-    cls = transformers.TrainingArguments
-    if not HAS_ACCELERATE:
-        monkeypatch.setattr(cls, "_setup_devices", property(_device_without_accelerate))
-    return cls
+# HFArgs: tests/trainer/conftest.py
 
 
 HAS_ACCELERATE = importlib.util.find_spec("accelerate") is not None

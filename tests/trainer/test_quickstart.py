@@ -79,13 +79,8 @@ def quickstart(Trainer, TrainingArguments, output_dir, **version_args):  # noqa:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny shapes run fastest on one thread, and on a shared 2-core machine two threads next to a busy neighbour spin
-    against each other (a GPT-2 step measured 10x slower); the setting is restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """One torch thread for this module (see tests/trainer/conftest.py)."""
 
 
 @pytest.fixture(scope="module")
