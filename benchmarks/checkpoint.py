@@ -19,6 +19,7 @@ synchronous save of the same state. Goal: blocked < 10% of the synchronous save.
 Usage:
     python benchmarks/checkpoint.py                  # 25M and 100M, best of 2
     python benchmarks/checkpoint.py --sizes 25M --repeats 1
+    python benchmarks/checkpoint.py --quick --json r.json   # smoke run on a 4M state (50 MB), rows as JSON
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import argparse
 import os
 import platform
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -37,7 +39,12 @@ import torch
 from ftrain import TrainState, optim, tree
 from ftrain.checkpoint import CheckpointManager, CheckpointManagerOptions
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import write_json  # noqa: E402
+
 SIZES = {"25M": 24, "100M": 96}  # number of 1024x1024 (+bias) layers
+QUICK_SIZES = {"4M": 4}  # --quick only
+ASYNC_GOAL = 0.10  # async save blocks the caller for < 10% of a synchronous save
 
 
 def build_state(layers: int) -> TrainState:
@@ -133,7 +140,10 @@ def main() -> None:
     p.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--dir", default=None, help="where to write (default: a temporary directory)")
+    p.add_argument("--quick", action="store_true", help="smoke run: one 4M state (50 MB), one repeat, no orbax")
+    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = p.parse_args()
+    sizes, repeats = (list(QUICK_SIZES), 1) if args.quick else (args.sizes, args.repeats)
     root = Path(tempfile.mkdtemp(dir=args.dir, prefix="ftrain-ckpt-bench-"))
     print(
         f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
@@ -145,23 +155,40 @@ def main() -> None:
         "ftrain safetensors": lambda s, d: bench_manager(s, d, "safetensors"),
         "ftrain dcp": lambda s, d: bench_manager(s, d, "dcp"),
     }
-    if orbax_available():
+    if args.quick:
+        print("note: --quick skips the orbax row (importing orbax alone takes seconds)")
+    elif orbax_available():
         methods["ftrain orbax"] = lambda s, d: bench_manager(s, d, "orbax")
     else:
         print("note: orbax-checkpoint / ml_dtypes not installed: the orbax row is skipped (pip install ftrain[orbax])")
     rows, async_rows = [], []
     try:
-        for size in args.sizes:
-            size_rows, async_row = bench_size(size, methods, args.repeats, root)
+        for size in sizes:
+            size_rows, async_row = bench_size(size, methods, repeats, root)
             rows += size_rows
             async_rows.append(async_row)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print_tables(rows, async_rows)
+    if args.json:
+        write_json(args.json, to_json(rows, async_rows, quick=args.quick, repeats=repeats))
+
+
+def to_json(rows: list[tuple], async_rows: list[tuple], *, quick: bool, repeats: int) -> dict:
+    """The two tables as lists of dicts (seconds; ``save_vs_torch_save`` is the save time over torch.save's)."""
+    keys = ("size", "mb", "method", "save_s", "restore_s", "restore_unverified_s", "save_vs_torch_save")
+    async_keys = ("size", "sync_save_s", "async_blocked_first_s", "async_blocked_later_s", "async_commit_s")
+    return {
+        "quick": quick,
+        "repeats": repeats,
+        "async_goal": ASYNC_GOAL,
+        "rows": [dict(zip(keys, row)) for row in rows],
+        "async": [dict(zip(async_keys, row)) for row in async_rows],
+    }
 
 
 def bench_size(size: str, methods: dict[str, Callable], repeats: int, root: Path) -> tuple[list, tuple]:
-    state = build_state(SIZES[size])
+    state = build_state({**SIZES, **QUICK_SIZES}[size])
     mb = nbytes(state) / 1e6
     rows, base = [], None
     for name, fn in methods.items():

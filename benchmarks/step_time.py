@@ -14,7 +14,8 @@ leave the resident set at once and the reading follows live tensors.
 
 Usage:
     python benchmarks/step_time.py                 # 3.5M GPT timing + 25M GPT memory, all variants
-    python benchmarks/step_time.py --quick         # fewer steps
+    python benchmarks/step_time.py --quick         # smoke run: 2 rounds of 3 steps, memory on the 3.5M GPT
+    python benchmarks/step_time.py --measure time --json results.json   # timing only, rows as JSON
 """
 
 from __future__ import annotations
@@ -162,17 +163,25 @@ def _spawn_memory(variant: str, size: str) -> dict:
 
 
 def _table(rows: list[dict], time_size: str, mem_size: str) -> str:
-    by = {(r["variant"], r["size"]): r for r in rows}
-    best_ms = min(by[(v, time_size)]["ms_per_step"] for v in "abc")
-    base_peak = by[("a", mem_size)]["peak_mb"]
+    # Keyed by what was measured as well: a quick run times and measures memory on the same size.
+    by_time = {r["variant"]: r for r in rows if r["size"] == time_size and "ms_per_step" in r}
+    by_mem = {r["variant"]: r for r in rows if r["size"] == mem_size and "peak_mb" in r}
+    timed = [by_time[v]["ms_per_step"] for v in "abc" if v in by_time]
+    best_ms = min(timed) if timed else None
+    base = by_mem.get("a")
     lines = [
         f"{'variant':<36} {'ms/step':>8} {'x best(a-c)':>11} {'peak MB':>8} {'x (a)':>6}",
         f"{'':<36} {time_size:>8} {'':>11} {mem_size:>8} {'':>6}",
     ]
     for v, name in VARIANTS.items():
-        t, m = by[(v, time_size)], by.get((v, mem_size))
-        peak = f"{m['peak_mb']:8.1f} {m['peak_mb'] / base_peak:6.2f}" if m else f"{'-':>8} {'-':>6}"
-        lines.append(f"({v}) {name:<32} {t['ms_per_step']:8.1f} {t['ms_per_step'] / best_ms:11.2f} {peak}")
+        t, m = by_time.get(v), by_mem.get(v)
+        if t is None and m is None:
+            continue
+        ratio = f"{t['ms_per_step'] / best_ms:11.2f}" if t and best_ms else f"{'-':>11}"
+        ms = f"{t['ms_per_step']:8.1f} {ratio}" if t else f"{'-':>8} {'-':>11}"
+        x_a = f"{m['peak_mb'] / base['peak_mb']:6.2f}" if m and base else f"{'-':>6}"
+        peak = f"{m['peak_mb']:8.1f} {x_a}" if m else f"{'-':>8} {'-':>6}"
+        lines.append(f"({v}) {name:<32} {ms} {peak}")
     return "\n".join(lines)
 
 
@@ -182,24 +191,33 @@ def main() -> None:
     p.add_argument("--size", default="25M", choices=sorted(SIZES), help=argparse.SUPPRESS)
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (default 5)")
     p.add_argument("--steps", type=int, default=6, help="timed steps per variant and round (default 6)")
-    p.add_argument("--quick", action="store_true", help="2 rounds")
+    p.add_argument("--quick", action="store_true", help="smoke run: 2 rounds of 3 steps, memory on the 3.5M GPT")
+    p.add_argument("--measure", choices=("time", "memory", "both"), default="both", help="what to measure")
     p.add_argument("--variants", default="abcdef")
-    p.add_argument("--out", default="benchmarks/results/step_time.json")
+    p.add_argument("--out", "--json", dest="out", default="benchmarks/results/step_time.json", help="JSON rows")
     args = p.parse_args()
     if args.memory_worker:
         print(json.dumps(_peak_memory(args.memory_worker, args.size, steps=3, warmup=3)))
         return
     import torch
 
-    rows = _time_all(args.variants, "3.5M", 2 if args.quick else args.rounds, args.steps, warmup=3)
-    for v in args.variants:
-        rows.append(_spawn_memory(v, "25M"))
-        print(f"  25M ({v}) peak {rows[-1]['peak_mb']:.1f} MB", file=sys.stderr)
+    time_size, mem_size = "3.5M", "3.5M" if args.quick else "25M"
+    rounds, steps = (2, min(args.steps, 3)) if args.quick else (args.rounds, args.steps)
+    rows = []
+    if args.measure in ("time", "both"):
+        rows += _time_all(args.variants, time_size, rounds, steps, warmup=3)
+    if args.measure in ("memory", "both"):
+        for v in args.variants:
+            rows.append(_spawn_memory(v, mem_size))
+            print(f"  {mem_size} ({v}) peak {rows[-1]['peak_mb']:.1f} MB", file=sys.stderr)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
-    print(f"Step time on a 3.5M-parameter GPT (batch {BATCH}, seq 128), peak memory on a 25M one; {machine}")
-    print(_table(rows, "3.5M", "25M"))
+    print(
+        f"Step time on a {time_size}-parameter GPT (batch {BATCH}, seq 128), peak memory on a {mem_size} one; {machine}"
+    )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
+    payload = {"machine": machine, "quick": args.quick, "time_size": time_size, "mem_size": mem_size, "rows": rows}
+    Path(args.out).write_text(json.dumps(payload, indent=2))
+    print(_table(rows, time_size, mem_size))
 
 
 if __name__ == "__main__":
