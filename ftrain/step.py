@@ -96,6 +96,31 @@ def _explain_missing_key(err: KeyError, batch: Batch) -> KeyError | None:
     return None
 
 
+class _OneProcess:
+    """The step's distributed hooks on one process: identities. A sharded state's skeleton carries a
+    ``ftrain.distributed`` plan with the same methods (gather parameters before the forward, sum the loss totals
+    over data-parallel ranks, move parameters and gradients into the optimizer's layout and back), so the step code
+    is the same on 1 and N processes (DESIGN.md invariant 4) and this module never imports torch.distributed."""
+
+    @staticmethod
+    def grad_leaves(params: dict) -> dict:
+        return params
+
+    gather = to_update = from_update = grad_leaves
+
+    @staticmethod
+    def reduce_totals(*totals: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return totals
+
+    @staticmethod
+    def global_norm(grads: dict) -> torch.Tensor:
+        return _tree.tree_global_norm(grads)
+
+
+def _plan(skeleton: nn.Module) -> Any:
+    return getattr(skeleton, "_ftrain_plan", None) or _OneProcess
+
+
 def _learning_rate(opt_state: Any) -> torch.Tensor | None:
     from ftrain.optim.wrappers import find_hyperparam
 
@@ -119,14 +144,16 @@ class TrainStep:
         self, skeleton: nn.Module, params: dict, buffers: dict, batch: Batch
     ) -> tuple[dict, dict, dict[str, torch.Tensor]]:
         """Gradients of the whole batch, divided once by its total count; ``(grads, new_buffers, metrics)``."""
+        plan = _plan(skeleton)
         names = list(params)
+        params = plan.grad_leaves(params)
         leaves = [params[n].detach().requires_grad_() for n in names]
         live = dict(zip(names, leaves))
         # Buffers are cloned so that a module mutating them in place (BatchNorm statistics) changes the new state,
         # never the caller's.
         mutable = getattr(skeleton, "_ftrain_buffer_names", ())
         buffers = {k: v.clone() if k in mutable else v for k, v in buffers.items()}
-        model = Bound(skeleton, live, buffers)
+        model = Bound(skeleton, plan.gather(live), buffers)
         total_grads = None
         total_sum = total_count = None
         aux_sums: dict[str, torch.Tensor] = {}
@@ -140,6 +167,7 @@ class TrainStep:
             total_count = count if total_count is None else total_count + count
             for k, v in aux.items():
                 aux_sums[k] = v.detach() if k not in aux_sums else aux_sums[k] + v.detach()
+        total_sum, total_count = plan.reduce_totals(total_sum, total_count)  # once per step, over data ranks
         denom = total_count.clamp_min(1)
         grads = dict(zip(names, torch._foreach_div(total_grads, denom.to(total_grads[0].dtype))))
         metrics = {"loss": total_sum / denom.to(total_sum.dtype), "loss_sum": total_sum, "count": total_count}
@@ -158,13 +186,15 @@ class TrainStep:
         """The pure tensor function: ``(params, buffers, opt_state, step, metrics)`` after one update."""
         from ftrain.optim.update import apply_updates
 
+        plan = _plan(skeleton)
         grads, new_buffers, metrics = self.grads(skeleton, params, buffers, batch)
-        metrics["grad_norm"] = _tree.tree_global_norm(grads)
-        updates, new_opt_state = tx.update(grads, opt_state, params)
+        metrics["grad_norm"] = plan.global_norm(grads)
+        params = plan.to_update(params)
+        updates, new_opt_state = tx.update(plan.to_update(grads), opt_state, params)
         lr = _learning_rate(new_opt_state)
         if lr is not None:
             metrics["learning_rate"] = lr
-        return apply_updates(params, updates), new_buffers, new_opt_state, step + 1, metrics
+        return plan.from_update(apply_updates(params, updates)), new_buffers, new_opt_state, step + 1, metrics
 
     def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, torch.Tensor]]:
         return self.run(self.core, state, batch)
@@ -199,9 +229,11 @@ class EvalStep(TrainStep):
         self.training = False
 
     def core(self, skeleton, tx, params, buffers, opt_state, step, batch):
+        plan = _plan(skeleton)
         with torch.no_grad():
-            model = Bound(skeleton, params, buffers)
+            model = Bound(skeleton, plan.gather(params), buffers)
             loss_sum, count, aux = _unpack_loss(self.loss_fn(model, batch), "eval_step")
+            loss_sum, count = plan.reduce_totals(loss_sum, count)
         metrics = {
             "loss": loss_sum / count.clamp_min(1).to(loss_sum.dtype),
             "loss_sum": loss_sum,

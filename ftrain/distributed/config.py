@@ -76,8 +76,10 @@ class ParallelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"ParallelConfig.{name} must be an int >= 1, got {value!r}")
-        if not isinstance(self.dp_shard, int) or isinstance(self.dp_shard, bool) or not (
-            self.dp_shard == -1 or self.dp_shard >= 1
+        if (
+            not isinstance(self.dp_shard, int)
+            or isinstance(self.dp_shard, bool)
+            or not (self.dp_shard == -1 or self.dp_shard >= 1)
         ):
             raise ValueError(f"ParallelConfig.dp_shard must be an int >= 1 or -1 (the rest), got {self.dp_shard!r}")
         if self.shard_level not in (1, 2, 3):

@@ -1,0 +1,244 @@
+"""Context parallel: batch preparation against the unsharded batch, (sum, count) bookkeeping, and a 2-rank gloo
+run of a tiny causal-attention LM whose loss and gradients equal the single-process ones."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.multiprocessing as tmp
+import torch.nn.functional as F
+from torch import nn
+
+from ftrain import losses
+from ftrain.distributed.context_parallel import (
+    all_gather_kv_attention,
+    cp_permutation,
+    cp_shard_indices,
+    prepare_cp_batch,
+    unshard_sequence,
+)
+
+VOCAB, SEQ = 32, 16
+
+
+def _batch(seed: int = 0, batch_size: int = 3) -> dict[str, torch.Tensor]:
+    """Random tokens, right padding of varying length (mask 0, labels -100)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (batch_size, SEQ), generator=g)
+    lengths = torch.tensor([SEQ, SEQ - 5, 7])[:batch_size]
+    mask = (torch.arange(SEQ)[None] < lengths[:, None]).long()
+    labels = ids.masked_fill(mask == 0, -100)
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("cp_size", [1, 2, 4])
+@pytest.mark.parametrize("load_balance", [True, False])
+def test_shards_reassemble_to_the_globally_shifted_batch(cp_size, load_balance):
+    batch = _batch()
+    shards = [prepare_cp_batch(batch, r, cp_size, load_balance=load_balance) for r in range(cp_size)]
+    expected_shift = torch.cat([batch["labels"][:, 1:], torch.full((3, 1), -100)], dim=1)
+    for key, want in [
+        ("input_ids", batch["input_ids"]),
+        ("attention_mask", batch["attention_mask"]),
+        ("shift_labels", expected_shift),
+        ("position_ids", torch.arange(SEQ).expand(3, SEQ)),
+    ]:
+        got = unshard_sequence([s[key] for s in shards], load_balance=load_balance)
+        assert torch.equal(got, want), key
+    assert all("labels" not in s for s in shards)  # the loss must use shift_labels, never shift a shard again
+    assert all(s["input_ids"].shape == (3, SEQ // cp_size) for s in shards)
+    assert "position_ids" not in batch and "labels" in batch  # the input batch is not changed
+
+
+def test_load_balanced_order_is_head_tail_and_evens_causal_work():
+    assert cp_permutation(16, 4).view(4, -1).tolist() == [
+        [0, 1, 14, 15],
+        [2, 3, 12, 13],
+        [4, 5, 10, 11],
+        [6, 7, 8, 9],
+    ]
+    # causal attention work of a rank = the number of keys its queries see = sum(position + 1)
+    balanced = [int((cp_shard_indices(64, r, 4) + 1).sum()) for r in range(4)]
+    contiguous = [int((cp_shard_indices(64, r, 4, load_balance=False) + 1).sum()) for r in range(4)]
+    assert balanced == [520] * 4 and sum(balanced) == 64 * 65 // 2
+    assert contiguous == [136, 392, 648, 904]
+
+
+def test_given_position_ids_and_shift_labels_are_sharded_not_recomputed():
+    batch = _batch()
+    batch["position_ids"] = torch.arange(SEQ).flip(0).expand(3, SEQ)
+    batch["shift_labels"] = torch.full((3, SEQ), 7)
+    shard = prepare_cp_batch(batch, 1, 2)
+    index = cp_shard_indices(SEQ, 1, 2)
+    assert torch.equal(shard["position_ids"], batch["position_ids"][:, index])
+    assert torch.equal(shard["shift_labels"], torch.full((3, SEQ // 2), 7))
+    assert "labels" not in shard
+
+
+@pytest.mark.parametrize("load_balance", [True, False])
+def test_sum_and_count_over_cp_ranks_equal_the_unsharded_loss(load_balance):
+    batch = _batch(seed=3)
+    logits = torch.randn(3, SEQ, VOCAB, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    full_sum, full_count = losses.cross_entropy(logits, batch["labels"], shift=True)
+    total, count = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.long)
+    for r in range(4):
+        shard = prepare_cp_batch(batch, r, 4, load_balance=load_balance)
+        local_logits = logits[:, cp_shard_indices(SEQ, r, 4, load_balance=load_balance)]
+        s, n = losses.cross_entropy(local_logits, shard["shift_labels"])
+        total, count = total + s, count + n
+    assert int(count) == int(full_count) == int((batch["labels"][:, 1:] != -100).sum())
+    torch.testing.assert_close(total, full_sum, rtol=1e-12, atol=0)
+
+
+def test_bad_inputs_fail_with_the_fix():
+    batch = _batch()
+    with pytest.raises(ValueError, match=r"sequence length 16 is not a multiple of 32 chunks.*Pad the batch"):
+        prepare_cp_batch(batch, 0, 16)
+    with pytest.raises(ValueError, match=r"cp_rank must be an int in \[0, 2\), got 2"):
+        prepare_cp_batch(batch, 2, 2)
+    with pytest.raises(ValueError, match=r"batch\['mask4d'\] has size 1 along seq_dim=1 but the sequence length is 16"):
+        prepare_cp_batch({**batch, "mask4d": torch.ones(3, 1, SEQ, SEQ)}, 0, 2)
+    with pytest.raises(ValueError, match=r"none of \['input_ids', 'inputs_embeds', 'labels', 'shift_labels'\]"):
+        prepare_cp_batch({"x": torch.ones(2, 4)}, 0, 2)
+    odd = {"input_ids": torch.arange(7)[None]}
+    assert torch.equal(prepare_cp_batch(odd, 0, 1)["input_ids"], odd["input_ids"])  # cp=1: any length
+    shard = prepare_cp_batch({**batch, "cls": torch.tensor([1, 2, 3])}, 0, 2)
+    assert torch.equal(shard["cls"], torch.tensor([1, 2, 3]))  # a per-example tensor stays whole
+
+
+# --- 2 gloo ranks: a tiny causal-attention LM, cp=2 against one process ---------------------------------------
+
+
+class TinyCausalLM(nn.Module):
+    """Two pre-norm attention blocks with learned positions; ``attend(q, k, v, layer)`` is injected."""
+
+    def __init__(self, d: int = 16, heads: int = 2):
+        super().__init__()
+        self.heads = heads
+        self.wte, self.wpe = nn.Embedding(VOCAB, d), nn.Embedding(SEQ, d)
+        self.blocks = nn.ModuleList(nn.ModuleDict({"ln": nn.LayerNorm(d), "qkv": nn.Linear(d, 3 * d)}) for _ in "ab")
+        self.head = nn.Linear(d, VOCAB)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attend) -> torch.Tensor:
+        x = self.wte(input_ids) + self.wpe(position_ids)
+        b, t, d = x.shape
+        for block in self.blocks:
+            q, k, v = (z.view(b, t, self.heads, -1).transpose(1, 2) for z in block["qkv"](block["ln"](x)).split(d, -1))
+            x = x + attend(q, k, v).transpose(1, 2).reshape(b, t, d)
+        return self.head(x)
+
+
+def _model() -> TinyCausalLM:
+    torch.manual_seed(0)
+    return TinyCausalLM().double()
+
+
+def _reference_attention(mask: torch.Tensor):
+    """Causal + key padding, each query always seeing itself: the mask built directly on the global sequence."""
+    allowed = torch.ones(SEQ, SEQ, dtype=torch.bool).tril() & mask.bool()[:, None, None, :]
+    allowed = allowed | torch.eye(SEQ, dtype=torch.bool)
+    return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+
+
+def _cp_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        batch = _batch(seed=5)
+        for load_balance in (True, False):
+            model = _model()
+            shard = prepare_cp_batch(batch, rank, world_size, load_balance=load_balance)
+
+            def attend(q, k, v, shard=shard):
+                return all_gather_kv_attention(
+                    q,
+                    k,
+                    v,
+                    group=dist.group.WORLD,
+                    positions=shard["position_ids"],
+                    key_padding_mask=shard["attention_mask"],
+                )
+
+            logits = model(shard["input_ids"], shard["position_ids"], attend)
+            total, count = losses.cross_entropy(logits, shard["shift_labels"])
+            grads = torch.autograd.grad(total, list(model.parameters()))
+            torch.save(
+                {"sum": total.detach(), "count": count, "grads": grads, "logits": logits.detach()},
+                f"{out_dir}/rank{rank}_lb{int(load_balance)}.pt",
+            )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_match_one_process_loss_and_gradients(tmp_path):
+    # fork: the worker is defined here, and the test modules are imported with --import-mode=importlib, so a
+    # spawned child could not import it by name.
+    tmp.start_processes(
+        _cp_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, start_method="fork", join=True
+    )
+    batch = _batch(seed=5)
+    model = _model()
+    logits = model(batch["input_ids"], torch.arange(SEQ).expand(3, SEQ), _reference_attention(batch["attention_mask"]))
+    ref_sum, ref_count = losses.cross_entropy(logits, batch["labels"], shift=True)
+    ref_grads = torch.autograd.grad(ref_sum, list(model.parameters()))
+    for load_balance in (True, False):
+        ranks = [torch.load(tmp_path / f"rank{r}_lb{int(load_balance)}.pt") for r in range(2)]
+        got_logits = unshard_sequence([r["logits"] for r in ranks], load_balance=load_balance)
+        torch.testing.assert_close(got_logits, logits.detach(), rtol=0, atol=1e-12)
+        assert int(sum(r["count"] for r in ranks)) == int(ref_count)
+        assert math.isclose(float(sum(r["sum"] for r in ranks)), float(ref_sum.detach()), rel_tol=1e-12)
+        for i, ref in enumerate(ref_grads):
+            got = ranks[0]["grads"][i] + ranks[1]["grads"][i]
+            torch.testing.assert_close(got, ref, rtol=0, atol=1e-10)
+            assert float(ref.abs().max()) > 1e-6  # every parameter gets a gradient, so the comparison has teeth
+
+
+def _compiled_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        g = torch.Generator().manual_seed(rank)
+        q, k, v = (torch.randn(2, 2, 4, 4, generator=g, dtype=torch.float64) for _ in "qkv")
+        mask = torch.ones(2, 4, dtype=torch.bool)
+        mask[1, 2:] = rank == 0  # padding at the end of the second sequence, on rank 1
+
+        def attention_grads(q, k, v):
+            out = all_gather_kv_attention(
+                q, k, v, group=dist.group.WORLD, positions=cp_shard_indices(8, rank, 2), key_padding_mask=mask
+            )
+            return (out.detach(), *torch.autograd.grad(out.square().sum(), (q, k, v)))
+
+        leaves = [t.requires_grad_() for t in (q, k, v)]
+        eager = attention_grads(*leaves)
+        with torch._dynamo.config.patch(trace_autograd_ops=True):
+            compiled = torch.compile(attention_grads, fullgraph=True)(*leaves)
+        torch.save({"eager": [t.detach() for t in eager], "compiled": [t.detach() for t in compiled]},
+                   f"{out_dir}/compiled{rank}.pt")  # fmt: skip
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.compiled
+def test_attention_compiles_fullgraph_and_matches_eager(tmp_path):
+    tmp.start_processes(
+        _compiled_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, start_method="fork", join=True
+    )
+    for rank in range(2):
+        result = torch.load(tmp_path / f"compiled{rank}.pt")
+        for eager, compiled in zip(result["eager"], result["compiled"]):
+            torch.testing.assert_close(compiled, eager, rtol=1e-12, atol=1e-12)
+        assert float(result["eager"][2].abs().sum()) > 0  # K gets a gradient (through the reduce-scatter)
+
+
+def test_attention_shape_errors_come_before_any_collective():
+    q = torch.zeros(1, 2, 4, 8)
+    with pytest.raises(ValueError, match=r"same local_seq, got q \(1, 2, 4, 8\), k \(1, 2, 3, 8\)"):
+        all_gather_kv_attention(q, torch.zeros(1, 2, 3, 8), torch.zeros(1, 2, 3, 8), group=None, positions=None)
+    with pytest.raises(ValueError, match=r"positions \(5,\) must end in local_seq=4"):
+        all_gather_kv_attention(q, q, q, group=None, positions=torch.arange(5))
