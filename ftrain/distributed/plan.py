@@ -224,7 +224,7 @@ class ShardingPlan:
             sq = local.to(acc).pow(2).sum()
             groups[dims] = sq if dims not in groups else groups[dims] + sq.to(groups[dims].dtype)
         # Summed in the widest dtype present, as the one-process norm is (float64 gradients give a float64 norm).
-        acc = max((sq.dtype for sq in groups.values()), key=lambda d: torch.finfo(d).bits, default=torch.float32)
+        acc = torch.float64 if any(sq.dtype == torch.float64 for sq in groups.values()) else torch.float32
         total = torch.zeros((), dtype=acc)
         for dims, sq in groups.items():
             for dim in dims:
