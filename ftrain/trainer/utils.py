@@ -19,11 +19,12 @@ from __future__ import annotations
 import enum
 import functools
 import inspect
+import json
 import os
 import random
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -39,7 +40,11 @@ __all__ = [
     "enable_full_determinism",
     "get_last_checkpoint",
     "has_length",
+    "load_weights_strict",
+    "nested_gather",
+    "nested_numpify",
     "number_of_arguments",
+    "read_safetensors_weights",
     "set_seed",
     "speed_metrics",
     "strategy_value",
@@ -311,3 +316,150 @@ def enable_full_determinism(seed: int, warn_only: bool = False) -> None:
     torch.use_deterministic_algorithms(True, warn_only=warn_only)
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Gathering predictions across processes
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _gather_one(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` from every rank, concatenated along dim 0 (a 0-d tensor counts as one row), rank order."""
+    tensor = tensor.detach().contiguous()
+    if tensor.dim() == 0:
+        tensor = tensor[None]
+    parts = [torch.empty_like(tensor) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(parts, tensor)
+    return torch.cat(parts, dim=0)
+
+
+def nested_gather(tensors: Any) -> Any:
+    """``tensors`` (a tensor or nested lists / tuples / dicts of them) from every process, concatenated on dim 0.
+
+    transformers' ``nested_gather`` for ``ParallelMode.DISTRIBUTED``: every rank must call it with tensors of the
+    same shapes (pad first); a 0-d tensor becomes one row per rank. Outside an initialised process group (one
+    process) the input comes back unchanged.
+
+    Args:
+        tensors: ``None``, a tensor, or nested lists / tuples / dicts of tensors.
+
+    Returns:
+        The same structure with gathered tensors (``None`` for ``None``).
+
+    Example:
+        >>> nested_gather({"loss": torch.tensor(1.5), "ids": [torch.arange(2)]})
+        {'loss': tensor(1.5000), 'ids': [tensor([0, 1])]}
+    """
+    if tensors is None:
+        return None
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return tensors
+    if isinstance(tensors, (list, tuple)):
+        return type(tensors)(nested_gather(t) for t in tensors)
+    if isinstance(tensors, dict):
+        return type(tensors)({k: nested_gather(v) for k, v in tensors.items()})
+    return _gather_one(tensors)
+
+
+def nested_numpify(tensors: Any) -> Any:
+    """Tensors to numpy arrays (on the CPU) through lists, tuples and dicts; bfloat16 becomes float32, which numpy
+    lacks (transformers' ``nested_numpify``).
+
+    Example:
+        >>> nested_numpify((torch.ones(2, dtype=torch.bfloat16), {"n": torch.tensor(3)}))
+        (array([1., 1.], dtype=float32), {'n': array(3)})
+    """
+    if isinstance(tensors, (list, tuple)):
+        return type(tensors)(nested_numpify(t) for t in tensors)
+    if isinstance(tensors, dict):
+        return type(tensors)({k: nested_numpify(v) for k, v in tensors.items()})
+    if not isinstance(tensors, torch.Tensor):
+        return tensors
+    t = tensors.detach().cpu()
+    return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Weight files (safetensors only: a pickle is never loaded)
+# --------------------------------------------------------------------------------------------------------------------
+
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+
+
+def _model_tensors(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], list[list[str]]]:
+    """Every name of ``model``'s parameters and buffers (tied aliases included) -> tensor, and the groups of names
+    that must be loaded: one group per distinct parameter (its tied aliases) and per persistent buffer."""
+    named = dict(model.named_parameters(remove_duplicate=False))
+    named.update(model.named_buffers(remove_duplicate=False))
+    persistent = set(model.state_dict(keep_vars=True))
+    groups: dict[int, list[str]] = {}
+    for name, tensor in named.items():
+        if name in persistent:
+            groups.setdefault(id(tensor), []).append(name)
+    return named, list(groups.values())
+
+
+def load_weights_strict(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor], where: str) -> None:
+    """Copies ``tensors`` (e.g. a ``model.safetensors``) into ``model`` in place, matching keys strictly: every
+    parameter and persistent buffer must be given (one name of a tied pair is enough, as ``save_pretrained`` writes
+    it) and every given name must exist in the model, with the same shape.
+
+    Args:
+        model: the module to load into.
+        tensors: ``{state_dict name: tensor}``.
+        where: what the tensors came from, for messages.
+
+    Raises:
+        ValueError: missing or unexpected keys (listed), or a shape mismatch (named).
+
+    Example:
+        >>> model = torch.nn.Linear(2, 1)
+        >>> load_weights_strict(model, {"weight": torch.ones(1, 2), "bias": torch.zeros(1)}, "memory")
+        >>> model.weight.tolist()
+        [[1.0, 1.0]]
+    """
+    named, groups = _model_tensors(model)
+    missing = [group[0] for group in groups if not any(n in tensors for n in group)]
+    unexpected = sorted(set(tensors) - set(named))
+    if missing or unexpected:
+        raise ValueError(
+            f"Error(s) in loading the weights of {where} into {type(model).__name__}: missing keys {missing[:10]}"
+            f"{' ...' if len(missing) > 10 else ''} ({len(missing)}), unexpected keys {unexpected[:10]}"
+            f"{' ...' if len(unexpected) > 10 else ''} ({len(unexpected)}). The checkpoint was written for another "
+            "architecture or config: build the model from the checkpoint's config.json."
+        )
+    with torch.no_grad():
+        for name, value in tensors.items():
+            target = named[name]
+            if tuple(target.shape) != tuple(value.shape):
+                raise ValueError(
+                    f"Error in loading {where}: {name!r} has shape {tuple(value.shape)} in the checkpoint and "
+                    f"{tuple(target.shape)} in {type(model).__name__}."
+                )
+            target.copy_(value)
+
+
+def read_safetensors_weights(folder: str) -> dict[str, torch.Tensor] | None:
+    """The tensors (on the CPU) of ``folder``'s ``model.safetensors``, else of the shards its
+    ``model.safetensors.index.json`` lists; ``None`` when it has neither.
+
+    Raises:
+        ValueError: shards holding tensors the index does not list.
+    """
+    from safetensors.torch import load_file
+
+    single, index = os.path.join(folder, SAFE_WEIGHTS_NAME), os.path.join(folder, SAFE_WEIGHTS_INDEX_NAME)
+    if os.path.isfile(single):
+        return load_file(single, device="cpu")
+    if not os.path.isfile(index):
+        return None
+    with open(index, encoding="utf-8") as f:
+        weight_map = json.load(f)["weight_map"]
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        tensors.update(load_file(os.path.join(folder, shard), device="cpu"))
+    extra = sorted(set(tensors) - set(weight_map))
+    if extra:
+        raise ValueError(f"{index}: the shards hold tensors the index does not list: {extra[:10]}")
+    return tensors
