@@ -6,7 +6,8 @@ Variants (same GPT-2, data, AdamW + linear schedule + clipping; timed in one pro
       ``logging_steps`` as the Trainer logs it
   (b) ``ftrain.Trainer.train()``
   (c) ``transformers.Trainer.train()``
-  with ``--compile``, also (a) and (b) with ``torch_compile=True`` (the step compiled by ``ftrain.jit``).
+  with ``--compile``, also (a) and (b) with ``torch_compile=True`` (the step compiled by ``ftrain.jit`` with the
+  Trainer's ``jit_options``: donated state, deterministic algorithms only under ``full_determinism``).
 Each run does ``--warmup`` updates then ``--steps`` timed updates; only the timed updates count (the Trainers are
 timed by a callback between ``on_step_end`` of the last warm-up update and of the last update). Goals:
 (b)/(a) time <= 1.03; (b)/(c) samples/s >= 1.3.
@@ -14,6 +15,8 @@ timed by a callback between ``on_step_end`` of the last warm-up update and of th
 Usage:
     python benchmarks/trainer_overhead.py               # 3 rounds, eager
     python benchmarks/trainer_overhead.py --compile     # plus the compiled variants
+    python benchmarks/trainer_overhead.py --quick       # 2 rounds of 20 updates (a smoke run; noisier), written
+                                                        # to results/trainer_overhead_quick.json
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from ftrain.jit import jit
 from ftrain.state import TrainState
 from ftrain.step import make_train_step
 from ftrain.trainer import Trainer, TrainerCallback, TrainingArguments
-from ftrain.trainer.convert import make_optimizer
+from ftrain.trainer.convert import jit_options, make_optimizer
 from ftrain.trainer.evaluation import make_loss_fn
 
 MODEL = dict(n_layer=4, n_embd=128, n_head=4, vocab_size=1024, n_positions=128)
@@ -83,7 +86,7 @@ def run_raw(data, warmup: int, steps: int, compile_: bool) -> float:
     loss_fn = make_loss_fn(model)
     step = make_train_step(lambda m, b: loss_fn(m, b)[0], accum_steps=1)
     if compile_:
-        step = jit(step, mode=args.torch_compile_mode)
+        step = jit(step, **jit_options(args))  # the Trainer's own jit settings (donation, determinism, mode)
     stream = BatchStream(data, BATCH, seed=0, shuffle=False, collate_fn=default_collate)
     start = None
     for i, batch in enumerate(stream.iter_from(0, stop=warmup + steps), start=1):
@@ -125,7 +128,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--compile", action="store_true", help="also time torch_compile=True for ftrain")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: see below)")
+    parser.add_argument("--quick", action="store_true", help="2 rounds of 3 + 20 updates (overrides the above)")
     opts = parser.parse_args()
+    if opts.quick:
+        opts.rounds, opts.warmup, opts.steps = 2, 3, 20
     # On a shared 2-core machine, 2 intra-op threads next to any other busy process spin against each other: the
     # same forward/backward measured 0.2 s with 1 thread and 3.2 s with 2. One thread keeps the ratios meaningful.
     torch.set_num_threads(opts.threads)
@@ -178,12 +184,13 @@ def main() -> None:
         print(f"{k}: {v:.3f}")
 
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(dict(machine=machine, ftrain=getattr(ftrain, "__version__", None),
+    results = RESULTS.with_name("trainer_overhead_quick.json") if opts.quick else RESULTS
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps(dict(machine=machine, ftrain=getattr(ftrain, "__version__", None),
                                        transformers=transformers.__version__, model=MODEL, seq=SEQ, batch=BATCH,
                                        steps=opts.steps, warmup=opts.warmup, rounds=opts.rounds,
                                        threads=opts.threads, rows=rows, ratios=ratios), indent=2) + "\n")  # fmt: skip
-    print(f"wrote {RESULTS}")
+    print(f"wrote {results}")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -43,13 +44,13 @@ class Donated:
 
     __slots__ = ("field", "step")
 
-    def __init__(self, field: str, step: int):
+    def __init__(self, field: str, step: int | torch.Tensor):
         self.field = field
         self.step = step
 
     def _fail(self, *args: Any, **kwargs: Any):
         raise RuntimeError(
-            f"this TrainState was donated to a jitted step at step {self.step}: its tensors now hold the next "
+            f"this TrainState was donated to a jitted step at step {int(self.step)}: its tensors now hold the next "
             f"state, so state.{self.field} is gone. Use the state the step returned "
             "(state, metrics = step(state, batch)), or build the step with jit(..., donate=False)."
         )
@@ -61,7 +62,7 @@ class Donated:
         return f"<donated {self.field}>"
 
 
-def _mark_donated(state: TrainState, step: int) -> None:
+def _mark_donated(state: TrainState, step: int | torch.Tensor) -> None:
     for name in ("step", "params", "buffers", "opt_state", "key"):
         object.__setattr__(state, name, Donated(name, step))
 
@@ -69,6 +70,14 @@ def _mark_donated(state: TrainState, step: int) -> None:
 def _check_alive(state: Any) -> None:
     if isinstance(state, TrainState) and isinstance(state.params, Donated):
         state.params._fail()
+
+
+def _traced_logging_functions() -> set[Callable[..., Any]]:
+    """``logging.Logger`` methods below error level: inside the traced step they become no-ops instead of graph
+    breaks (a model's forward may log, e.g. transformers' ``warning_once`` about ``use_cache`` under activation
+    checkpointing; a log line per compiled step could not be emitted anyway)."""
+    names = ("debug", "info", "warning", "warn", "warning_once", "info_once")
+    return {getattr(logging.Logger, n) for n in names if hasattr(logging.Logger, n)}
 
 
 class Jitted:
@@ -90,6 +99,7 @@ class Jitted:
         dynamic: bool | None = False,
         fallback_random: bool = False,
         options: dict[str, Any] | None = None,
+        backend: str | Callable = "inductor",
     ):
         if not isinstance(step, TrainStep):
             raise TypeError(
@@ -106,7 +116,7 @@ class Jitted:
             inductor_options["fallback_random"] = True
         core = self._donating_core if donate else step.core
         self._compiled = torch.compile(
-            core, fullgraph=fullgraph, dynamic=dynamic, mode=mode, options=inductor_options or None
+            core, fullgraph=fullgraph, dynamic=dynamic, mode=mode, options=inductor_options or None, backend=backend
         )
         self.compiles = 0
         self.calls = 0
@@ -134,7 +144,8 @@ class Jitted:
         if self.deterministic and not before:
             torch.use_deterministic_algorithms(True)
         try:
-            with torch._dynamo.config.patch(trace_autograd_ops=True):
+            ignored = torch._dynamo.config.ignore_logging_functions | _traced_logging_functions()
+            with torch._dynamo.config.patch(trace_autograd_ops=True, ignore_logging_functions=ignored):
                 yield
         finally:
             if self.deterministic and not before:
@@ -142,7 +153,8 @@ class Jitted:
 
     def __call__(self, state: TrainState, batch: Any):
         _check_alive(state)
-        step_before = int(state.step) if self.donate else 0
+        # A copy, not int(state.step): reading the value would sync the host with the device on every step.
+        step_before = state.step.detach().clone() if self.donate else 0
         counters = torch._dynamo.utils.counters["stats"]
         before = counters["unique_graphs"]
         try:
@@ -184,7 +196,8 @@ def jit(step: TrainStep, *, donate: bool = False, **kwargs: Any) -> Jitted | Cal
         fullgraph: fail instead of silently falling back to eager on a graph break (default True).
         deterministic: run with ``torch.use_deterministic_algorithms(True)`` (default True): without it a
             multithreaded Inductor kernel (embedding backward) made reruns differ from step 1.
-        mode, dynamic, options: passed to ``torch.compile``; ``fallback_random=True`` makes dropout match eager.
+        mode, dynamic, options, backend: passed to ``torch.compile`` (``backend`` defaults to ``"inductor"``);
+            ``fallback_random=True`` makes dropout match eager.
 
     Returns:
         A :class:`Jitted` step with ``compiles`` and ``recompiles`` counters.

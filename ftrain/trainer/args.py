@@ -387,7 +387,7 @@ class TrainingArguments:
     label_smoothing_factor: float = _arg(0.0, "Label smoothing epsilon; 0 means none.")
     # --- precision ---
     bf16: bool = _arg(False, "Train in bfloat16 mixed precision.")
-    fp16: bool = _arg(False, "Train in float16 mixed precision (needs a CUDA GPU).")
+    fp16: bool = _arg(False, "Train in float16 mixed precision (not implemented yet: refused; use bf16).")
     bf16_full_eval: bool = _arg(False, "Evaluate with the model in bfloat16.")
     fp16_full_eval: bool = _arg(False, "Evaluate with the model in float16.")
     tf32: bool | None = _arg(None, "Allow TF32 matmuls on Ampere or newer GPUs.")
@@ -765,10 +765,19 @@ class TrainingArguments:
             )
         cuda = self._cuda_usable()
         if (self.fp16 or self.fp16_full_eval) and not cuda:
+            # transformers 5.24 + accelerate 1.15 accept fp16 on the CPU and silently train in float32 (no autocast,
+            # no GradScaler): refusing says so instead of pretending.
             which = "fp16" if self.fp16 else "fp16_full_eval"
             raise ValueError(
                 f"TrainingArguments: {which}=True needs a CUDA GPU (float16 training relies on its kernels and "
-                "loss scaling); on the CPU use bf16=True, or leave both off."
+                "loss scaling); on the CPU transformers ignores it and trains in float32, which is what leaving it "
+                "off gives. For mixed precision on the CPU use bf16=True."
+            )
+        if self.fp16 and cuda:
+            raise ValueError(
+                "TrainingArguments: fp16=True (float16 autocast with dynamic loss scaling) is not implemented by "
+                "ftrain's pure step yet: the loss scale would have to live in the TrainState. Use bf16=True (no "
+                "loss scaling needed), or leave both off."
             )
         if self.bf16 and cuda and not torch.cuda.is_bf16_supported():
             raise ValueError("TrainingArguments: bf16=True but this GPU has no bfloat16 support; use fp16=True.")

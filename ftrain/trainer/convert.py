@@ -53,6 +53,7 @@ __all__ = [
     "TrainingSteps",
     "compute_steps",
     "get_optimizer_cls_and_kwargs",
+    "jit_options",
     "logged_learning_rate",
     "make_optimizer",
     "make_schedule",
@@ -386,6 +387,38 @@ def logged_learning_rate(opt_state: OptState) -> torch.Tensor | None:
         if is_plateau(leaf):
             lr = lr * leaf.scale.to(lr.dtype)
     return lr
+
+
+def jit_options(args: Any) -> dict[str, Any]:
+    """The :func:`ftrain.jit` keyword arguments the Trainer compiles its train step with (``torch_compile``).
+
+    - ``donate=True``: the Trainer owns its ``TrainState`` and never reads a state after stepping it, so the step
+      may write the new state into the old one's tensors (in place, as ``torch.optim`` does: one copy of params
+      and optimizer state in memory, no fresh allocations per step);
+    - ``deterministic`` and ``fallback_random``: ``args.full_determinism`` (transformers turns deterministic
+      algorithms on only then); with it the compiled step also draws eager's random numbers (dropout, NEFTune), so
+      a compiled run reproduces the eager one;
+    - ``mode`` and ``backend``: ``args.torch_compile_mode`` and ``args.torch_compile_backend`` (``"inductor"``).
+
+    Args:
+        args: the ``TrainingArguments``.
+
+    Returns:
+        The keyword arguments for ``ftrain.jit(step, **jit_options(args))``.
+
+    Example:
+        >>> from ftrain.trainer.args import TrainingArguments
+        >>> jit_options(TrainingArguments("out", torch_compile=True))
+        {'donate': True, 'deterministic': False, 'fallback_random': False, 'mode': None, 'backend': 'inductor'}
+    """
+    backend = args.torch_compile_backend or "inductor"
+    return dict(
+        donate=True,
+        deterministic=bool(args.full_determinism),
+        fallback_random=bool(args.full_determinism) and backend == "inductor",  # an Inductor option
+        mode=args.torch_compile_mode,
+        backend=backend,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------

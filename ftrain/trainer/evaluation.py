@@ -177,6 +177,36 @@ def _prediction_logits(outputs: Any, ignore_keys: list[str]) -> Any:
     return values[0] if len(values) == 1 else values
 
 
+def _sum_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    total = value.detach().clone()
+    torch.distributed.all_reduce(total)
+    return total
+
+
+def _pad_across_ranks(tensors: Any, device: torch.device) -> Any:
+    """``tensors`` with dim 1 padded with -100 to its longest over the ranks (transformers'
+    ``pad_across_processes``), so that they can be gathered; a collective per tensor of 2+ dims."""
+    if isinstance(tensors, tuple | list):
+        return type(tensors)(_pad_across_ranks(t, device) for t in tensors)
+    if not isinstance(tensors, torch.Tensor) or tensors.dim() < 2:
+        return tensors
+    width = torch.tensor(tensors.shape[1], device=device)
+    torch.distributed.all_reduce(width, op=torch.distributed.ReduceOp.MAX)
+    if int(width) == tensors.shape[1]:
+        return tensors
+    out = tensors.new_full((tensors.shape[0], int(width), *tensors.shape[2:]), -100)
+    out[:, : tensors.shape[1]] = tensors
+    return out
+
+
+def _select_rows(tensors: Any, keep: torch.Tensor) -> Any:
+    if isinstance(tensors, tuple | list):
+        return type(tensors)(_select_rows(t, keep) for t in tensors)
+    if not isinstance(tensors, torch.Tensor):
+        return tensors
+    return tensors[keep.to(tensors.device)]
+
+
 def _with_last(iterable: Any) -> Any:
     """``(item, is_last)`` pairs, looking one item ahead."""
     it = iter(iterable)
@@ -285,22 +315,29 @@ class EvaluationMixin:
         preds, labels, inputs, losses = [], [], [], []
         metrics: dict[str, Any] | None = None
         num_samples = 0
+        distributed = getattr(self, "mesh", None) is not None
         for batch, is_last in _with_last(dataloader.iter_from(0)):
+            valid = batch.get("_valid")  # False on the rows that pad a short last batch over the ranks
             batch = {k: v for k, v in batch.items() if k != "_valid"}
             rows = next(iter(batch.values())).shape[0]
-            num_samples += rows
             loss, logits, batch_labels = self._batch_parts(model, batch, loss_only, ignore_keys)
             batch_losses = None
-            if loss is not None:
+            if loss is not None:  # padding rows have labels -100: they add nothing to (sum, count)
                 total_sum = loss.sum if total_sum is None else total_sum + loss.sum
                 total_count = loss.count if total_count is None else total_count + loss.count
                 batch_losses = (loss.sum / loss.count.clamp_min(1).to(loss.sum.dtype)).reshape(1).repeat(rows)
-                if want_losses:
-                    losses.append(_to_numpy(batch_losses))
-            if want_inputs and keep and main_input in batch:
-                inputs.append(_to_numpy(batch[main_input]))
             if logits is not None and self.preprocess_logits_for_metrics is not None:
                 logits = self.preprocess_logits_for_metrics(logits, batch_labels)
+            batch_inputs = batch.get(main_input) if want_inputs else None
+            if distributed:  # every rank's rows, in the global order, padding rows dropped
+                rows, logits, batch_labels, batch_inputs, batch_losses = self._gather_rows(
+                    valid, rows, logits, batch_labels, batch_inputs, batch_losses
+                )
+            num_samples += rows
+            if want_losses and batch_losses is not None:
+                losses.append(_to_numpy(batch_losses))
+            if want_inputs and keep and batch_inputs is not None:
+                inputs.append(_to_numpy(batch_inputs))
             if logits is not None and keep:
                 preds.append(_to_numpy(logits))
             if batch_labels is not None and keep:
@@ -314,6 +351,8 @@ class EvaluationMixin:
                     losses=batch_losses if want_losses else None,
                 )
                 metrics = self.compute_metrics(prediction, compute_result=is_last)
+        if distributed and total_sum is not None:  # the exact (sum, count) over every rank's rows
+            total_sum, total_count = _sum_over_ranks(total_sum), _sum_over_ranks(total_count)
         all_preds = _concat(preds) if preds else None
         all_labels = _concat(labels) if labels else None
         all_inputs = _concat(inputs) if inputs else None
@@ -330,6 +369,15 @@ class EvaluationMixin:
                 metrics = self.compute_metrics(prediction)
         metrics = self._loop_metrics(metrics, total_sum, total_count, metric_key_prefix)
         return EvalLoopOutput(all_preds, all_labels, metrics, num_samples)
+
+    def _gather_rows(self, valid: Any, rows: int, *tensors: Any) -> tuple[Any, ...]:
+        """``(global rows, *tensors)``: each of ``tensors`` (a batch's per-row outputs, or ``None``) from every rank
+        (:meth:`_nested_gather`, dim 1 padded with -100 to the longest across ranks), without the padding rows."""
+        mask = torch.ones(rows, dtype=torch.bool) if valid is None else valid.to(torch.bool)
+        device = self.args.device
+        gathered = self._nested_gather(_pad_across_ranks([mask.to(device), *tensors], device))
+        keep = gathered[0].cpu()
+        return (int(keep.sum()), *(_select_rows(t, keep) for t in gathered[1:]))
 
     def _loop_metrics(self, metrics: Any, total_sum: Any, total_count: Any, prefix: str) -> dict:
         metrics = denumpify_detensorize(dict(metrics or {}))

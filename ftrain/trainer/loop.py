@@ -26,6 +26,11 @@ the Hugging Face views: ``model.safetensors`` + ``config.json`` (:func:`~ftrain.
 state and the ``TrainerState`` in ``meta.json`` — so a crash after the commit but before the views are written still
 resumes. The data position is ``state.step`` (``BatchStream.iter_from``) and dropout keys are
 ``fold_in(key, step)``, so a resume continues bitwise.
+
+**Several processes** (torchrun): the state is sharded in :meth:`TrainingLoopMixin._distribute`; every rank writes
+its shards of ``checkpoint-N`` with the ``dcp`` backend (``dcp/`` instead of ``state.safetensors``), and rank 0
+(``args.should_save``) writes the transformers views from the gathered full weights. A resume needs the same layout
+of the state (``like=``), which DCP fills from any number of writers.
 """
 
 from __future__ import annotations
@@ -51,7 +56,7 @@ from ftrain.trainer.convert import compute_steps, logged_learning_rate
 from ftrain.trainer.trainer_state import TrainerState
 from ftrain.trainer.utils import PREFIX_CHECKPOINT_DIR, TrainOutput, get_last_checkpoint, speed_metrics
 
-__all__ = ["TRAINER_STATE_NAME", "TRAINING_ARGS_NAME", "TrainingLoopMixin"]
+__all__ = ["TRAINER_STATE_NAME", "TRAINING_ARGS_NAME", "TrainingLoopMixin", "parallel_layout"]
 
 TRAINER_STATE_NAME = "trainer_state.json"
 TRAINING_ARGS_NAME = "training_args.json"
@@ -59,9 +64,63 @@ logger = logging.getLogger(__name__)
 _CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
 
-def checkpoint_options() -> CheckpointManagerOptions:
-    """The manager options of the HF layout: ``checkpoint-N`` names; the trainer rotates (``save_total_limit``)."""
-    return CheckpointManagerOptions(step_prefix=f"{PREFIX_CHECKPOINT_DIR}-", step_digits=0)
+def checkpoint_options(sharded: bool = False) -> CheckpointManagerOptions:
+    """The manager options of the HF layout: ``checkpoint-N`` names; the trainer rotates (``save_total_limit``).
+    A sharded state is written by every rank with the ``dcp`` backend."""
+    backend = {"backend": "dcp"} if sharded else {}
+    return CheckpointManagerOptions(step_prefix=f"{PREFIX_CHECKPOINT_DIR}-", step_digits=0, **backend)
+
+
+def parallel_layout(args: Any) -> Any:
+    """The ``ParallelConfig`` a Trainer on ``args.world_size`` processes trains with; ``None`` on one process.
+
+    ``fsdp`` / ``fsdp_config`` / ``deepspeed`` give it (:func:`ftrain.distributed.parallel_config_from_training_args`);
+    else an ftrain ``ParallelConfig`` in ``parallelism_config``; else plain data parallel
+    (``dp_replicate=world_size``), what transformers does with DDP.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> args = SimpleNamespace(world_size=4, fsdp="shard_grad_op", fsdp_config=None, deepspeed=None,
+        ...                        parallelism_config=None, bf16=False, fp16=False)
+        >>> parallel_layout(args).dp_shard, parallel_layout(args).shard_level
+        (4, 2)
+        >>> parallel_layout(SimpleNamespace(**{**vars(args), "fsdp": None})).dp_replicate
+        4
+
+    Raises:
+        ValueError: ``parallelism_config`` together with ``fsdp`` / ``deepspeed``, an accelerate
+            ``ParallelismConfig``, or what ``parallel_config_from_training_args`` refuses.
+        NotImplementedError: a layout with ``cp`` or ``tp`` > 1 (the Trainer has no tensor-parallel plan or
+            sequence splitting yet).
+    """
+    world = args.world_size
+    if world <= 1:
+        return None
+    from ftrain.distributed import ParallelConfig, parallel_config_from_training_args
+
+    config = parallel_config_from_training_args(args, world)
+    given = getattr(args, "parallelism_config", None)
+    if given is not None and config is not None:
+        raise ValueError("TrainingArguments: parallelism_config and fsdp/deepspeed are both set; keep one layout")
+    if given is not None and not isinstance(given, ParallelConfig):
+        raise ValueError(
+            f"TrainingArguments.parallelism_config is a {type(given).__name__}; ftrain's Trainer lays out its state "
+            "with an ftrain.distributed.ParallelConfig (or use fsdp=... / deepspeed=...)."
+        )
+    config = config or (given.resolve(world) if given is not None else ParallelConfig(dp_replicate=world, dp_shard=1))
+    if config.cp > 1 or config.tp > 1:
+        raise NotImplementedError(
+            f"Trainer: cp={config.cp}, tp={config.tp}: context and tensor parallel are not wired into the Trainer "
+            "yet; use them through ftrain.distributed with make_train_step (docs/distributed.md)."
+        )
+    return config
+
+
+def _barrier() -> None:
+    """Waits for every process (nothing on one process)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if torch.distributed.get_world_size() > 1:
+            torch.distributed.barrier()
 
 
 def _rebinding_checkpoint(checkpoint_func: Any) -> Any:
@@ -88,6 +147,20 @@ def _rebinding_checkpoint(checkpoint_func: Any) -> Any:
 
     func._ftrain_rebinds = True
     return func
+
+
+def _is_tokenizer(processing_class: Any) -> bool:
+    """Whether ``processing_class`` is a transformers tokenizer or processor (transformers' test in ``train()``).
+    Without transformers imported, nothing can be one."""
+    import sys
+
+    transformers = sys.modules.get("transformers")
+    if processing_class is None or transformers is None:
+        return False
+    kinds = tuple(
+        getattr(transformers, n) for n in ("PreTrainedTokenizerBase", "ProcessorMixin") if hasattr(transformers, n)
+    )
+    return isinstance(processing_class, kinds)
 
 
 def _get_attr(module: torch.nn.Module, name: str) -> Any:
@@ -119,7 +192,7 @@ class TrainingLoopMixin:
         if self._manager is None or self._manager.directory != directory:
             if self._manager is not None:
                 self._manager.close()
-            self._manager = CheckpointManager(directory, checkpoint_options())
+            self._manager = CheckpointManager(directory, checkpoint_options(getattr(self, "mesh", None) is not None))
         return self._manager
 
     def _restore_checkpoint(self, checkpoint: str, state: TrainState) -> TrainState:
@@ -163,6 +236,8 @@ class TrainingLoopMixin:
         if self.model_init is not None:
             self._seed()
             self.model = self.call_model_init()
+        if _is_tokenizer(self.processing_class):  # new special tokens for fine-tuning, as transformers
+            self._align_special_tokens()
         self.is_in_train = True
         try:
             return self._inner_training_loop(checkpoint, ignore_keys_for_eval)
@@ -200,14 +275,51 @@ class TrainingLoopMixin:
         self.state = TrainerState()
         self.callback_handler.train_dataloader = stream
         self.create_optimizer_and_scheduler(num_training_steps=max_steps)
-        state = TrainState.create(self.model, self.optimizer, key=self.args.seed)
+        state = self._distribute(TrainState.create(self.model, self.optimizer, key=self.args.seed))
         if checkpoint is not None:
             state = self._restore_checkpoint(checkpoint, state)
         if self.args.activation_checkpointing:
             self._enable_activation_checkpointing(state.skeleton)
+        # NEFTune's hook goes on the skeleton here, outside the step: torch.compile cannot trace registering a hook,
+        # and the hook itself adds noise only in training mode, so evaluation through this skeleton sees none.
+        self._neftune_handle = None
+        if self.neftune_noise_alpha is not None:
+            self._neftune_handle = self._activate_neftune(state.skeleton)
         self._train_state = state
         self._train_step = self._make_train_step()
         self._model_stale = checkpoint is not None
+
+    def _distribute(self, state: TrainState) -> TrainState:
+        """THE ONE PLACE the Trainer lays its state out over processes: ``shard_state`` with the layout and mesh that
+        ``create_accelerator_and_postprocess`` decided (FSDP / ZeRO from ``fsdp`` or ``deepspeed``, else plain data
+        parallel); unchanged on one process. Every rank builds the same state (same model, same seed) first.
+
+        The step then reduces the loss ``(sum, count)`` and the gradients over the data-parallel ranks, so its
+        ``loss`` and ``grad_norm`` are global and identical on every rank: the logged loss is transformers'
+        ``nested_gather(tr_loss).mean()`` (its per-rank losses are scaled so that their mean is the global mean).
+        """
+        mesh = getattr(self, "mesh", None)
+        if mesh is None:
+            return state
+        from ftrain.distributed import shard_state
+
+        return shard_state(state, mesh, self.parallel_config)
+
+    def _export_state(self) -> TrainState:
+        """The train state with full parameters (for ``self.model`` and exported weights; no optimizer state when
+        sharded). A collective on a sharded state — every rank calls it — cached while the parameters stay the
+        same objects, so a rank-0-only export after a sync gathers nothing more."""
+        from ftrain.distributed import gather_state, get_plan
+
+        state = self._train_state
+        if get_plan(state) is None:
+            return state
+        cached = getattr(self, "_gathered", None)
+        if cached is not None and cached[0] is state.params and cached[1] is state.buffers:
+            return cached[2]
+        full = gather_state(state.replace(opt_state=None))
+        self._gathered = (state.params, state.buffers, full)
+        return full
 
     def _enable_activation_checkpointing(self, skeleton: Any) -> None:
         """transformers' activation checkpointing, enabled on the step's meta skeleton (never the user's model).
@@ -291,6 +403,7 @@ class TrainingLoopMixin:
             return
         name = getattr(self.model, "main_input_name", "input_ids")
         pad_id = getattr(self.processing_class, "pad_token_id", None)
+        seen = 0
         for mb in batch if isinstance(batch, list) else [batch]:
             if not isinstance(mb, dict) or name not in mb:
                 logger.warning(
@@ -308,19 +421,16 @@ class TrainingLoopMixin:
                 tokens = (ids[rows] != pad_id).sum()
             else:
                 tokens = ids[rows].numel()
-            self.state.num_input_tokens_seen += int(tokens)
+            seen += int(tokens)
+        if getattr(self, "mesh", None) is not None:  # every rank's rows, as transformers gathers them
+            total = torch.tensor(seen, dtype=torch.int64, device=self.args.device)
+            torch.distributed.all_reduce(total)
+            seen = int(total)
+        self.state.num_input_tokens_seen += seen
 
     def _store_flos(self, batch: Any) -> None:
-        """``total_flos`` as transformers estimates it: 6 × non-embedding parameters × input tokens."""
-        count = getattr(self.model, "num_parameters", None)
-        if count is None:
-            return
-        if self._flos_params is None:
-            self._flos_params = count(exclude_embeddings=True)
-        for mb in batch if isinstance(batch, list) else [batch]:
-            ids = mb.get("input_ids") if isinstance(mb, dict) else None
-            if ids is not None:
-                self.state.total_flos += 6 * ids.numel() * self._flos_params
+        """``total_flos`` as transformers estimates it; delegates to the public ``store_flos`` (compat mixin)."""
+        self.store_flos(batch)
 
     def _maybe_log_save_evaluate(self, ignore_keys_for_eval: list[str] | None = None) -> None:
         """Logs, evaluates and saves as ``control`` asks (transformers' ``_maybe_log_save_evaluate``)."""
@@ -417,6 +527,9 @@ class TrainingLoopMixin:
         metrics["total_flos"] = self.state.total_flos
         metrics["train_loss"] = train_loss
         self.log(metrics)
+        if getattr(self, "_neftune_handle", None) is not None:
+            self._deactivate_neftune(self._train_state.skeleton, self._neftune_handle)
+            self._neftune_handle = None
         if self.args.load_best_model_at_end and self.state.best_model_checkpoint is not None:
             self._load_best_model()
         self._sync_model()
@@ -444,8 +557,9 @@ class TrainingLoopMixin:
         folder = manager.directory / f"{PREFIX_CHECKPOINT_DIR}-{step}"
         if step in manager.all_steps():
             manager.delete(step)  # transformers overwrites a checkpoint of the same step
-        elif folder.exists():
+        elif folder.exists() and self.args.should_save:
             shutil.rmtree(folder)
+        _barrier()
         if self.state.best_global_step:
             best = manager.directory / f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}"
             if best.exists() or self.state.best_global_step == step:
@@ -453,18 +567,26 @@ class TrainingLoopMixin:
         self._refresh_stateful_callbacks()
         extra = {"trainer_state": dataclasses.asdict(self.state)}
         if self.args.save_only_model:
-            folder.mkdir(parents=True)
-        else:
+            if self.args.should_save:
+                folder.mkdir(parents=True)
+        else:  # every rank: with a sharded state each writes its shards (DCP)
             manager.save(step, self._train_state, extra=extra, force=True)
-        export_pretrained(self._train_state, folder)
+        exported = self._export_state()  # a collective when sharded
+        if self.args.should_save:
+            self._write_hf_views(folder, exported)
+        _barrier()  # the views exist before any rank lists checkpoints to rotate
+        self._rotate_checkpoints()
+
+    def _write_hf_views(self, folder: Path, exported: TrainState) -> None:
+        """transformers' files in ``folder`` (one process writes them): weights + config, processing class,
+        ``trainer_state.json``, ``training_args.json``; then the hub push."""
+        export_pretrained(exported, folder)
         if self.processing_class is not None and hasattr(self.processing_class, "save_pretrained"):
             self.processing_class.save_pretrained(str(folder))
         self.state.save_to_json(folder / TRAINER_STATE_NAME)
         (folder / TRAINING_ARGS_NAME).write_text(self.args.to_json_string())
         if self.args.push_to_hub:
             self._push_from_checkpoint(str(folder))
-        if self.args.should_save:
-            self._rotate_checkpoints()
 
     def _refresh_stateful_callbacks(self) -> None:
         from ftrain.trainer.trainer_state import ExportableState, export_callback_states
@@ -482,16 +604,18 @@ class TrainingLoopMixin:
     def _delete_checkpoint(self, step: int, path: str) -> None:
         manager = self._checkpoint_manager(self.args.output_dir)
         if step in manager.all_steps():
-            manager.delete(step)
-        else:
+            manager.delete(step)  # every rank forgets it; rank 0 deletes the files
+        elif self.args.should_save:
             shutil.rmtree(path, ignore_errors=True)
 
     def _rotate_checkpoints(self) -> None:
-        """transformers' rule: keep the newest and the best; delete the oldest others down to ``save_total_limit``."""
+        """transformers' rule: keep the newest and the best; delete the oldest others down to ``save_total_limit``.
+        Every rank calls it: each lists the same directories (between barriers), rank 0 deletes the files."""
         limit = self.args.save_total_limit
         if limit is None or limit <= 0:
             return
         dirs = self._checkpoint_dirs()
+        _barrier()  # no rank deletes before every rank has listed
         best = self.state.best_model_checkpoint
         protected = {dirs[-1][1]} if dirs else set()
         if best is not None:
@@ -504,5 +628,5 @@ class TrainingLoopMixin:
     def _sync_model(self) -> None:
         """Copies the train state's weights into ``self.model`` (what users, callbacks and eval see)."""
         if self._train_state is not None and self._model_stale:
-            self._train_state.load_into(self.model)
+            self._export_state().load_into(self.model)  # full weights: a collective when sharded
             self._model_stale = False

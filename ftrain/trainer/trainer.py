@@ -20,13 +20,21 @@ Differences from transformers, on purpose:
   ``num_items_in_batch``); with the default ``compute_loss`` the microbatch gets ``num_items_in_batch`` = its
   item count and the step weights it by that count (token-weighted, as transformers).
 - **NEFTune, bf16, activation checkpointing** act inside the pure step: the NEFTune hook is registered on the
-  state's meta skeleton for the duration of one training forward (never on the user's model), its noise is drawn
-  from the step's seeded RNG; ``bf16`` runs the forward under ``torch.autocast``; activation checkpointing is
-  enabled on the skeleton, with a checkpoint function that re-binds the layer's tensors when it recomputes.
+  state's meta skeleton for the duration of ``train()`` (never on the user's model; registered outside the step,
+  so ``torch_compile`` traces it) and adds noise in training mode only, drawn from the step's seeded RNG; ``bf16``
+  runs the forward under ``torch.autocast``; activation checkpointing is enabled on the skeleton, with a checkpoint
+  function that re-binds the layer's tensors when it recomputes (eager only: refused with ``torch_compile``).
 - **Checkpoints** hold the whole pure state (``state.safetensors``) next to transformers' views
   (``model.safetensors``, ``config.json``, ``trainer_state.json``), and ``training_args.json`` instead of the
   pickled ``training_args.bin``; see :mod:`ftrain.trainer.loop`.
 - ``eval_loss`` is the ``(sum, count)`` mean over the whole evaluation set (token-weighted for causal LMs).
+- **Several processes** (``torchrun --nproc_per_node N``): ``create_accelerator_and_postprocess`` (called by
+  ``__init__``) picks the layout — ``fsdp`` / ``deepspeed`` through
+  :func:`ftrain.distributed.parallel_config_from_training_args`, else plain data parallel — and builds the mesh;
+  ``train()`` shards the ``TrainState`` on it (``_distribute``). The step sums the loss ``(sum, count)`` and the
+  gradients over the ranks, so the logged ``loss`` is the global mean (also with ``average_tokens_across_devices=
+  False``, where transformers would average per-rank means). Every rank must call ``train``, ``evaluate`` and
+  ``save_model`` (they gather).
 
 Example:
     >>> import torch
@@ -71,7 +79,8 @@ from ftrain.optim.base import GradientTransformation
 from ftrain.step import make_train_step
 from ftrain.trainer.args import IntervalStrategy, TrainingArguments
 from ftrain.trainer.callbacks import DEFAULT_CALLBACKS, DEFAULT_PROGRESS_CALLBACK, CallbackHandler, PrinterCallback
-from ftrain.trainer.convert import logged_learning_rate, make_optimizer, make_schedule
+from ftrain.trainer.compat import HFCompatMixin
+from ftrain.trainer.convert import jit_options, logged_learning_rate, make_optimizer, make_schedule
 from ftrain.trainer.evaluation import EvaluationMixin, loss_item_count, make_loss_fn
 from ftrain.trainer.hp_search import HyperparameterSearchMixin
 from ftrain.trainer.hub import HubMixin
@@ -100,7 +109,7 @@ _TORCH_OPTIMIZER_ADVICE = (
 )
 
 
-class Trainer(HyperparameterSearchMixin, HubMixin, EvaluationMixin, TrainingLoopMixin):
+class Trainer(HFCompatMixin, HyperparameterSearchMixin, HubMixin, EvaluationMixin, TrainingLoopMixin):
     """Hugging Face's ``Trainer`` API over ftrain's pure core; see the module docstring.
 
     Args:
@@ -121,7 +130,8 @@ class Trainer(HyperparameterSearchMixin, HubMixin, EvaluationMixin, TrainingLoop
         preprocess_logits_for_metrics: ``f(logits, labels) -> logits`` applied per evaluation batch.
 
     Raises:
-        ValueError / TypeError: transformers' invalid combinations (see ``_validate``) and torch optimizers.
+        ValueError / TypeError: transformers' invalid combinations (see ``_validate``), torch optimizers, and
+            ``torch_compile`` with ``activation_checkpointing``.
     """
 
     def __init__(
@@ -145,6 +155,7 @@ class Trainer(HyperparameterSearchMixin, HubMixin, EvaluationMixin, TrainingLoop
         self.model_init = model_init
         self._validate(model, train_dataset, eval_dataset, optimizers, optimizer_cls_and_kwargs)
         self.model = self.call_model_init() if model is None else model
+        self.create_accelerator_and_postprocess()  # devices, world size and (several processes) the mesh
         self.processing_class = processing_class
         self.data_collator = data_collator if data_collator is not None else self._default_collator()
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
@@ -192,6 +203,13 @@ class Trainer(HyperparameterSearchMixin, HubMixin, EvaluationMixin, TrainingLoop
                 "`eval_dataset` to `Trainer`. Either set `args.eval_strategy` to `no` or pass an `eval_dataset`."
             )
         self._validate_optimizers(optimizers, cls_kwargs)
+        if self.args.torch_compile and self.args.activation_checkpointing:
+            raise ValueError(
+                "Trainer: torch_compile=True cannot be combined with activation_checkpointing=True. ftrain compiles "
+                "the whole step (forward, torch.autograd.grad, optimizer) as one graph, and torch.compile cannot "
+                "rematerialise checkpointed layers in such a graph when they draw random numbers (dropout) or when "
+                "there is more than one backward (gradient_accumulation_steps > 1). Turn one of them off."
+            )
 
     def _validate_optimizers(self, optimizers: Any, cls_kwargs: Any) -> None:
         tx, scheduler = optimizers if optimizers is not None else (None, None)
@@ -294,31 +312,30 @@ class Trainer(HyperparameterSearchMixin, HubMixin, EvaluationMixin, TrainingLoop
         Without overrides it is the fused default loss (under ``compute_loss_context_manager``). With an overridden
         ``compute_loss`` or ``training_step`` it calls ``training_step`` per microbatch and weights its loss: by 1
         for a custom ``compute_loss`` (a microbatch mean), else by the microbatch's item count, which is passed as
-        ``num_items_in_batch``. NEFTune, when on, wraps either.
+        ``num_items_in_batch``. (NEFTune's hook sits on the state's skeleton, see ``_setup_training``.)
         """
         kwargs = dict(label_smoothing=self.args.label_smoothing_factor, compute_loss_func=self.compute_loss_func)
         custom_loss = self._custom_compute_loss()
         default = None if custom_loss or self._custom_training_step() else make_loss_fn(self.model, **kwargs)
 
         def loss_fn(model: Any, batch: Any) -> Loss:
-            with self._neftune(model):
-                if default is not None:
-                    with self.compute_loss_context_manager():
-                        return default(model, batch)[0]
-                if custom_loss:
-                    weight, items = torch.ones((), dtype=torch.int64), None
-                else:
-                    weight = items = loss_item_count(self.model, batch, **kwargs)
-                loss = self.training_step(model, batch, num_items_in_batch=items)
-                _check_training_step_loss(type(self).__name__, loss, model)
-                return Loss(loss * weight.to(device=loss.device, dtype=loss.dtype), weight.to(loss.device))
+            if default is not None:
+                with self.compute_loss_context_manager():
+                    return default(model, batch)[0]
+            if custom_loss:
+                weight, items = torch.ones((), dtype=torch.int64), None
+            else:
+                weight = items = loss_item_count(self.model, batch, **kwargs)
+            loss = self.training_step(model, batch, num_items_in_batch=items)
+            _check_training_step_loss(type(self).__name__, loss, model)
+            return Loss(loss * weight.to(device=loss.device, dtype=loss.dtype), weight.to(loss.device))
 
         return loss_fn
 
     def _make_train_step(self) -> Any:
         step = make_train_step(self._make_loss_fn(), accum_steps=self.args.gradient_accumulation_steps)
         if self.args.torch_compile:
-            return jit(step, mode=self.args.torch_compile_mode)
+            return jit(step, **jit_options(self.args))
         return step
 
     def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> torch.Tensor:
@@ -379,18 +396,6 @@ class Trainer(HyperparameterSearchMixin, HubMixin, EvaluationMixin, TrainingLoop
         if handle is not None:
             handle.remove()
 
-    @contextlib.contextmanager
-    def _neftune(self, model: Any) -> Any:
-        """NEFTune around one training forward: the hook lives on the skeleton only while the loss runs."""
-        if self.neftune_noise_alpha is None or not getattr(model, "training", True):
-            yield
-            return
-        handle = self._activate_neftune(model)
-        try:
-            yield
-        finally:
-            self._deactivate_neftune(model, handle)
-
     # ---- data -----------------------------------------------------------------------------------------------------
 
     def _stream(self, dataset: Any, batch_size: int, *, train: bool) -> BatchStream:
@@ -398,22 +403,32 @@ class Trainer(HyperparameterSearchMixin, HubMixin, EvaluationMixin, TrainingLoop
         columns = signature_columns(self.model, label_names=args.label_names) if args.remove_unused_columns else None
         strategy = args.train_sampling_strategy if train else "sequential"
         seed = args.data_seed if args.data_seed is not None else args.seed
+        rank, world = self._data_parallel()
         return BatchStream(
             dataset,
-            batch_size * args.world_size,
+            batch_size * world,
             seed=seed,
             shuffle=strategy not in ("sequential", "group_by_length") if train else False,
             drop_last=args.dataloader_drop_last,
             collate_fn=self.data_collator,
             accum_steps=args.gradient_accumulation_steps if train else 1,
-            rank=args.process_index,
-            world_size=args.world_size,
+            rank=rank,
+            world_size=world,
             num_workers=args.dataloader_num_workers,
             group_by_length=strategy == "group_by_length",
             lengths=args.length_column_name if strategy == "group_by_length" and _has_column(dataset, args) else None,
             columns=columns,
             label_keys=tuple(self.label_names) or ("labels",),
         )
+
+    def _data_parallel(self) -> tuple[int, int]:
+        """``(rank, size)`` among the processes that read different rows (the mesh's data dims); ``(0, 1)`` alone."""
+        mesh = getattr(self, "mesh", None)
+        if mesh is None:
+            return 0, 1
+        from ftrain.distributed import data_parallel_rank, data_parallel_size
+
+        return data_parallel_rank(mesh), data_parallel_size(mesh)
 
     def get_train_dataloader(self) -> BatchStream:
         """The training :class:`~ftrain.data.BatchStream` (one list of ``gradient_accumulation_steps`` microbatches
@@ -450,14 +465,15 @@ class Trainer(HyperparameterSearchMixin, HubMixin, EvaluationMixin, TrainingLoop
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Writes ``model.safetensors`` + ``config.json`` (``from_pretrained`` loads them), the processing class and
-        ``training_args.json`` into ``output_dir`` (default ``args.output_dir``)."""
+        ``training_args.json`` into ``output_dir`` (default ``args.output_dir``). With several processes every rank
+        calls it (the sharded weights are gathered) and ``args.should_save`` (rank 0) writes the full model."""
         output_dir = self.args.output_dir if output_dir is None else output_dir
+        self._sync_model()  # a collective when the state is sharded: before the rank check
         if not self.args.should_save:
             return
-        self._sync_model()
         from ftrain.checkpoint import export_pretrained
 
-        export_pretrained(self._train_state if self._train_state is not None else self.model, output_dir)
+        export_pretrained(self._export_state() if self._train_state is not None else self.model, output_dir)
         if self.processing_class is not None and hasattr(self.processing_class, "save_pretrained"):
             self.processing_class.save_pretrained(output_dir)
         with open(os.path.join(output_dir, TRAINING_ARGS_NAME), "w", encoding="utf-8") as f:
@@ -536,9 +552,11 @@ class Trainer(HyperparameterSearchMixin, HubMixin, EvaluationMixin, TrainingLoop
 
 def _check_training_step_loss(name: str, loss: Any, model: Any) -> None:
     """Refuses a ``training_step`` that ran ``backward`` itself or returned no differentiable scalar."""
-    backward_ran = not torch.compiler.is_compiling() and any(
-        getattr(p, "grad", None) is not None for p in getattr(model, "params", {}).values()
-    )
+    if torch.compiler.is_compiling():
+        # dynamo cannot read ``.grad``/``.grad_fn`` here; a step that fails to compile is re-run eagerly by
+        # ftrain.jit, so a bad training_step still gets this message from the eager run.
+        return
+    backward_ran = any(getattr(p, "grad", None) is not None for p in getattr(model, "params", {}).values())
     if backward_ran or not isinstance(loss, torch.Tensor) or loss.grad_fn is None:
         what = "called backward()" if backward_ran else "returned a loss with no autograd graph (detached?)"
         raise RuntimeError(

@@ -50,7 +50,7 @@ INTENTIONAL_DIFFERENCES = {
 # Behaviour that differs on purpose (asserted in the tests below).
 INTENTIONAL_BEHAVIOUR_DIFFERENCES = {
     "n_gpu": "1 on a GPU, 0 on the CPU: ftrain never uses nn.DataParallel over several GPUs in one process",
-    "fp16 on CPU": "refused when the args are built (transformers fails later, in accelerate)",
+    "fp16 on CPU": "refused when the args are built (transformers silently trains in float32)",
     "bf16 on CPU": "allowed without use_cpu=True (transformers asks for use_cpu=True)",
     "tf32": "validated but not applied on construction (the Trainer applies it); no global side effect",
     "fsdp / deepspeed / parallelism_config": "stored as given; the distributed layer validates and uses them",

@@ -1,4 +1,5 @@
-"""training_step overrides, NEFTune, bf16 autocast and activation checkpointing, against transformers.Trainer."""
+"""training_step overrides, NEFTune, bf16 autocast, fp16, activation checkpointing (against transformers.Trainer), and
+torch_compile with them (against the eager Trainer)."""
 
 import math
 
@@ -188,6 +189,22 @@ def test_bf16_autocasts_the_forward_and_matches_transformers(tmp_path):
     assert ft.evaluate(evals)["eval_loss"] == pytest.approx(hf.evaluate(evals)["eval_loss"], rel=1e-2)
 
 
+# ---- fp16 -----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks what fp16 does on the CPU")
+def test_fp16_on_cpu_is_refused_and_leaving_it_off_is_what_transformers_trains(tmp_path):
+    kw = dict(max_steps=3)
+    hf_fp16 = _run(transformers.Trainer, transformers.TrainingArguments, tmp_path, "hf16", fp16=True, **kw)
+    assert hf_fp16.accelerator.scaler is None  # transformers/accelerate: no GradScaler and no autocast on the CPU
+    hf_fp32 = _run(transformers.Trainer, transformers.TrainingArguments, tmp_path, "hf32", **kw)
+    assert _losses(hf_fp16) == _losses(hf_fp32)  # ...so its fp16=True is float32 training, bit for bit
+    with pytest.raises(ValueError, match="on the CPU transformers ignores it and trains in float32"):
+        TrainingArguments(str(tmp_path / "ft16"), **{**ARGS, **kw}, fp16=True)
+    ft = _run(Trainer, TrainingArguments, tmp_path, "ft", **kw)  # the advice: leave fp16 off
+    assert _losses(ft) == pytest.approx(_losses(hf_fp16), rel=1e-5)
+
+
 # ---- activation checkpointing ----------------------------------------------------------------------------------------
 
 
@@ -221,3 +238,62 @@ def test_activation_checkpointing_gives_the_same_losses_and_grads(tmp_path):
     assert grads(ckpt) == pytest.approx(grads(plain), rel=1e-6, abs=1e-6)
     for name, p in _params(ckpt).items():
         torch.testing.assert_close(p, _params(plain)[name], rtol=0, atol=1e-6)
+
+
+# ---- torch_compile with the specials ---------------------------------------------------------------------------------
+
+
+class _CompiledSpecials(Trainer):
+    """A compute_loss and a training_step override (as in the transformers parity test above, without the call
+    counter: a class attribute mutated inside a traced step would be a graph break)."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**inputs)
+        loss = outputs.loss * 0.5 + 0.1 * outputs.logits.pow(2).mean()
+        return (loss, outputs) if return_outputs else loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        labels = inputs["labels"].clone()
+        labels[:, :4] = -100
+        return super().training_step(model, {**inputs, "labels": labels}, num_items_in_batch)
+
+
+@pytest.fixture
+def restore_determinism(monkeypatch):
+    """full_determinism flips torch's global deterministic mode and sets env vars: put both back afterwards."""
+    import os
+
+    from ftrain.trainer.utils import _DETERMINISM_ENV
+
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    for key in _DETERMINISM_ENV:  # monkeypatch puts each back (or removes it) at teardown
+        if key in os.environ:
+            monkeypatch.setenv(key, os.environ[key])
+        else:
+            monkeypatch.delenv(key, raising=False)
+    yield
+    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+def test_torch_compile_with_activation_checkpointing_is_refused_at_construction(tmp_path):
+    args = TrainingArguments(str(tmp_path), **ARGS, torch_compile=True, activation_checkpointing=True)
+    with pytest.raises(ValueError, match="torch_compile=True cannot be combined with activation_checkpointing"):
+        Trainer(model=tiny_gpt2(), args=args, train_dataset=token_rows())
+
+
+@pytest.mark.compiled
+def test_torch_compile_with_neftune_and_loss_overrides_matches_eager(tmp_path, restore_determinism):
+    # full_determinism makes the compiled step draw eager's random numbers, so NEFTune's noise is the same draw.
+    kw = dict(max_steps=4, neftune_noise_alpha=5.0, full_determinism=True)
+    eager = _run(_CompiledSpecials, TrainingArguments, tmp_path, "eager", **kw)
+    compiled = _run(_CompiledSpecials, TrainingArguments, tmp_path, "compiled", torch_compile=True, **kw)
+    quiet = _run(_CompiledSpecials, TrainingArguments, tmp_path, "quiet", **{**kw, "neftune_noise_alpha": None})
+    step = compiled._train_step
+    assert step.calls == 4 and step.compiles >= 1 and step.recompiles == 0
+    assert _losses(eager)[0] != pytest.approx(_losses(quiet)[0], rel=1e-4)  # NEFTune's noise moves the loss...
+    assert _losses(compiled) == pytest.approx(_losses(eager), rel=1e-5)  # ...and the compiled run drew the same
+    grads = lambda t: [e["grad_norm"] for e in t.state.log_history if "grad_norm" in e]  # noqa: E731
+    assert grads(compiled) == pytest.approx(grads(eager), rel=1e-4)
+    for name, p in _params(compiled).items():
+        torch.testing.assert_close(p, _params(eager)[name], rtol=1e-4, atol=1e-5)
+    assert all(not m._forward_hooks for m in compiled._train_state.skeleton.modules())  # hook removed after train
