@@ -4,12 +4,12 @@ run of a tiny causal-attention LM whose loss and gradients equal the single-proc
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as tmp
-import torch.nn.functional as F
-from torch import nn
 
 from ftrain import losses
 from ftrain.distributed.context_parallel import (
@@ -20,17 +20,16 @@ from ftrain.distributed.context_parallel import (
     unshard_sequence,
 )
 
-VOCAB, SEQ = 32, 16
-
-
-def _batch(seed: int = 0, batch_size: int = 3) -> dict[str, torch.Tensor]:
-    """Random tokens, right padding of varying length (mask 0, labels -100)."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, VOCAB, (batch_size, SEQ), generator=g)
-    lengths = torch.tensor([SEQ, SEQ - 5, 7])[:batch_size]
-    mask = (torch.arange(SEQ)[None] < lengths[:, None]).long()
-    labels = ids.masked_fill(mask == 0, -100)
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+sys.path.insert(0, str(Path(__file__).parent))  # the workers live next to this file; forkserver children import them
+from cp_attention_workers import (  # noqa: E402
+    SEQ,
+    VOCAB,
+    _batch,
+    _compiled_worker,
+    _cp_worker,
+    _model,
+    _reference_attention,
+)
 
 
 @pytest.mark.parametrize("cp_size", [1, 2, 4])
@@ -111,74 +110,9 @@ def test_bad_inputs_fail_with_the_fix():
 # --- 2 gloo ranks: a tiny causal-attention LM, cp=2 against one process ---------------------------------------
 
 
-class TinyCausalLM(nn.Module):
-    """Two pre-norm attention blocks with learned positions; ``attend(q, k, v, layer)`` is injected."""
-
-    def __init__(self, d: int = 16, heads: int = 2):
-        super().__init__()
-        self.heads = heads
-        self.wte, self.wpe = nn.Embedding(VOCAB, d), nn.Embedding(SEQ, d)
-        self.blocks = nn.ModuleList(nn.ModuleDict({"ln": nn.LayerNorm(d), "qkv": nn.Linear(d, 3 * d)}) for _ in "ab")
-        self.head = nn.Linear(d, VOCAB)
-
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attend) -> torch.Tensor:
-        x = self.wte(input_ids) + self.wpe(position_ids)
-        b, t, d = x.shape
-        for block in self.blocks:
-            q, k, v = (z.view(b, t, self.heads, -1).transpose(1, 2) for z in block["qkv"](block["ln"](x)).split(d, -1))
-            x = x + attend(q, k, v).transpose(1, 2).reshape(b, t, d)
-        return self.head(x)
-
-
-def _model() -> TinyCausalLM:
-    torch.manual_seed(0)
-    return TinyCausalLM().double()
-
-
-def _reference_attention(mask: torch.Tensor):
-    """Causal + key padding, each query always seeing itself: the mask built directly on the global sequence."""
-    allowed = torch.ones(SEQ, SEQ, dtype=torch.bool).tril() & mask.bool()[:, None, None, :]
-    allowed = allowed | torch.eye(SEQ, dtype=torch.bool)
-    return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
-
-
-def _cp_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
-        batch = _batch(seed=5)
-        for load_balance in (True, False):
-            model = _model()
-            shard = prepare_cp_batch(batch, rank, world_size, load_balance=load_balance)
-
-            def attend(q, k, v, shard=shard):
-                return all_gather_kv_attention(
-                    q,
-                    k,
-                    v,
-                    group=dist.group.WORLD,
-                    positions=shard["position_ids"],
-                    key_padding_mask=shard["attention_mask"],
-                )
-
-            logits = model(shard["input_ids"], shard["position_ids"], attend)
-            total, count = losses.cross_entropy(logits, shard["shift_labels"])
-            grads = torch.autograd.grad(total, list(model.parameters()))
-            torch.save(
-                {"sum": total.detach(), "count": count, "grads": grads, "logits": logits.detach()},
-                f"{out_dir}/rank{rank}_lb{int(load_balance)}.pt",
-            )
-    finally:
-        dist.destroy_process_group()
-
-
 def test_two_gloo_ranks_match_one_process_loss_and_gradients(tmp_path):
-    # fork: the worker is defined here, and the test modules are imported with --import-mode=importlib, so a
-    # spawned child could not import it by name.
     tmp.start_processes(
-        _cp_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, start_method="fork", join=True
+        _cp_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, start_method="forkserver", join=True
     )
     batch = _batch(seed=5)
     model = _model()
@@ -197,37 +131,14 @@ def test_two_gloo_ranks_match_one_process_loss_and_gradients(tmp_path):
             assert float(ref.abs().max()) > 1e-6  # every parameter gets a gradient, so the comparison has teeth
 
 
-def _compiled_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
-        g = torch.Generator().manual_seed(rank)
-        q, k, v = (torch.randn(2, 2, 4, 4, generator=g, dtype=torch.float64) for _ in "qkv")
-        mask = torch.ones(2, 4, dtype=torch.bool)
-        mask[1, 2:] = rank == 0  # padding at the end of the second sequence, on rank 1
-
-        def attention_grads(q, k, v):
-            out = all_gather_kv_attention(
-                q, k, v, group=dist.group.WORLD, positions=cp_shard_indices(8, rank, 2), key_padding_mask=mask
-            )
-            return (out.detach(), *torch.autograd.grad(out.square().sum(), (q, k, v)))
-
-        leaves = [t.requires_grad_() for t in (q, k, v)]
-        eager = attention_grads(*leaves)
-        with torch._dynamo.config.patch(trace_autograd_ops=True):
-            compiled = torch.compile(attention_grads, fullgraph=True)(*leaves)
-        torch.save({"eager": [t.detach() for t in eager], "compiled": [t.detach() for t in compiled]},
-                   f"{out_dir}/compiled{rank}.pt")  # fmt: skip
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.compiled
 def test_attention_compiles_fullgraph_and_matches_eager(tmp_path):
     tmp.start_processes(
-        _compiled_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, start_method="fork", join=True
+        _compiled_worker,
+        args=(2, str(tmp_path / "store"), str(tmp_path)),
+        nprocs=2,
+        start_method="forkserver",
+        join=True,
     )
     for rank in range(2):
         result = torch.load(tmp_path / f"compiled{rank}.pt")
