@@ -27,23 +27,13 @@ from ftrain.trainer.hp_search import (  # noqa: E402
     default_compute_objective,
     default_hp_space_ray,
 )
+from tests.trainer.test_trainer import BASE as TRAINER_BASE  # noqa: E402
 
 # The trials unpickle this module's model_init / hp_name in ray workers, which need not be able to import a test
 # module by name: ship its functions by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
-BASE = dict(
-    report_to="none",
-    use_cpu=True,
-    train_sampling_strategy="sequential",
-    learning_rate=1e-3,
-    optim="adamw_torch",
-    per_device_train_batch_size=4,
-    per_device_eval_batch_size=4,
-    disable_tqdm=True,
-    seed=0,
-    save_strategy="no",
-)
+BASE = {**TRAINER_BASE, "save_strategy": "no"}
 QUIET = dict(verbose=0)  # ray's progress table is noise in test output
 
 

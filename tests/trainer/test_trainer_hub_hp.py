@@ -27,6 +27,7 @@ from ftrain.trainer.hp_search import (  # noqa: E402
     default_hp_space_optuna,
 )
 from ftrain.trainer.hub import make_markdown_table, parse_log_history, training_hyperparameters  # noqa: E402
+from tests.trainer.test_trainer import BASE as TRAINER_BASE  # noqa: E402
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -34,18 +35,7 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 T = Trainer  # the Trainer inherits HyperparameterSearchMixin and HubMixin
 
 
-BASE = dict(
-    report_to="none",
-    use_cpu=True,
-    train_sampling_strategy="sequential",
-    learning_rate=1e-3,
-    optim="adamw_torch",
-    per_device_train_batch_size=4,
-    per_device_eval_batch_size=4,
-    disable_tqdm=True,
-    seed=0,
-    save_strategy="no",
-)
+BASE = {**TRAINER_BASE, "save_strategy": "no"}
 
 
 def tiny_gpt2():
