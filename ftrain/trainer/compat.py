@@ -556,18 +556,22 @@ class HFCompatMixin:
             cached = self._flos_params = (model, int(model.num_parameters(exclude_embeddings=True)))
         return 6 * inputs[main_input].numel() * cached[1]
 
+    def _count_flos(self, inputs: Any) -> None:
+        """Adds the :meth:`floating_point_ops` of ``inputs`` (a microbatch or a step's list of them) to
+        ``current_flos``. Local and host-only (shapes), so the loop calls it every step."""
+        for mb in inputs if isinstance(inputs, list) else [inputs]:
+            if isinstance(mb, Mapping):
+                self.current_flos = getattr(self, "current_flos", 0.0) + float(self.floating_point_ops(mb))
+
     def store_flos(self, inputs: Any = None) -> None:
         """Adds ``current_flos`` to ``state.total_flos`` (summed over the processes when there are several) and
-        resets it, as transformers.
+        resets it, as transformers: the loop calls it before a checkpoint and at the end of training, not per step
+        (the sum over processes is a collective and a host read).
 
-        ftrain's loop calls it once per optimizer step with that step's ``inputs`` (a microbatch or the list of
-        them), whose :meth:`floating_point_ops` are added to ``current_flos`` first; transformers' own callers pass
-        nothing.
+        ``inputs``, when given, are counted first (:meth:`_count_flos`); transformers' own callers pass nothing.
         """
         if inputs is not None:
-            for mb in inputs if isinstance(inputs, list) else [inputs]:
-                if isinstance(mb, Mapping):
-                    self.current_flos = getattr(self, "current_flos", 0.0) + float(self.floating_point_ops(mb))
+            self._count_flos(inputs)
         flos = getattr(self, "current_flos", 0.0)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             if torch.distributed.get_world_size() > 1:

@@ -273,6 +273,7 @@ class TrainingLoopMixin:
     def _setup_training(self, stream: Any, max_steps: int, checkpoint: str | None) -> None:
         """Converts the arguments into core pieces once: the optimizer, the state, the step, the manager."""
         self.state = TrainerState()
+        self.current_flos = 0.0
         self.callback_handler.train_dataloader = stream
         self.create_optimizer_and_scheduler(num_training_steps=max_steps)
         state = self._distribute(TrainState.create(self.model, self.optimizer, key=self.args.seed))
@@ -373,7 +374,7 @@ class TrainingLoopMixin:
         self.control = handler.on_optimizer_step(args, self.state, self.control)
         self._accumulate_loss(metrics["loss"].detach().to(self._tr_loss.dtype))
         self._last_step_metrics = metrics
-        self._store_flos(batch)
+        self._count_flos(batch)  # flushed into state.total_flos by store_flos() at saves and at the end
         self._track_num_input_tokens(batch)
         self.state.global_step += 1
         per_epoch = len(stream)
@@ -428,9 +429,6 @@ class TrainingLoopMixin:
             seen = int(total)
         self.state.num_input_tokens_seen += seen
 
-    def _store_flos(self, batch: Any) -> None:
-        """``total_flos`` as transformers estimates it; delegates to the public ``store_flos`` (compat mixin)."""
-        self.store_flos(batch)
 
     def _maybe_log_save_evaluate(self, ignore_keys_for_eval: list[str] | None = None) -> None:
         """Logs, evaluates and saves as ``control`` asks (transformers' ``_maybe_log_save_evaluate``)."""
@@ -524,6 +522,7 @@ class TrainingLoopMixin:
             num_samples=num_train_samples * steps_run / max(self.state.max_steps, 1),
             num_steps=steps_run,
         )
+        self.store_flos()
         metrics["total_flos"] = self.state.total_flos
         metrics["train_loss"] = train_loss
         self.log(metrics)
@@ -565,6 +564,7 @@ class TrainingLoopMixin:
             if best.exists() or self.state.best_global_step == step:
                 self.state.best_model_checkpoint = str(best)
         self._refresh_stateful_callbacks()
+        self.store_flos()  # trainer_state.json holds the flops up to this step, as transformers
         extra = {"trainer_state": dataclasses.asdict(self.state)}
         if self.args.save_only_model:
             if self.args.should_save:
