@@ -28,6 +28,7 @@ from ftrain.trainer.hp_search import (  # noqa: E402
     default_hp_space_ray,
 )
 from tests.trainer.test_trainer import BASE as TRAINER_BASE  # noqa: E402
+from tests.trainer.test_trainer import rows  # noqa: E402
 
 # The trials unpickle this module's model_init / hp_name in ray workers, which need not be able to import a test
 # module by name: ship its functions by value.
@@ -50,11 +51,6 @@ def gpt2(dropout):
 
 def tiny_gpt2():  # model_init with no argument (with one, it gets the trial)
     return gpt2(0.1)
-
-
-def rows(n=16, length=8, seed=1):
-    ids = torch.randint(0, 64, (n, length), generator=torch.Generator().manual_seed(seed)).tolist()
-    return datasets.Dataset.from_dict({"input_ids": ids, "labels": ids})
 
 
 def make(tmp_path, name="out", model_init=tiny_gpt2, model=None, **kw):

@@ -28,6 +28,7 @@ from ftrain.trainer.hp_search import (  # noqa: E402
 )
 from ftrain.trainer.hub import make_markdown_table, parse_log_history, training_hyperparameters  # noqa: E402
 from tests.trainer.test_trainer import BASE as TRAINER_BASE  # noqa: E402
+from tests.trainer.test_trainer import rows, tiny_gpt2  # noqa: E402
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -36,22 +37,6 @@ T = Trainer  # the Trainer inherits HyperparameterSearchMixin and HubMixin
 
 
 BASE = {**TRAINER_BASE, "save_strategy": "no"}
-
-
-def tiny_gpt2():
-    config = transformers.GPT2Config(
-        n_layer=1, n_embd=16, n_head=2, vocab_size=64, n_positions=16, resid_pdrop=0.1, embd_pdrop=0, attn_pdrop=0,
-        bos_token_id=0, eos_token_id=0,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(config)
-    model.loss_type = "ForCausalLM"
-    return model
-
-
-def rows(n=16, length=8, seed=1):
-    ids = torch.randint(0, 64, (n, length), generator=torch.Generator().manual_seed(seed)).tolist()
-    return datasets.Dataset.from_dict({"input_ids": ids, "labels": ids})
 
 
 def make(tmp_path, name="out", model_init=tiny_gpt2, model=None, **kw):
