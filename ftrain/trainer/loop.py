@@ -429,7 +429,6 @@ class TrainingLoopMixin:
             seen = int(total)
         self.state.num_input_tokens_seen += seen
 
-
     def _maybe_log_save_evaluate(self, ignore_keys_for_eval: list[str] | None = None) -> None:
         """Logs, evaluates and saves as ``control`` asks (transformers' ``_maybe_log_save_evaluate``)."""
         if self.control.should_log and self.state.global_step > self._globalstep_last_logged:
