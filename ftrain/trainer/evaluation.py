@@ -146,8 +146,11 @@ def make_loss_fn(
 
 
 def _to_numpy(value: Any) -> Any:
+    """Tensors to numpy in their own dtype, as transformers' ``nested_numpify``: only bfloat16, which numpy lacks,
+    becomes float32 (a float64 model's predictions stay float64)."""
     if isinstance(value, torch.Tensor):
-        return value.detach().float().cpu().numpy() if value.is_floating_point() else value.detach().cpu().numpy()
+        value = value.detach().cpu()
+        return (value.float() if value.dtype == torch.bfloat16 else value).numpy()
     if isinstance(value, tuple | list):
         return type(value)(_to_numpy(v) for v in value)
     return value
