@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from tolerances import FLOAT64, adam_drift
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
@@ -35,7 +36,7 @@ FINAL_LINES = {
     "01_pure_loop.ipynb": r"PURE_LOOP_OK steps=60 val_loss=(?P<loss>[\d.]+) torch_optim_diff=(?P<diff>[\d.e+-]+)",
     "02_custom_transform.ipynb": r"SIGNUM_OK: same updates as optim.scale_by_lion\(0.9, 0.9\) over 10 steps; "
     r"pytorch_diff=(?P<diff>[\d.e+-]+)",
-    "03_hf_trainer.ipynb": r"HF_TRAINER_OK steps=12 max_rel_loss_diff=(?P<diff>[\d.e+-]+) "
+    "03_hf_trainer.ipynb": r"HF_TRAINER_OK steps=12 max_rel_loss_diff=(?P<diff>[\d.e+-]+) bound=(?P<bound>[\d.e+-]+) "
     r"max_param_diff=(?P<param>[\d.e+-]+)",
     "04_determinism.ipynb": r"DETERMINISM_OK (?P<leaves>\d+) leaves bitwise equal after kill at step 7 and resume "
     r"from step 4",
@@ -121,10 +122,16 @@ def test_notebook_runs_within_budget_and_prints_its_checked_values(name, kernel_
     assert match, f"{name}: last cell printed {last!r}"
     values = match.groupdict()
     if name.startswith("01"):
-        assert float(values["loss"]) < 4.5 and float(values["diff"]) < 2e-5
+        # the loss: well below ln 256 = 5.55 (a uniform guess) after 60 steps; the check against torch.optim runs in
+        # float64, a mathematical equivalence: FLOAT64
+        assert float(values["loss"]) < 4.5 and float(values["diff"]) <= FLOAT64["atol"]
     elif name.startswith("02"):
-        assert float(values["diff"]) < 1e-6
+        assert float(values["diff"]) <= FLOAT64["atol"]  # Signum vs a PyTorch loop, in float64
     elif name.startswith("03"):
-        assert float(values["diff"]) < 1e-5 and float(values["param"]) < 2e-5
+        # float32, as the quick start runs: the losses within the first-order bound the notebook derives (printed to
+        # 2 digits, so with the bound's own 5% rounding), the weights within adam_drift (a noise-gradient weight can
+        # move ±lr a step in either run)
+        assert float(values["diff"]) <= float(values["bound"]) * 1.05
+        assert float(values["param"]) <= adam_drift(3e-3, 12)
     else:
         assert int(values["leaves"]) > 20  # step, key, every param and both Adam moments of each

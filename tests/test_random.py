@@ -1,3 +1,5 @@
+"""Keys are int64 tensors, compared exactly; torch.rand draws from the same seed in the same process are bitwise."""
+
 import pytest
 import torch
 

@@ -17,6 +17,10 @@ import ftrain.schedules as S
 from ftrain.optim.base import EmptyState
 
 BASE_LR = 3e-4
+# Our float64 tensor schedules against transformers' Python floats (float64): the same formula, <= ~20 roundings
+# including a cos, sqrt or pow that libm and torch may round 1 ulp apart, so <= ~1e-14 relative (measured: equal).
+# rtol=1e-12 leaves 100x; atol=1e-12 (3e-9 of BASE_LR) covers values that should be 0 and come out as ~1e-20. A
+# real difference (an off-by-one step, a wrong cycle count) moves the lr by > 1e-9 (e.g. 3e-7 near a cosine's end).
 TOL = dict(rtol=1e-12, atol=1e-12)
 
 # (num_warmup_steps, num_training_steps): no warmup, short/long warmup, warmup == total, warmup > total, tiny.
@@ -94,7 +98,7 @@ def test_accepts_scheduler_type_enum():
     by_enum = S.get_schedule(transformers.SchedulerType.COSINE, 1.0, num_warmup_steps=2, num_training_steps=9)
     by_str = S.get_schedule("cosine", 1.0, num_warmup_steps=2, num_training_steps=9)
     for k in range(12):
-        assert float(by_enum(torch.tensor(k))) == float(by_str(torch.tensor(k)))
+        assert float(by_enum(torch.tensor(k))) == float(by_str(torch.tensor(k)))  # the same schedule: bitwise
     assert S.SCHEDULE_NAMES == tuple(t.value for t in transformers.SchedulerType)
 
 
@@ -111,7 +115,8 @@ def test_constructors_are_what_get_schedule_builds():
         decay_type="1-sqrt",
     )
     got = [float(direct(torch.tensor(k))) for k in range(14)]
-    assert got == [float(via(torch.tensor(k))) for k in range(14)]
+    assert got == [float(via(torch.tensor(k))) for k in range(14)]  # the same function built twice: bitwise
+    # exact: 2·k/3 is one correctly rounded division, as in Python; the plateau and the end are 2.0 and 0.0
     assert got[:3] == [0.0, 2 / 3, 4 / 3] and got[3:8] == [2.0] * 5 and got[-2:] == [0.0, 0.0]
 
 
@@ -198,7 +203,7 @@ def test_compiles_once_and_matches_eager():
     got = torch.stack([compiled(torch.tensor(k)) for k in range(21)])
     want = torch.stack([schedule(torch.tensor(k)) for k in range(21)])
     torch.testing.assert_close(got, want, **TOL)
-    assert got[5] == 1e-3 and got[0] == 0.0
+    assert got[5] == 1e-3 and got[0] == 0.0  # exact: 1e-3 · (1 + cos 0) / 2 and 1e-3 · 0 / 5
     assert counter.frame_count == 1, f"recompiled: {counter.frame_count} frames for 21 steps"
 
 
@@ -210,7 +215,7 @@ def test_plateau_update_compiles_once():
     step = torch.compile(S.plateau_update, backend=counter, fullgraph=True)
     for metric in [3.0, 2.0, 2.0, 2.0, 1.0]:
         state = step(state, torch.tensor(metric))
-    assert float(state[1].scale) == 0.25 and float(state[1].best) == 1.0
+    assert float(state[1].scale) == 0.25 and float(state[1].best) == 1.0  # powers of 2 and a copied metric: exact
     assert counter.frame_count == 1
 
 
@@ -271,8 +276,9 @@ def test_reduce_on_plateau_matches_torch(kwargs, as_tensor):
         ref.step(metric)
         state = S.plateau_update(state, torch.tensor(metric, dtype=torch.float64) if as_tensor else metric)
         lrs.append(opt.param_groups[0]["lr"])
+        # scale · base_lr vs torch's lr · factor, products of the same few factors: a few u (TOL)
         torch.testing.assert_close(state.scale * base_lr, torch.tensor(lrs[-1], dtype=torch.float64), **TOL)
-        assert float(state.best) == ref.best
+        assert float(state.best) == ref.best  # a metric value copied on both sides: exact
         assert (int(state.num_bad_steps), int(state.cooldown_counter)) == (
             ref.num_bad_epochs,
             ref.cooldown_counter,
@@ -287,7 +293,7 @@ def test_reduce_on_plateau_scales_updates():
         state = S.plateau_update(state, metric)
     updates, new_state = tx.update({"w": torch.ones(2, dtype=torch.float32), "b": None}, state)
     assert updates["w"].dtype == torch.float32 and updates["b"] is None
-    assert updates["w"].tolist() == [0.25, 0.25]
+    assert updates["w"].tolist() == [0.25, 0.25]  # 1 · 0.5 · 0.5: exact
     assert new_state is state
 
 
@@ -298,7 +304,8 @@ def test_eps_blocks_small_reductions():
     for _ in range(4):
         state = S.plateau_update(state, 1.0)
         scales.append(float(state.scale))
-    assert scales == [1.0, 0.5, 0.5, 0.5]  # 1 -> .5 is a .5 reduction; .5 -> .25 is .25 <= eps, skipped
+    # powers of 2, exact: 1 -> .5 is a .5 reduction; .5 -> .25 is .25 <= eps, skipped
+    assert scales == [1.0, 0.5, 0.5, 0.5]
 
 
 class _Outer(NamedTuple):
@@ -313,7 +320,7 @@ def test_plateau_update_finds_state_in_a_tree():
     for metric in [2.0, 2.0]:
         tree = S.plateau_update(tree, metric)
     assert isinstance(tree, _Outer) and isinstance(tree.inner[2], S.ReduceOnPlateauState)
-    assert float(tree.inner[2].scale) == 0.5 and float(tree.inner[2].best) == 2.0
+    assert float(tree.inner[2].scale) == 0.5 and float(tree.inner[2].best) == 2.0  # exact, as above
     assert tree.inner[1]["mu"] is other["mu"] and tree.inner[0] == EmptyState() and int(tree.count) == 3
 
 

@@ -46,7 +46,12 @@ def bits(t: torch.Tensor) -> bytes:
 
 
 def assert_bitwise_equal(a, b) -> None:
-    """Same key paths, same None leaves, same dtypes, shapes and bytes."""
+    """Same key paths, same None leaves, same dtypes, shapes and bytes.
+
+    Bitwise is the right claim wherever the suite uses it: a save/load round trip copies bytes, and a resumed or
+    recomputed state repeats the same kernels on the same inputs in the same order (same machine, same process or
+    a child with the same environment; make_state's tensors are too small for any kernel to split them by thread).
+    """
     pa, la, _ = tree.tree_flatten_with_path(a, is_leaf=lambda x: x is None)
     pb, lb, _ = tree.tree_flatten_with_path(b, is_leaf=lambda x: x is None)
     assert [tree.keystr(p) for p in pa] == [tree.keystr(p) for p in pb]

@@ -33,6 +33,8 @@ def _bits(t: torch.Tensor) -> bytes:
 
 
 def assert_bitwise_equal(a, b) -> None:
+    """Bitwise: every run is a child of one forkserver on this machine with one thread (crash_script.run), so the
+    resumed chain and the uninterrupted run execute the same kernels on the same inputs in the same order."""
     pa, la, _ = tree.tree_flatten_with_path(a)
     pb, lb, _ = tree.tree_flatten_with_path(b)
     assert [tree.keystr(p) for p in pa] == [tree.keystr(p) for p in pb]

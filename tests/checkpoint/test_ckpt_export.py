@@ -41,7 +41,7 @@ def test_from_pretrained_gives_identical_logits(tmp_path, trained_gpt2):
     with torch.no_grad():
         expected = reference(ids).logits
         got = loaded.eval()(ids).logits
-    assert torch.equal(got, expected)
+    assert torch.equal(got, expected)  # bitwise: the same GPT-2 code and weights on the same input, in this process
     trained = state.params["transformer.wte.weight"]
     assert torch.equal(loaded.lm_head.weight, trained)  # tied again on load
     assert not torch.equal(trained, transformers.GPT2LMHeadModel(loaded.config).transformer.wte.weight)

@@ -38,6 +38,7 @@ def features(tokenizer, labels="seq"):
 
 
 def assert_same(ours, theirs):
+    """Exact: collation copies and pads values (token ids, masks, labels), it computes nothing."""
     theirs = dict(theirs)
     assert sorted(ours) == sorted(theirs)
     for k in ours:
@@ -101,6 +102,7 @@ def test_transformers_collator_in_a_stream(tokenizer):
     torch.manual_seed(1)
     first = masked.batch_at(2)["labels"]
     torch.manual_seed(2)
+    # bitwise: the same draws from the same per-microbatch seed, in the same process
     assert torch.equal(first, masked.replace().batch_at(2)["labels"])
     assert (first == -100).any() and (first != -100).any()
     assert not torch.equal(first, masked.batch_at(1)["labels"])

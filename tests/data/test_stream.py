@@ -159,6 +159,9 @@ def test_short_last_window_is_weighted_exactly_by_the_train_step():
         ref = torch.nn.Linear(3, 1).double()
         ref.load_state_dict(model.state_dict())
         torch.nn.functional.mse_loss(ref(x[rows]), y[rows], reduction="sum").div(rows.numel()).backward()
+        # float64: sgd(1.0) moves the weight by its gradient, so old - new is the gradient up to the rounding of
+        # the O(1) weights and of a sum over <= 8 rows (~1e-15; measured 1e-16). atol=1e-12 still fails a window
+        # weighted by the wrong count (the gradient off by a factor 2, an O(1) change).
         torch.testing.assert_close(state.params["weight"] - new.params["weight"], ref.weight.grad, rtol=0, atol=1e-12)
         assert int(metrics["count"]) == rows.numel()
 
@@ -190,6 +193,8 @@ def test_num_workers_does_not_change_batches_or_collator_randomness(accum):
     b = [windows(b) for b in two.iter_from(0, stop)]
     assert torch.equal(torch.get_rng_state(), rng)  # the caller's RNG is untouched
     assert len(a) == len(b) == stop
+    # bitwise: the same draws (torch.rand / randn from the same per-microbatch seed) on the same machine, in this
+    # process or in its worker processes
     for wa, wb in zip(a, b):
         for ma, mb in zip(wa, wb, strict=True):
             assert torch.equal(ma["idx"], mb["idx"]) and torch.equal(ma["noise"], mb["noise"])

@@ -1,9 +1,16 @@
-"""Adafactor against ``transformers.optimization.Adafactor``, step for step in float64."""
+"""Adafactor against ``transformers.optimization.Adafactor``, step for step in float64.
+
+ftrain == transformers is a mathematical claim, checked in float64 with ``FLOAT64`` (tests/tolerances.py): the two
+do the same float64 arithmetic in another order, and the gradients are O(1) noise (never rounding noise, which
+Adafactor's normalisation would amplify), so they differ by a few roundings per step (measured <= 3e-15 after 50
+steps), orders of magnitude below what a real difference (a missing decay, an off-by-one step count) makes.
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from tolerances import FLOAT64, UNIT_ROUNDOFF, gamma
 from transformers.optimization import Adafactor
 
 from ftrain import tree
@@ -48,9 +55,9 @@ def _run_hf(params, groups_kw, hf_kwargs, steps=STEPS, lr_lambda=None):
     return {k: v.detach() for k, v in torch_params.items()}
 
 
-def _assert_close(ours, ref, rtol=1e-10):
+def _assert_close(ours, ref):
     for k in ref:
-        torch.testing.assert_close(ours[k], ref[k], rtol=rtol, atol=0.0, msg=lambda m, k=k: f"{k}: {m}")
+        torch.testing.assert_close(ours[k], ref[k], **FLOAT64, msg=lambda m, k=k: f"{k}: {m}")
 
 
 ALL = [list(SHAPES)]
@@ -74,7 +81,7 @@ def test_adafactor_matches_hf_trainer_setting(ours_kw, hf_kw):
     ref = _run_hf(params, [(list(SHAPES), {})], {"lr": 1e-2, "scale_parameter": False, "relative_step": False, **hf_kw})
     _assert_close(ours, ref)
     assert int(state.count) == STEPS
-    assert float(state.learning_rate) == 1e-2
+    assert float(state.learning_rate) == 1e-2  # the constant as given, stored in float64 unchanged
     assert state.learning_rate.dtype == torch.float64
 
 
@@ -91,8 +98,10 @@ def test_adafactor_weight_decay_with_mask_matches_hf_param_groups():
     )
     _assert_close(ours, ref)
     no_decay, _ = _run_ftrain(adafactor(1e-2, beta1=0.8), params)
-    assert not torch.allclose(ours["emb"], no_decay["emb"], rtol=1e-6)  # the decay did something
-    torch.testing.assert_close(ours["bias"], no_decay["bias"], rtol=1e-10, atol=0.0)
+    # the decay did something: 50 steps of lr·wd = 3e-3 move params by ~10%, far above 1e-6 (rounding is ~1e-15)
+    assert not torch.allclose(ours["emb"], no_decay["emb"], rtol=1e-6)
+    # the bias is masked out of the decay: the same float64 mathematics as without decay (FLOAT64)
+    torch.testing.assert_close(ours["bias"], no_decay["bias"], **FLOAT64)
 
 
 def test_adafactor_schedule_with_beta1_matches_hf_lambda_lr():
@@ -108,6 +117,7 @@ def test_adafactor_schedule_with_beta1_matches_hf_lambda_lr():
         lr_lambda=lam,
     )
     _assert_close(ours, ref)
+    # the same float64 formula in torch and in Python, a handful of roundings (<= 5u = 5.6e-16): rel=1e-15
     assert float(state.learning_rate) == pytest.approx(1e-2 * lam(STEPS - 1), rel=1e-15)
 
 
@@ -127,6 +137,7 @@ def test_scale_by_adafactor_hf_class_defaults(warmup_init):
     via_alias, _ = _run_ftrain(adafactor(None, relative_step=True, scale_parameter=True, **kw), params)
     _assert_close(via_alias, ref)
     expected_lr = min(1e-6 * STEPS, STEPS**-0.5) if warmup_init else 1e-2
+    # HF's relative step, float64 in torch vs Python floats: a min and a sqrt or a product, <= 3u: rel=1e-15
     assert float(tx_state.learning_rate) == pytest.approx(expected_lr, rel=1e-15)
 
 
@@ -144,9 +155,13 @@ def test_state_layout_and_dtypes():
     before = tree.tree_map(torch.clone, (grads, state))
     updates, new_state = tx.update(grads, state, params)
     assert updates["w"].dtype == torch.bfloat16 and updates["b"].dtype == torch.float16
-    # all-ones grads: the normalised update is 1 everywhere, times lr, times (1 - beta1)
-    torch.testing.assert_close(updates["w"].float(), torch.full((4, 3), -1e-4), rtol=1e-2, atol=0)
-    # nothing was mutated
+    # all-ones grads: the normalised update is 1 everywhere, times lr, times (1 - beta1) = -1e-4, computed in
+    # float32 (<= gamma(16) relative) and rounded once to the parameter's dtype (<= its unit roundoff)
+    for k in ("w", "b"):
+        rtol = UNIT_ROUNDOFF[updates[k].dtype] + gamma(16)
+        expected = torch.full(updates[k].shape, -1e-4, dtype=torch.float64)
+        torch.testing.assert_close(updates[k].double(), expected, rtol=rtol, atol=0)
+    # nothing was mutated (bitwise: each tensor against its own clone)
     for a, b in zip(tree.tree_leaves(before), tree.tree_leaves((grads, state))):
         assert torch.equal(a, b)
     assert int(new_state.count) == 1 and int(state.count) == 0
@@ -178,18 +193,19 @@ def test_compiles_fullgraph_without_recompiling_on_new_hyperparams():
         graphs.append(gm)
         return gm.forward
 
-    params = {"w": torch.ones(3, 2), "b": torch.full((2,), 0.5)}
+    # float64: the traced update == eager is a mathematical claim (FLOAT64)
+    params = {"w": torch.ones(3, 2, dtype=torch.float64), "b": torch.full((2,), 0.5, dtype=torch.float64)}
     tx = inject_hyperparams(adafactor)(1e-2, beta1=0.9, weight_decay=0.1, mask={"w": True, "b": False})
     step = torch.compile(tx.update, backend=counting_backend, fullgraph=True)
     state = eager_state = tx.init(params)
-    grads = {"w": torch.ones(3, 2), "b": torch.ones(2)}
+    grads = {"w": torch.ones(3, 2, dtype=torch.float64), "b": torch.ones(2, dtype=torch.float64)}
     for lr in (1e-2, 3e-2, 1e-1):
         state, eager_state = (set_hyperparam(s, "learning_rate", lr) for s in (state, eager_state))
         updates, state = step(grads, state, params)
         eager_updates, eager_state = tx.update(grads, eager_state, params)
-        torch.testing.assert_close(updates, eager_updates)
+        torch.testing.assert_close(updates, eager_updates, **FLOAT64)
     assert len(graphs) == 1
-    assert float(state.inner_state.learning_rate) == pytest.approx(1e-1)
+    assert float(state.inner_state.learning_rate) == 1e-1  # set as a Python float, held in float64 exactly
 
 
 def test_mask_errors():

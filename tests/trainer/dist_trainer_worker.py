@@ -1,8 +1,8 @@
 """Two-process ``ftrain.Trainer`` runs for ``test_trainer_distributed.py``.
 
 Launched as ``python -m torch.distributed.run --nproc_per_node 2 dist_trainer_worker.py OUT``; trains the tiny GPT-2
-of ``test_trainer_parity.py`` with ``per_device_train_batch_size=2`` on each of the 2 ranks (the global batch of a
-one-process run with 4):
+of ``test_trainer_parity.py`` (float64: the test compares it with one process to ``FLOAT64``) with
+``per_device_train_batch_size=2`` on each of the 2 ranks (the global batch of a one-process run with 4):
 
 - ``fsdp``: ``fsdp="full_shard"``, checkpoints at steps 4 and 8, then ``evaluate()`` and ``save_model()``;
 - ``ddp``: no ``fsdp`` (plain data parallel), then ``save_model()``;
@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: ``tests.trainer...`` imports
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: ``from tolerances import ...`` (pytest's path)
 
 from ftrain.trainer import ProgressCallback, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 from tests.trainer.test_trainer_parity import ARGS, tiny_gpt2, token_rows  # noqa: E402

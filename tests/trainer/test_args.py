@@ -3,6 +3,9 @@
 transformers' ``TrainingArguments.__post_init__`` sets up a device through accelerate, which ftrain does not
 depend on. Where accelerate is missing, the ``HFArgs`` fixture replaces only that device lookup (CPU, no GPU);
 every other line of transformers' normalisation and validation runs as released.
+
+The numbers compared are argument values as given, or normalised by the same Python arithmetic on both sides
+(ratios to step counts): they are compared exactly.
 """
 
 from __future__ import annotations

@@ -2,6 +2,9 @@
 
 The same ``transformers.TrainingArguments`` object is given to ftrain's and transformers' callbacks: ftrain's only
 read attributes, so they must decide the same with it (and with ftrain's own arguments later).
+
+The numbers here are step counts, thresholds and logged values passed through or formatted by the same Python
+arithmetic on both sides, with no float kernel in between: they are compared exactly.
 """
 
 import dataclasses

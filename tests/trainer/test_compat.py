@@ -1,4 +1,8 @@
-"""HFCompatMixin: the rest of transformers' Trainer method index, checked against transformers' own Trainer."""
+"""HFCompatMixin: the rest of transformers' Trainer method index, checked against transformers' own Trainer.
+
+Nothing here compares two trainings: weights and optimizer state loaded from a checkpoint are compared bitwise (a
+save/load round trip), and the rest are counts, configuration values and structure, compared exactly.
+"""
 
 import contextlib
 import json
@@ -287,6 +291,7 @@ def test_prediction_loop_is_a_deprecated_evaluation_loop(tmp_path):
     with pytest.warns(FutureWarning, match="prediction_loop is deprecated.*evaluation_loop"):
         old = trainer.prediction_loop(loader, "Evaluation", metric_key_prefix="test")
     new = trainer.evaluation_loop(loader, "Evaluation", metric_key_prefix="test")
+    # the same loop on the same weights, kernels and order: bitwise
     assert old.metrics == new.metrics and old.num_samples == new.num_samples == 6
     np.testing.assert_array_equal(old.predictions, new.predictions)
 
@@ -467,7 +472,8 @@ def test_optimizer_scheduler_and_rng_state_round_trip(trained, tmp_path):
     trainer._save_rng_state(str(tmp_path))
     assert json.loads((tmp_path / "rng_state.json").read_text()) == {"key": state.key.tolist(), "step": 2}
     info = json.loads((tmp_path / "scheduler.json").read_text())
-    assert info["step"] == 2 and info["learning_rate"] == pytest.approx(trainer.get_learning_rates()[0])
+    # the schedule's lr at step 2, written as JSON (a Python float round-trips exactly): the same number
+    assert info["step"] == 2 and info["learning_rate"] == trainer.get_learning_rates()[0]
     zeroed = state.replace(opt_state=torch.utils._pytree.tree_map(lambda t: torch.zeros_like(t), state.opt_state),
                            key=torch.tensor([1, 2]))  # fmt: skip
     leaves = lambda s: [t for t in torch.utils._pytree.tree_leaves(s.opt_state)]  # noqa: E731

@@ -4,6 +4,9 @@ The reference optimizer and scheduler come from ``transformers.Trainer.create_op
 accelerate installed a real ``Trainer`` runs it; without accelerate (which a ``Trainer`` needs to be built) the
 same unbound methods run on a stand-in holding the attributes they read, so the grouping, optimizer and
 scheduler code is transformers' own either way.
+
+The optimizers run on float64 parameters and gradients (``Tiny().double()``), so ftrain == transformers is checked
+to ``FLOAT64``; learning rates, float64 on both sides, to ``LR``.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import pytest
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from tolerances import FLOAT64, UNIT_ROUNDOFF, gamma
 from torch import nn
 
 from ftrain import optim
@@ -36,6 +40,12 @@ from ftrain.trainer.convert import (
 transformers = pytest.importorskip("transformers")
 HAS_ACCELERATE = importlib.util.find_spec("accelerate") is not None
 T = 20  # optimizer steps per run
+
+#: A learning rate is the peak lr times a schedule factor: a few dozen float64 operations (warmup ratio, cos or pow,
+#: products) on each side, ftrain's in torch and transformers' in Python's math. 10**4 unit roundoffs (1.1e-12)
+#: covers them with room, while a real difference (a step off, another warmup) is >= 1e-3 relative. ``abs`` is for
+#: an lr of 0 (warmup's first step) that one side may compute as a rounding residue of the peak lr (<= 0.1 here).
+LR = {"rel": 1e4 * UNIT_ROUNDOFF[torch.float64], "abs": 0.1 * 1e4 * UNIT_ROUNDOFF[torch.float64]}
 
 
 class Tiny(nn.Module):
@@ -127,11 +137,12 @@ def _run_both(args_kwargs: dict, HFArgs, tmp_path, *, plateau_metrics: dict[int,
 
 
 def _assert_close(params, hf_params, model):
+    """Float64 params after T steps of the same optimizer on the same gradients: FLOAT64 (a step of lr = 1e-2 that
+    one side missed is 1e8 times above it), and every param moved (the comparison is not of two frozen copies)."""
     assert list(params) == list(hf_params)
     for name, p in params.items():
         ref = hf_params[name]
-        err = (p - ref).abs().max().item()
-        assert err <= 1e-10 * max(ref.abs().max().item(), 1e-3), (name, err)
+        torch.testing.assert_close(p, ref, **FLOAT64, msg=lambda m, name=name: f"{name}: {m}")
         assert not torch.equal(ref, dict(model.named_parameters())[name].detach()), f"{name} did not move"
 
 
@@ -164,7 +175,7 @@ PARITY_CASES = [
 )
 def test_optimizer_and_schedule_match_transformers_step_by_step(HFArgs, tmp_path, case):
     params, hf_params, ours_lrs, hf_lrs, model = _run_both({"learning_rate": 1e-2, **case}, HFArgs, tmp_path)
-    assert ours_lrs == pytest.approx(hf_lrs, rel=1e-12, abs=1e-15)
+    assert ours_lrs == pytest.approx(hf_lrs, **LR)
     _assert_close(params, hf_params, model)
     if case.get("warmup_steps") and case["lr_scheduler_type"] != "cosine_warmup_with_min_lr":
         assert ours_lrs[0] == 0.0  # the first update with warmup has lr 0 (that schedule warms up from 1/W)
@@ -182,8 +193,8 @@ def test_reduce_lr_on_plateau_matches_transformers(HFArgs, tmp_path):
     }
     metrics = {k: 1.0 + 0.01 * (k == 1) for k in range(1, T, 2)}  # no improvement after the first evaluation
     params, hf_params, ours_lrs, hf_lrs, model = _run_both(case, HFArgs, tmp_path, plateau_metrics=metrics)
-    assert ours_lrs == pytest.approx(hf_lrs, rel=1e-12)
-    assert min(hf_lrs) == pytest.approx(2e-3) and max(hf_lrs) == 1e-2  # it did reduce, down to min_lr
+    assert ours_lrs == pytest.approx(hf_lrs, **LR)
+    assert min(hf_lrs) == 2e-3 and max(hf_lrs) == 1e-2  # it did reduce, down to min_lr (max(lr·factor, min_lr): exact)
     _assert_close(params, hf_params, model)
 
 
@@ -217,6 +228,7 @@ def test_accepts_transformers_training_arguments(HFArgs, tmp_path):
             updates, state = tx.update(g, state, p)
             p = optim.apply_updates(p, updates)
         runs.append(p)
+    # the same optimizer built from either arguments class, the same kernels on the same gradients: bitwise
     assert all(torch.equal(runs[0][n], runs[1][n]) for n in params)
 
 
@@ -260,9 +272,11 @@ def test_lion_uses_adam_betas_and_the_decay_mask():
     params = {n: p.detach() for n, p in model.named_parameters()}
     tx = make_optimizer(args, model, num_training_steps=10)
     updates, _ = tx.update({n: torch.zeros_like(p) for n, p in params.items()}, tx.init(params), params)
-    assert torch.equal(updates["0.bias"], torch.zeros(2))  # no decay on the bias
-    # zero gradient: sign(0) = 0, so the update is the decoupled decay -lr * wd * p (lr(0) = lr, no warmup)
-    torch.testing.assert_close(updates["0.weight"], -5e-5 * 0.5 * params["0.weight"])
+    assert torch.equal(updates["0.bias"], torch.zeros(2))  # no decay on the bias: exactly 0
+    # zero gradient: sign(0) = 0, so the update is the decoupled decay -lr * wd * p (lr(0) = lr, no warmup). Float32
+    # params: each side computes it in at most 4 float32 roundings (the lr, wd·p, the sum with 0, the product by
+    # lr), so gamma(4) relative and no absolute slack (torch's default atol 1e-5 would accept an update of 0 here).
+    torch.testing.assert_close(updates["0.weight"], -5e-5 * 0.5 * params["0.weight"], rtol=gamma(4), atol=0)
 
 
 def test_weight_decay_in_optim_args_is_ignored_with_a_warning():
@@ -342,7 +356,7 @@ def test_make_schedule_matches_transformers_get_scheduler(name, warmup, total):
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
     hf = transformers.get_scheduler(name, opt, num_warmup_steps=args.get_warmup_steps(total), num_training_steps=total)
     for k in range(total + 2):
-        assert float(sched(torch.tensor(k))) == pytest.approx(hf.get_last_lr()[0], rel=1e-12, abs=1e-15), k
+        assert float(sched(torch.tensor(k))) == pytest.approx(hf.get_last_lr()[0], **LR), k
         opt.step()
         hf.step()
 

@@ -1,5 +1,8 @@
 """HyperparameterSearchMixin, ray tune backend: trials run in ray workers; their objectives are checked against the
-same hyper-parameters retrained here with a plain Trainer."""
+same hyper-parameters retrained here with a plain Trainer.
+
+A worker is another process, whose thread count (and so float32 reduction order) need not be this one's, so the
+model is float64 and a reported objective must equal the retrained eval_loss to ``FLOAT64`` (``APPROX64``)."""
 
 import math
 import os
@@ -29,6 +32,7 @@ from ftrain.trainer.hp_search import (  # noqa: E402
 )
 from tests.trainer.test_trainer import BASE as TRAINER_BASE  # noqa: E402
 from tests.trainer.test_trainer import rows  # noqa: E402
+from tests.trainer.test_trainer_parity import APPROX64  # noqa: E402
 
 # The trials unpickle this module's model_init / hp_name in ray workers, which need not be able to import a test
 # module by name: ship its functions by value.
@@ -44,7 +48,7 @@ def gpt2(dropout):
         attn_pdrop=0, bos_token_id=0, eos_token_id=0,
     )  # fmt: skip
     torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(config)
+    model = transformers.GPT2LMHeadModel(config).double()  # float64: see the module docstring
     model.loss_type = "ForCausalLM"
     return model
 
@@ -160,11 +164,11 @@ def test_ray_best_run_matches_retraining(tmp_path, ray_session):
         reported = result.metrics_dataframe["objective"].tolist()
         expected = retrained_eval_losses(tmp_path, f"again-{params['learning_rate']}", eval_strategy="epoch",
                                          num_train_epochs=2, **params)  # fmt: skip
-        assert reported == pytest.approx(expected, rel=1e-6) and len(expected) == 2  # one report per evaluation
+        assert reported == pytest.approx(expected, **APPROX64) and len(expected) == 2  # one report per evaluation
         objectives[result.metrics["trial_id"]] = expected[-1]
     assert len(objectives) == 2
     best_id = min(objectives, key=objectives.get)
-    assert best.run_id == best_id and best.objective == pytest.approx(objectives[best_id], rel=1e-6)
+    assert best.run_id == best_id and best.objective == pytest.approx(objectives[best_id], **APPROX64)
     assert best.hyperparameters == next(r.config for r in best.run_summary if r.metrics["trial_id"] == best_id)
 
 
@@ -186,8 +190,9 @@ def test_ray_final_evaluate_trial_model_init_and_failures(tmp_path, ray_session)
     assert best.hyperparameters == space
     expected = retrained_eval_losses(tmp_path, "again", model=gpt2(0.2), max_steps=2, learning_rate=3e-3,
                                      eval_strategy="steps", eval_steps=2)  # fmt: skip
-    assert best.objective == pytest.approx(expected[-1], rel=1e-6)
+    assert best.objective == pytest.approx(expected[-1], **APPROX64)
     assert os.path.isdir(tmp_path / "out" / f"run-{best.run_id}" / "checkpoint-2")
+    # the control: without the trial's dropout the eval_loss differs, by far more than isclose's 1e-9 relative
     assert not math.isclose(expected[-1], retrained_eval_losses(tmp_path, "drop", model=gpt2(0.0), max_steps=2,
                             learning_rate=3e-3, eval_strategy="steps", eval_steps=2)[-1])  # fmt: skip
 
