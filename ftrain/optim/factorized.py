@@ -27,17 +27,24 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
 
 from ftrain import tree as _tree
 from ftrain.optim.base import GradientTransformation, Params, ScalarOrSchedule, check_float_params
+from ftrain.optim.transform import (
+    MaskOrFn,
+    Numeric,
+    _ema,
+    _flatten_keep_none,
+    _resolve_mask,
+    _scalar_dtype,
+    _zero_count,
+)
 
 __all__ = ["ScaleByAdafactorState", "adafactor", "scale_by_adafactor"]
 
-Scalar = float | torch.Tensor
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
@@ -64,14 +71,6 @@ class ScaleByAdafactorState(NamedTuple):
     exp_avg: Any
 
 
-def _scalar_dtype(leaves: list[torch.Tensor]) -> torch.dtype:
-    return torch.float64 if any(x.dtype == torch.float64 for x in leaves) else torch.float32
-
-
-def _device(leaves: list[torch.Tensor]) -> torch.device:
-    return leaves[0].device if leaves else torch.device("cpu")
-
-
 def _step_size(
     learning_rate: ScalarOrSchedule | None,
     count: torch.Tensor,
@@ -94,13 +93,8 @@ def _rms_list(xs: list[torch.Tensor]) -> list[torch.Tensor]:
     return torch._foreach_div(torch._foreach_norm(xs), [x.numel() ** 0.5 for x in xs])
 
 
-def _ema(old: list[torch.Tensor], new: list[torch.Tensor], beta: Scalar) -> list[torch.Tensor]:
-    """``beta * old + (1 - beta) * new``, in HF's order of operations."""
-    return torch._foreach_add(torch._foreach_mul(old, beta), torch._foreach_mul(new, 1.0 - beta))
-
-
 def _precondition(
-    grads: list[torch.Tensor], state_lists: tuple[list, list, list], beta2t: torch.Tensor, eps1: Scalar
+    grads: list[torch.Tensor], state_lists: tuple[list, list, list], beta2t: torch.Tensor, eps1: Numeric
 ) -> tuple[list[torch.Tensor], tuple[list, list, list]]:
     """Updates the factored / full second moments and returns ``grad / sqrt(v_hat)`` per leaf."""
     rows, cols, fulls = state_lists
@@ -109,12 +103,12 @@ def _precondition(
     unf = [i for i, r in enumerate(rows) if r is None]
     new_rows, new_cols, new_fulls = list(rows), list(cols), list(fulls)
     if fac:
-        r_new = _ema([rows[i] for i in fac], [sq[i].mean(dim=-1) for i in fac], beta2t)
-        c_new = _ema([cols[i] for i in fac], [sq[i].mean(dim=-2) for i in fac], beta2t)
+        r_new = _ema([rows[i] for i in fac], [sq[i].mean(dim=-1) for i in fac], beta2t, lerp=False)
+        c_new = _ema([cols[i] for i in fac], [sq[i].mean(dim=-2) for i in fac], beta2t, lerp=False)
         for i, r, c in zip(fac, r_new, c_new):
             new_rows[i], new_cols[i] = r, c
     if unf:
-        for i, v in zip(unf, _ema([fulls[i] for i in unf], [sq[i] for i in unf], beta2t)):
+        for i, v in zip(unf, _ema([fulls[i] for i in unf], [sq[i] for i in unf], beta2t, lerp=False)):
             new_fulls[i] = v
     out = []
     for i, g in enumerate(grads):
@@ -144,23 +138,6 @@ def _init_leaf_stats(
     return None, None, torch.zeros(shape, dtype=dtype, device=leaf.device)
 
 
-def _resolve_mask(mask: Any, params: Params, spec: Any) -> list[bool]:
-    """The weight-decay mask as one Python bool per leaf (``None``: all ``True``)."""
-    if mask is None:
-        return [True] * spec.num_leaves
-    tree = mask(params) if callable(mask) else mask
-    try:
-        leaves = spec.flatten_up_to(tree)
-    except (ValueError, TypeError) as err:
-        raise ValueError(f"adafactor: weight_decay_mask does not have the params' structure: {err}") from err
-    if not all(isinstance(m, bool) for m in leaves):
-        raise TypeError(
-            "adafactor: weight_decay_mask leaves must be Python bools (like {'w': True, 'b': False}); a "
-            "tensor would need a host sync to decide which leaves to decay."
-        )
-    return leaves
-
-
 def _check_step_size_args(learning_rate: Any, relative_step: bool, warmup_init: bool) -> None:
     """The combinations HF's ``Adafactor.__init__`` rejects."""
     if learning_rate is not None and relative_step:
@@ -177,12 +154,12 @@ def _check_step_size_args(learning_rate: Any, relative_step: bool, warmup_init: 
 def scale_by_adafactor(
     learning_rate: ScalarOrSchedule | None = None,
     *,
-    eps: tuple[Scalar, Scalar] = (1e-30, 1e-3),
-    clip_threshold: Scalar = 1.0,
-    decay_rate: Scalar = -0.8,
-    beta1: Scalar | None = None,
-    weight_decay: Scalar = 0.0,
-    weight_decay_mask: Any | Callable[[Params], Any] | None = None,
+    eps: tuple[Numeric, Numeric] = (1e-30, 1e-3),
+    clip_threshold: Numeric = 1.0,
+    decay_rate: Numeric = -0.8,
+    beta1: Numeric | None = None,
+    weight_decay: Numeric = 0.0,
+    weight_decay_mask: MaskOrFn = None,
     scale_parameter: bool = True,
     relative_step: bool = True,
     warmup_init: bool = False,
@@ -221,7 +198,7 @@ def scale_by_adafactor(
     def init(params: Params) -> ScaleByAdafactorState:
         check_float_params(params, where="scale_by_adafactor")
         leaves, spec = _tree.tree_flatten(params)
-        count = torch.zeros((), dtype=torch.int64, device=_device(leaves))
+        count = _zero_count(params)
         stats = [_init_leaf_stats(x) for x in leaves]
         trees = [_tree.tree_unflatten(spec, [s[j] for s in stats]) for j in range(3)]
         exp_avg = None
@@ -252,10 +229,16 @@ def scale_by_adafactor(
         new_avg = None
         if beta1 is not None:
             avg = spec.flatten_up_to(state.exp_avg)
-            us = _ema(avg, us, beta1)
+            us = _ema(avg, us, beta1, lerp=False)  # HF's order of operations
             new_avg = _tree.tree_unflatten(spec, us)
         if decays:
-            mask = _resolve_mask(weight_decay_mask, params, spec)
+            full_leaves, full_spec = _flatten_keep_none(updates)  # None: a leaf hidden by an outer mask
+            keep = (
+                [True] * full_spec.num_leaves
+                if weight_decay_mask is None
+                else _resolve_mask(weight_decay_mask, params, full_spec, where="scale_by_adafactor")
+            )
+            mask = [k for u, k in zip(full_leaves, keep) if u is not None]
             us = [u + p * (weight_decay * r) if m else u for u, p, r, m in zip(us, p_leaves, lrs, mask)]
         out = _tree.tree_unflatten(spec, [u.to(g.dtype) for u, g in zip(us, leaves)])
         new_trees = [_tree.tree_unflatten(spec, s) for s in new_stats]
@@ -267,12 +250,12 @@ def scale_by_adafactor(
 def adafactor(
     learning_rate: ScalarOrSchedule | None,
     *,
-    eps: tuple[Scalar, Scalar] = (1e-30, 1e-3),
-    clip_threshold: Scalar = 1.0,
-    decay_rate: Scalar = -0.8,
-    beta1: Scalar | None = None,
-    weight_decay: Scalar = 0.0,
-    mask: Any | Callable[[Params], Any] | None = None,
+    eps: tuple[Numeric, Numeric] = (1e-30, 1e-3),
+    clip_threshold: Numeric = 1.0,
+    decay_rate: Numeric = -0.8,
+    beta1: Numeric | None = None,
+    weight_decay: Numeric = 0.0,
+    mask: MaskOrFn = None,
     scale_parameter: bool = False,
     relative_step: bool = False,
     warmup_init: bool = False,

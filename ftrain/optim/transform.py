@@ -70,7 +70,7 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Private helpers shared by the transforms (and by combine.py / alias.py).
+# Private helpers shared by the transforms and the rest of ftrain.optim (combine, factorized, wrappers).
 
 
 def _is_number(x: Any) -> bool:
@@ -98,11 +98,14 @@ def _scalar_dtype(leaves: list[torch.Tensor]) -> torch.dtype:
 
 
 def _device(leaves: list[torch.Tensor]) -> torch.device:
+    """Device of the first leaf (CPU for no leaves)."""
     return leaves[0].device if leaves else torch.device("cpu")
 
 
 def _zero_count(params: Params) -> torch.Tensor:
-    return torch.zeros((), dtype=torch.int64, device=_device(_tree.tree_leaves(params)))
+    """A 0-d int64 zero on the params' device; non-tensor leaves (a wrapper sees any tree) are skipped."""
+    leaves = [x for x in _tree.tree_leaves(params) if isinstance(x, torch.Tensor)]
+    return torch.zeros((), dtype=torch.int64, device=_device(leaves))
 
 
 def _count_as(count: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -152,9 +155,10 @@ def _add_scaled(ys: list[torch.Tensor], xs: list[torch.Tensor], a: Numeric) -> l
     return torch._foreach_add(ys, torch._foreach_mul(xs, a))
 
 
-def _ema(old: list[torch.Tensor], new: list[torch.Tensor], decay: Numeric) -> list[torch.Tensor]:
-    """``decay * old + (1 - decay) * new`` (a ``lerp``, as torch.optim writes it, for a Python ``decay``)."""
-    if _is_number(decay):
+def _ema(old: list[torch.Tensor], new: list[torch.Tensor], decay: Numeric, *, lerp: bool = True) -> list[torch.Tensor]:
+    """``decay * old + (1 - decay) * new``: a ``lerp`` for a Python ``decay``, as torch.optim writes it, unless
+    ``lerp=False``; otherwise two products and a sum (HF Adafactor's order of operations, which rounds apart)."""
+    if lerp and _is_number(decay):
         return torch._foreach_lerp(old, new, 1.0 - decay)
     return torch._foreach_add(torch._foreach_mul(old, decay), torch._foreach_mul(new, 1 - decay))
 
@@ -174,14 +178,26 @@ def _flatten_keep_none(tree: Any) -> tuple[list[Any], Any]:
 
 
 def _resolve_mask(mask: MaskOrFn, params: Params, spec: Any, *, where: str) -> list[bool]:
-    """Mask leaves aligned with ``spec`` (a treespec built with ``none_is_leaf=True``), as Python bools."""
+    """Mask leaves aligned with ``spec`` (a treespec built with ``none_is_leaf=True``), as Python bools.
+
+    A ``None`` leaf of the mask (a leaf hidden by an outer mask) is False. A transform whose mask is optional
+    (``None``: every leaf) decides that before calling this, so ``masked(inner, None)`` stays an error.
+
+    Raises:
+        ValueError: the mask's structure is not the params' (naming the key path where they differ).
+        TypeError: a mask leaf is not a Python bool.
+    """
     mask_tree = mask(params) if callable(mask) else mask
     try:
         leaves = spec.flatten_up_to(mask_tree)
     except (ValueError, TypeError) as err:
-        _tree.tree_check_same_structure(params, mask_tree, names=("params", "mask"))
-        raise ValueError(f"{where}: the mask does not have the params' structure: {err}") from err
-    leaves = [False if leaf is None else leaf for leaf in leaves]  # None: a leaf hidden by an outer mask
+        why = str(err)
+        try:
+            _tree.tree_check_same_structure(params, mask_tree, names=("params", "mask"))
+        except ValueError as diff:  # names the key path, where optree's message may not
+            why = str(diff)
+        raise ValueError(f"{where}: the mask does not have the params' structure: {why}") from err
+    leaves = [False if leaf is None else leaf for leaf in leaves]
     for leaf in leaves:
         if not isinstance(leaf, bool):
             raise TypeError(

@@ -35,6 +35,7 @@ import torch
 
 from ftrain import tree as _tree
 from ftrain.optim.base import GradientTransformation, OptState, Params, Updates, check_float_params
+from ftrain.optim.transform import _zero_count
 
 __all__ = [
     "ApplyIfFiniteState",
@@ -46,15 +47,6 @@ __all__ = [
     "inject_hyperparams",
     "set_hyperparam",
 ]
-
-
-def _device(params: Params) -> torch.device:
-    leaves = [x for x in _tree.tree_leaves(params) if isinstance(x, torch.Tensor)]
-    return leaves[0].device if leaves else torch.device("cpu")
-
-
-def _zero_count(params: Params) -> torch.Tensor:
-    return torch.zeros((), dtype=torch.int64, device=_device(params))
 
 
 def _select_tree(pred: torch.Tensor, on_true: Any, on_false: Any) -> Any:

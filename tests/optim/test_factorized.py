@@ -14,6 +14,7 @@ from tolerances import FLOAT64, UNIT_ROUNDOFF, gamma
 from transformers.optimization import Adafactor
 
 from ftrain import tree
+from ftrain.optim.combine import masked
 from ftrain.optim.factorized import ScaleByAdafactorState, adafactor, scale_by_adafactor
 
 SHAPES = {"emb": (6, 5), "bias": (5,), "conv": (3, 4, 2), "scalar": ()}
@@ -208,11 +209,32 @@ def test_compiles_fullgraph_without_recompiling_on_new_hyperparams():
     assert float(state.inner_state.learning_rate) == 1e-1  # set as a Python float, held in float64 exactly
 
 
-def test_mask_errors():
+def test_mask_errors_name_the_transform_and_what_is_wrong():
     params = {"w": torch.ones(2, 2), "b": torch.ones(2)}
     tx = adafactor(1e-3, weight_decay=0.1, mask={"w": torch.tensor(True), "b": False})
-    with pytest.raises(TypeError, match="must be Python bools"):
+    with pytest.raises(TypeError, match=r"^scale_by_adafactor: mask leaves must be Python bools .*, got Tensor\."):
         tx.update(params, tx.init(params), params)
     tx = adafactor(1e-3, weight_decay=0.1, mask={"w": True})
-    with pytest.raises(ValueError, match="does not have the params' structure"):
+    with pytest.raises(ValueError) as err:
         tx.update(params, tx.init(params), params)
+    assert str(err.value).splitlines()[:2] == [
+        "scale_by_adafactor: the mask does not have the params' structure: params and mask have different tree "
+        "structures (2 vs 1 leaves).",
+        "  in params only: ['b']",
+    ]
+
+
+def test_mask_of_all_params_inside_masked():
+    """A mask built for the whole tree still works where an outer ``masked`` hides some leaves (``None``)."""
+    params = {"w": torch.ones(2, 2), "b": torch.ones(2), "emb": torch.ones(1, 1)}
+    grads = {k: torch.full_like(v, 0.5) for k, v in params.items()}
+    decay_mask = {"w": True, "b": False, "emb": True}
+    tx = masked(adafactor(1e-2, weight_decay=0.3, mask=decay_mask), {"w": True, "b": True, "emb": False})
+    out, _ = tx.update(grads, tx.init(params), params)
+    inner = adafactor(1e-2, weight_decay=0.3, mask={"w": True, "b": False})
+    sub = {k: params[k] for k in ("w", "b")}
+    ref, _ = inner.update({k: grads[k] for k in sub}, inner.init(sub), sub)
+    torch.testing.assert_close(out, {**ref, "emb": grads["emb"]}, rtol=0, atol=0)
+    # lr 1e-2 times the normalised gradient (1), plus lr * weight_decay * p = 3e-3 where the mask says decay
+    torch.testing.assert_close(out["w"], torch.full((2, 2), -0.013))
+    torch.testing.assert_close(out["b"], torch.full((2,), -0.01))
