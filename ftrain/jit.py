@@ -33,38 +33,10 @@ import torch
 import torch._dynamo
 import torch.utils._pytree
 
-from ftrain.state import TrainState
+from ftrain.state import Donated, TrainState, mark_donated
 from ftrain.step import EvalStep, TrainStep
 
 __all__ = ["Donated", "Jitted", "jit"]
-
-
-class Donated:
-    """Stands in for every field of a donated state; any use raises with the fix."""
-
-    __slots__ = ("field", "step")
-
-    def __init__(self, field: str, step: int | torch.Tensor):
-        self.field = field
-        self.step = step
-
-    def _fail(self, *args: Any, **kwargs: Any):
-        raise RuntimeError(
-            f"this TrainState was donated to a jitted step at step {int(self.step)}: its tensors now hold the next "
-            f"state, so state.{self.field} is gone. Use the state the step returned "
-            "(state, metrics = step(state, batch)), or build the step with jit(..., donate=False)."
-        )
-
-    __getitem__ = __iter__ = __len__ = __getattr__ = __call__ = __bool__ = __float__ = __int__ = _fail
-    keys = values = items = _fail
-
-    def __repr__(self) -> str:
-        return f"<donated {self.field}>"
-
-
-def _mark_donated(state: TrainState, step: int | torch.Tensor) -> None:
-    for name in ("step", "params", "buffers", "opt_state", "key"):
-        object.__setattr__(state, name, Donated(name, step))
 
 
 def _check_alive(state: Any) -> None:
@@ -169,7 +141,7 @@ class Jitted:
             self._first_call_compiles = self.compiles
         self.calls += 1
         if self.donate:
-            _mark_donated(state, step_before)
+            mark_donated(state, step_before)
         if isinstance(self.step, EvalStep):
             return metrics
         return new_state, metrics

@@ -35,10 +35,40 @@ from ftrain import tree as _tree
 from ftrain.module import load_into_module, materialize, split_module
 from ftrain.optim.base import GradientTransformation
 
-__all__ = ["TrainState"]
+__all__ = ["Donated", "TrainState"]
 
 _LEAF_FIELDS = ("step", "params", "buffers", "opt_state", "key")
 _STATIC_FIELDS = ("skeleton", "tx")
+
+
+class Donated:
+    """Stands in for every field of a donated state; any use raises with the fix."""
+
+    __slots__ = ("field", "step")
+
+    def __init__(self, field: str, step: int | torch.Tensor):
+        self.field = field
+        self.step = step
+
+    def _fail(self, *args: Any, **kwargs: Any):
+        raise RuntimeError(
+            f"this TrainState was donated to a jitted step at step {int(self.step)}: its tensors now hold the next "
+            f"state, so state.{self.field} is gone. Use the state the step returned "
+            "(state, metrics = step(state, batch)), or build the step with jit(..., donate=False)."
+        )
+
+    __getitem__ = __iter__ = __len__ = __getattr__ = __call__ = __bool__ = __float__ = __int__ = _fail
+    keys = values = items = _fail
+
+    def __repr__(self) -> str:
+        return f"<donated {self.field}>"
+
+
+def mark_donated(state: TrainState, step: int | torch.Tensor) -> None:
+    """Kills ``state`` after a step reused its tensors (``jit(..., donate=True)``): every leaf field becomes a
+    :class:`Donated`, so any later use raises with the fix. ``step`` is the step it was donated at."""
+    for name in _LEAF_FIELDS:
+        object.__setattr__(state, name, Donated(name, step))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

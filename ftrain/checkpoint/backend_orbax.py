@@ -82,6 +82,7 @@ class OrbaxBackend:
 
     name = "orbax"
     collective = False
+    process_group = None
 
     def __init__(self):
         import_orbax()

@@ -41,7 +41,18 @@ from ftrain.checkpoint.errors import CorruptCheckpointError
 from ftrain.checkpoint.integrity import CHUNK, FileEntry, Manifest, OverlappedHasher
 from ftrain.checkpoint.treeio import is_dtensor
 
-__all__ = ["Backend", "SafetensorsBackend", "get_backend", "read_safetensors", "write_safetensors"]
+__all__ = [
+    "BACKEND_NAMES",
+    "Backend",
+    "SafetensorsBackend",
+    "get_backend",
+    "missing_backend_members",
+    "read_safetensors",
+    "write_safetensors",
+]
+
+#: The backends :func:`get_backend` builds from a name.
+BACKEND_NAMES = ("safetensors", "dcp", "orbax")
 
 _CODES = {
     torch.float64: "F64",
@@ -72,10 +83,14 @@ class Backend(Protocol):
         name: recorded in ``meta.json`` so a restore can tell which backend wrote a checkpoint.
         collective: True if every process calls ``write``/``read`` (each holding its shards, as DCP does); False if
             only the primary process writes a full copy.
+        process_group: the ``torch.distributed`` group the manager coordinates over (which rank writes, barriers,
+            the commit) and a collective backend's own collectives run on; ``None`` for the default group, or a
+            lone process when ``torch.distributed`` is not initialized. One-process backends set ``None``.
     """
 
     name: str
     collective: bool
+    process_group: Any
 
     def write(
         self, directory: Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], *, hash_algorithm: str
@@ -92,6 +107,17 @@ class Backend(Protocol):
         never views of the files. With a ``manifest``, checks each file it reads against it and raises
         :class:`~ftrain.checkpoint.CorruptCheckpointError` naming the file."""
         ...
+
+
+def missing_backend_members(obj: object) -> list[str]:
+    """The members of :class:`Backend` that ``obj`` lacks (``[]`` for a backend), for an error that names them.
+
+    Example:
+        >>> missing_backend_members(SafetensorsBackend()), missing_backend_members(object())
+        ([], ['name', 'collective', 'process_group', 'write', 'read'])
+    """
+    methods = [n for n, v in vars(Backend).items() if callable(v) and not n.startswith("_")]
+    return [n for n in (*Backend.__annotations__, *methods) if not hasattr(obj, n)]
 
 
 def _byte_view(t: torch.Tensor) -> memoryview:
@@ -273,6 +299,7 @@ class SafetensorsBackend:
 
     name = "safetensors"
     collective = False
+    process_group = None
 
     def __init__(self, file_name: str = "state.safetensors"):
         self.file_name = file_name
@@ -300,7 +327,7 @@ class SafetensorsBackend:
 
 
 def get_backend(backend: str | Backend) -> Backend:
-    """A backend instance from its name (``"safetensors"``, ``"dcp"``, ``"orbax"``) or the instance itself.
+    """A backend instance from its name (one of :data:`BACKEND_NAMES`) or the instance itself.
 
     Raises:
         ImportError: ``"orbax"`` without orbax-checkpoint installed (says which extra to install).
@@ -318,4 +345,4 @@ def get_backend(backend: str | Backend) -> Backend:
         from ftrain.checkpoint.backend_orbax import OrbaxBackend
 
         return OrbaxBackend()
-    raise ValueError(f"unknown checkpoint backend {backend!r}; use 'safetensors', 'dcp' or 'orbax'")
+    raise ValueError(f"unknown checkpoint backend {backend!r}; use one of {list(BACKEND_NAMES)}")

@@ -174,7 +174,7 @@ class CheckpointManager:
         self.directory = Path(directory).absolute()
         self.backend: Backend = get_backend(self.options.backend)
         self._naming = self.options.naming
-        self._group = getattr(self.backend, "process_group", None)
+        self._group = self.backend.process_group
         self._rank, self._world = dist_info(self._group)
         self._lock = threading.RLock()
         self._steps: dict[int, dict[str, float] | None] = {}  # committed step -> metrics

@@ -32,18 +32,15 @@ import dataclasses
 import math
 import signal
 from collections.abc import Callable, Collection, Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ftrain.checkpoint.atomic import StepNaming
+from ftrain.checkpoint.backends import BACKEND_NAMES, Backend, missing_backend_members
 from ftrain.checkpoint.integrity import check_hash_algorithm
-
-if TYPE_CHECKING:
-    from ftrain.checkpoint.backends import Backend
 
 __all__ = ["CheckpointManagerOptions", "best_steps", "is_save_due", "metric_value", "select_to_keep"]
 
 Metrics = Mapping[str, float]
-BACKEND_NAMES = ("safetensors", "dcp", "orbax")
 
 
 def _check_positive_int(name: str, value: Any, *, zero_ok: bool = False) -> None:
@@ -130,12 +127,12 @@ class CheckpointManagerOptions:
             if self.backend not in BACKEND_NAMES:
                 raise ValueError(
                     f"CheckpointManagerOptions: backend={self.backend!r} is unknown; use one of {list(BACKEND_NAMES)} "
-                    "or an object with write(directory, tensors, meta, ...) and read(directory, like, ...)"
+                    "or an object with the members of ftrain.checkpoint.Backend"
                 )
-        elif not (callable(getattr(self.backend, "write", None)) and callable(getattr(self.backend, "read", None))):
+        elif missing := missing_backend_members(self.backend):
             raise ValueError(
-                f"CheckpointManagerOptions: backend must be one of {list(BACKEND_NAMES)} or an object with write() "
-                f"and read() methods (see ftrain.checkpoint.Backend), got {type(self.backend).__name__}"
+                f"CheckpointManagerOptions: backend must be one of {list(BACKEND_NAMES)} or an object with the "
+                f"members of ftrain.checkpoint.Backend; a {type(self.backend).__name__} lacks {', '.join(missing)}"
             )
         StepNaming(self.step_prefix, self.step_digits)  # validates
 

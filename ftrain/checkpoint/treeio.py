@@ -32,7 +32,7 @@ import torch
 
 from ftrain import tree as _tree
 from ftrain.checkpoint.errors import CheckpointMismatchError
-from ftrain.jit import Donated
+from ftrain.state import Donated
 
 __all__ = ["LeafSpec", "check_fits", "dtype_from_name", "dtype_name", "flatten", "is_dtensor", "rebuild"]
 

@@ -8,13 +8,17 @@ import os
 import signal
 import threading
 import time
+import types
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ftrain.checkpoint import CheckpointManager, CheckpointManagerOptions, select_to_keep
+from ftrain.checkpoint import CheckpointManager, CheckpointManagerOptions, SafetensorsBackend, select_to_keep
+from ftrain.checkpoint.backend_dcp import DcpBackend
+from ftrain.checkpoint.backend_orbax import OrbaxBackend
+from ftrain.checkpoint.backends import missing_backend_members
 from ftrain.checkpoint.policy import is_save_due
 
 TINY = {"w": torch.ones(2)}
@@ -32,7 +36,11 @@ TINY = {"w": torch.ones(2)}
         ({"metric": "loss", "best_fn": lambda m: m["loss"]}, "give either metric .* or best_fn .*, not both"),
         ({"metric": "loss", "best_mode": "lowest"}, "best_mode must be 'min' .* or 'max'"),
         ({"backend": "hdf5"}, "backend='hdf5' is unknown; use one of \\['safetensors', 'dcp', 'orbax'\\]"),
-        ({"backend": object()}, "backend must be one of .* or an object with write\\(\\) and read\\(\\)"),
+        ({"backend": object()}, "members of ftrain.checkpoint.Backend; a object lacks name, collective, process_group"),
+        (
+            {"backend": types.SimpleNamespace(name="mine", collective=False, write=print, read=print)},
+            "members of ftrain.checkpoint.Backend; a SimpleNamespace lacks process_group$",
+        ),
         ({"hash_algorithm": "crc"}, "hash_algorithm='crc' is not a hashlib algorithm"),
         ({"step_prefix": ".hidden"}, "step_prefix='.hidden'"),
     ],
@@ -40,6 +48,16 @@ TINY = {"w": torch.ones(2)}
 def test_invalid_options_raise_when_built_with_the_fix(kwargs, message):
     with pytest.raises(ValueError, match=message):
         CheckpointManagerOptions(**kwargs)
+
+
+def test_every_shipped_backend_has_every_protocol_member_and_its_process_group():
+    group = object()
+    assert [missing_backend_members(b) for b in (SafetensorsBackend(), DcpBackend(group), OrbaxBackend)] == [[]] * 3
+    assert (SafetensorsBackend().process_group, DcpBackend(group).process_group, OrbaxBackend.process_group) == (
+        None,
+        group,
+        None,
+    )
 
 
 def test_save_triggers():

@@ -141,10 +141,10 @@ def test_save_rejects_what_json_cannot_hold_and_names_where(tmp_path):
 
 
 def test_saving_a_donated_state_raises_the_donation_error(tmp_path):
-    from ftrain.jit import _mark_donated
+    from ftrain.state import mark_donated
 
     state = make_state()
-    _mark_donated(state, 2)
+    mark_donated(state, 2)
     with CheckpointManager(tmp_path) as mgr, pytest.raises(RuntimeError, match="donated to a jitted step"):
         mgr.save(2, state)
 
