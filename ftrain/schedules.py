@@ -10,7 +10,7 @@ step that calls it compiles once and never recompiles as the step changes. Phase
 at a given step are clamped into their own domain, so no ``nan`` appears even in the branch ``torch.where``
 discards.
 
-Metric-driven schedules (``reduce_lr_on_plateau``) are not functions of the step: :func:`reduce_on_plateau` is
+Metric-driven schedules (:data:`METRIC_SCHEDULE_NAMES`) are not functions of the step: :func:`reduce_on_plateau` is
 a gradient transformation whose scale :func:`plateau_update` changes after each evaluation.
 
 Example:
@@ -37,6 +37,7 @@ from ftrain import tree as _tree
 from ftrain.optim.base import GradientTransformation, OptState, Params, Schedule, Updates, check_float_params
 
 __all__ = [
+    "METRIC_SCHEDULE_NAMES",
     "SCHEDULE_NAMES",
     "PlateauHyperparams",
     "ReduceOnPlateauState",
@@ -563,7 +564,9 @@ def warmup_stable_decay_schedule(
 # Dispatcher
 # ----------------------------------------------------------------------------------------------------------
 
-_STEP_SCHEDULES: dict[str, Callable[..., Schedule]] = {
+#: Every ``transformers.SchedulerType`` value, in HF's order of definition, with the function that builds it; ``None``
+#: for the metric-driven ones, which are not functions of the step (see :data:`METRIC_SCHEDULE_NAMES`).
+_SCHEDULES: dict[str, Callable[..., Schedule] | None] = {
     "linear": linear_schedule,
     "cosine": cosine_schedule,
     "cosine_with_restarts": cosine_with_restarts_schedule,
@@ -571,26 +574,17 @@ _STEP_SCHEDULES: dict[str, Callable[..., Schedule]] = {
     "constant": constant_schedule,
     "constant_with_warmup": constant_with_warmup_schedule,
     "inverse_sqrt": inverse_sqrt_schedule,
+    "reduce_lr_on_plateau": None,
     "cosine_with_min_lr": cosine_with_min_lr_schedule,
     "cosine_warmup_with_min_lr": cosine_warmup_with_min_lr_schedule,
     "warmup_stable_decay": warmup_stable_decay_schedule,
+    "greedy": None,
 }
-_METRIC_SCHEDULES = ("reduce_lr_on_plateau", "greedy")
 #: Every ``transformers.SchedulerType`` value, in HF's order of definition.
-SCHEDULE_NAMES: tuple[str, ...] = (
-    "linear",
-    "cosine",
-    "cosine_with_restarts",
-    "polynomial",
-    "constant",
-    "constant_with_warmup",
-    "inverse_sqrt",
-    "reduce_lr_on_plateau",
-    "cosine_with_min_lr",
-    "cosine_warmup_with_min_lr",
-    "warmup_stable_decay",
-    "greedy",
-)
+SCHEDULE_NAMES: tuple[str, ...] = tuple(_SCHEDULES)
+#: The schedules driven by an evaluation metric instead of the step: :func:`get_schedule` refuses them; the
+#: learning rate falls through :func:`reduce_on_plateau` and :func:`plateau_update` instead.
+METRIC_SCHEDULE_NAMES: tuple[str, ...] = tuple(name for name, build in _SCHEDULES.items() if build is None)
 _COMMON_ARGS = ("lr", "num_warmup_steps", "num_training_steps")
 
 
@@ -647,16 +641,16 @@ def get_schedule(
         [0.0, 1.0, 0.5, 0.0]
     """
     key = name.value if isinstance(name, Enum) else name
-    if key in _METRIC_SCHEDULES:
+    if key in METRIC_SCHEDULE_NAMES:
         raise ValueError(
             f"get_schedule({key!r}): {key} is driven by an evaluation metric, not by the step, so it is not "
             "a step schedule. Use ftrain.schedules.reduce_on_plateau(...) in the optimizer chain and call "
             "ftrain.schedules.plateau_update(opt_state, metric) after each evaluation"
             + (" (greedy is not implemented; reduce_on_plateau is the nearest)." if key == "greedy" else ".")
         )
-    if key not in _STEP_SCHEDULES:
+    fn = _SCHEDULES.get(key)
+    if fn is None:
         raise ValueError(f"get_schedule: unknown schedule {name!r}; valid names are {', '.join(SCHEDULE_NAMES)}.")
-    fn = _STEP_SCHEDULES[key]
     if key == "constant":
         return fn(learning_rate)
     if num_warmup_steps is None:

@@ -168,6 +168,11 @@ def test_metric_driven_names_point_to_reduce_on_plateau(name):
         S.get_schedule(name, 1e-3)
 
 
+def test_metric_driven_names_are_the_schedules_that_are_no_function_of_the_step():
+    assert S.METRIC_SCHEDULE_NAMES == ("reduce_lr_on_plateau", "greedy")
+    assert set(S.METRIC_SCHEDULE_NAMES) < set(S.SCHEDULE_NAMES)
+
+
 def test_wsd_argument_errors():
     with pytest.raises(ValueError, match=r"requires `num_decay_steps`"):
         S.get_schedule("warmup_stable_decay", 1e-3, num_training_steps=10)

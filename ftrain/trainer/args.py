@@ -46,6 +46,8 @@ from typing import Any, Literal
 
 import torch
 
+from ftrain.schedules import METRIC_SCHEDULE_NAMES, SCHEDULE_NAMES
+
 __all__ = [
     "AcceleratorConfig",
     "DebugOption",
@@ -103,21 +105,16 @@ class HubStrategy(_ChoiceEnum):
     ALL_CHECKPOINTS = "all_checkpoints"
 
 
-class SchedulerType(_ChoiceEnum):
-    """Learning-rate schedule names (``ftrain.schedules.SCHEDULE_NAMES``, in transformers' order)."""
-
-    LINEAR = "linear"
-    COSINE = "cosine"
-    COSINE_WITH_RESTARTS = "cosine_with_restarts"
-    POLYNOMIAL = "polynomial"
-    CONSTANT = "constant"
-    CONSTANT_WITH_WARMUP = "constant_with_warmup"
-    INVERSE_SQRT = "inverse_sqrt"
-    REDUCE_ON_PLATEAU = "reduce_lr_on_plateau"
-    COSINE_WITH_MIN_LR = "cosine_with_min_lr"
-    COSINE_WARMUP_WITH_MIN_LR = "cosine_warmup_with_min_lr"
-    WARMUP_STABLE_DECAY = "warmup_stable_decay"
-    GREEDY = "greedy"
+# Built from ftrain.schedules.SCHEDULE_NAMES, the one list of schedule names; each member is named as transformers
+# names it: the value in upper case, except this one.
+_SCHEDULER_MEMBER_NAMES = {"reduce_lr_on_plateau": "REDUCE_ON_PLATEAU"}
+SchedulerType = _ChoiceEnum(
+    "SchedulerType",
+    [(_SCHEDULER_MEMBER_NAMES.get(name, name.upper()), name) for name in SCHEDULE_NAMES],
+    module=__name__,
+    qualname="SchedulerType",
+)
+SchedulerType.__doc__ = "Learning-rate schedule names (``ftrain.schedules.SCHEDULE_NAMES``, in transformers' order)."
 
 
 class OptimizerNames(_ChoiceEnum):
@@ -640,7 +637,7 @@ class TrainingArguments:
                     "eval_steps defaults to)."
                 )
             self.eval_steps = self.logging_steps
-        metric_scheduler = self.lr_scheduler_type in (SchedulerType.REDUCE_ON_PLATEAU, SchedulerType.GREEDY)
+        metric_scheduler = self.lr_scheduler_type in METRIC_SCHEDULE_NAMES
         if (self.load_best_model_at_end or metric_scheduler) and self.metric_for_best_model is None:
             self.metric_for_best_model = "loss"
         if self.greater_is_better is None and self.metric_for_best_model is not None:
@@ -680,7 +677,7 @@ class TrainingArguments:
             raise ValueError("TrainingArguments: fp16 and bf16 are both True; choose one.")
         if self.fp16_full_eval and self.bf16_full_eval:
             raise ValueError("TrainingArguments: fp16_full_eval and bf16_full_eval are both True; choose one.")
-        if self.lr_scheduler_type in (SchedulerType.REDUCE_ON_PLATEAU, SchedulerType.GREEDY):
+        if self.lr_scheduler_type in METRIC_SCHEDULE_NAMES:
             if self.eval_strategy == IntervalStrategy.NO:
                 raise ValueError(
                     f"TrainingArguments: lr_scheduler_type={self.lr_scheduler_type.value!r} lowers the learning "
