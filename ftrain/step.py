@@ -17,6 +17,10 @@ microbatches.
 The step is two layers: :meth:`TrainStep.core` is the pure tensor function that :func:`ftrain.jit` compiles;
 :meth:`TrainStep.__call__` adds what must happen on the host — the module's train/eval mode and torch's RNG seeded
 from ``fold_in(state.key, state.step)`` (DESIGN.md, "RNG under compile").
+
+The losses of transformers models live here too, once: :func:`causal_lm_loss`, :func:`sequence_classification_loss`
+and :func:`model_loss`, and :func:`make_loss_fn`, which picks one from the model's class (with label smoothing or a
+``compute_loss_func``) and also returns the model's outputs — the Trainer trains and evaluates with it.
 """
 
 from __future__ import annotations
@@ -29,17 +33,21 @@ from torch import nn
 
 from ftrain import random as _random
 from ftrain import tree as _tree
-from ftrain.losses import Loss, cross_entropy
+from ftrain.losses import Loss, cross_entropy, mse
 from ftrain.module import Bound
 from ftrain.optim.base import GradientTransformation
 from ftrain.state import TrainState
 
 __all__ = [
     "EvalStep",
+    "LossWithOutputs",
     "TrainStep",
     "causal_lm_loss",
+    "loss_item_count",
     "make_eval_step",
+    "make_loss_fn",
     "make_train_step",
+    "model_kind",
     "model_loss",
     "sequence_classification_loss",
 ]
@@ -271,41 +279,150 @@ def make_eval_step(loss_fn: LossFn) -> EvalStep:
     return EvalStep(loss_fn)
 
 
-# Loss functions for transformers models: computed from the logits with ftrain.losses, which gives (sum, count)
-# and keeps the step traceable with fullgraph (transformers' own loss calls a logger dynamo cannot trace).
+# ----------------------------------------------------------------------------------------------------------
+# Losses of transformers models: computed from the logits with ftrain.losses, which gives (sum, count) and keeps
+# the step traceable with fullgraph (transformers' own loss calls a logger dynamo cannot trace). The Trainer's
+# default loss (train and eval) is :func:`make_loss_fn`; the three plain loss functions use the same pieces.
+
+LossWithOutputs = Callable[[Any, Mapping[str, Any]], tuple[Loss, Any]]
+_LABEL_KEYS = ("labels", "shift_labels")
 
 
-def _forward_without_labels(model: Bound, batch: Mapping[str, Any]) -> torch.Tensor:
-    inputs = {k: v for k, v in batch.items() if k not in ("labels", "shift_labels")}
-    out = model(**inputs)
-    return (
-        out["logits"] if isinstance(out, Mapping) else getattr(out, "logits", out[0] if isinstance(out, tuple) else out)
-    )
+def model_kind(model: Any) -> str:
+    """``"causal_lm"``, ``"sequence_classification"`` or ``"other"``, from the model's class name
+    (a multi-label classifier, ``config.problem_type="multi_label_classification"``, is ``"other"``)."""
+    name = type(model).__name__
+    if name.endswith("ForCausalLM") or name.endswith("LMHeadModel"):
+        return "causal_lm"
+    if name.endswith("ForSequenceClassification"):
+        problem = getattr(getattr(model, "config", None), "problem_type", None)
+        return "other" if problem == "multi_label_classification" else "sequence_classification"
+    return "other"
+
+
+def _logits(outputs: Any) -> torch.Tensor:
+    if isinstance(outputs, Mapping):
+        return outputs["logits"]
+    logits = getattr(outputs, "logits", None)
+    if logits is not None:
+        return logits
+    return outputs[0] if isinstance(outputs, tuple | list) else outputs
+
+
+def _one(device: torch.device) -> torch.Tensor:
+    return torch.ones((), dtype=torch.int64, device=device)
+
+
+def _forward_without_labels(model: Any, batch: Mapping[str, Any]) -> Any:
+    return model(**{k: v for k, v in batch.items() if k not in _LABEL_KEYS})
+
+
+def _own_loss(model: Any, batch: Mapping[str, Any]) -> tuple[Loss, Any]:
+    """The model's own ``loss`` output as ``Loss(loss, 1)``, and the outputs."""
+    outputs = model(**batch)
+    loss = outputs.get("loss") if isinstance(outputs, Mapping) else getattr(outputs, "loss", None)
+    if loss is None:
+        raise ValueError(
+            "The model did not return a loss from the inputs; its batch needs labels (keys: 'labels' or, with the "
+            "Trainer, TrainingArguments.label_names), or compute the loss from the logits (a loss function such "
+            "as ftrain.step.causal_lm_loss, or the Trainer's compute_loss_func=)."
+        )
+    return Loss(loss, _one(loss.device)), outputs
+
+
+def _labelled_loss(kind: str, outputs: Any, batch: Mapping[str, Any], label_smoothing: float = 0.0) -> Loss:
+    """The loss of ``kind`` from the outputs' logits and the batch's labels (``shift_labels`` for a causal LM)."""
+    logits = _logits(outputs)
+    if kind == "causal_lm" and "shift_labels" in batch:
+        return cross_entropy(logits, batch["shift_labels"], label_smoothing=label_smoothing)
+    labels = batch["labels"]
+    if kind == "sequence_classification" and labels.is_floating_point():  # regression
+        squeeze = labels.dim() == logits.dim() - 1 or logits.shape[-1] == 1
+        return mse(logits.squeeze(-1) if squeeze else logits, labels.reshape(logits.squeeze(-1).shape))
+    return cross_entropy(logits, labels, shift=kind == "causal_lm", label_smoothing=label_smoothing)
 
 
 def causal_lm_loss(model: Bound, batch: Mapping[str, Any]) -> Loss:
     """Next-token cross-entropy for a causal LM: ``labels`` shifted by one (or ``shift_labels`` as given)."""
-    logits = _forward_without_labels(model, batch)
-    if "shift_labels" in batch:
-        return cross_entropy(logits, batch["shift_labels"])
-    return cross_entropy(logits, batch["labels"], shift=True)
+    return _labelled_loss("causal_lm", _forward_without_labels(model, batch), batch)
 
 
 def sequence_classification_loss(model: Bound, batch: Mapping[str, Any]) -> Loss:
     """Cross-entropy over classes (integer ``labels``) or MSE (float ``labels``, regression), per example."""
-    logits = _forward_without_labels(model, batch)
-    labels = batch["labels"]
-    if labels.is_floating_point():
-        from ftrain.losses import mse
-
-        return mse(logits.squeeze(-1) if labels.dim() == logits.dim() - 1 else logits, labels)
-    return cross_entropy(logits, labels)
+    return _labelled_loss("sequence_classification", _forward_without_labels(model, batch), batch)
 
 
 def model_loss(model: Bound, batch: Mapping[str, Any]) -> Loss:
     """The model's own ``loss`` output, counted as one item per microbatch (mean of microbatch means)."""
-    out = model(**batch)
-    loss = out["loss"] if isinstance(out, Mapping) else getattr(out, "loss", None)
-    if loss is None:
-        raise ValueError("model_loss: the model returned no loss; does the batch have 'labels'?")
-    return Loss(loss, torch.ones((), dtype=torch.int64, device=loss.device))
+    return _own_loss(model, batch)[0]
+
+
+def _item_count(labels: torch.Tensor, causal: bool) -> torch.Tensor:
+    """transformers 5.x ``num_items_in_batch`` of one microbatch: labels that count (shifted for causal LMs)."""
+    if labels.is_floating_point():
+        return torch.tensor(labels.shape[0], device=labels.device)
+    return ((labels[..., 1:] if causal else labels) != -100).sum()
+
+
+def _uses_own_loss(kind: str, labels: Any, label_smoothing: float, compute_loss_func: Any) -> bool:
+    return labels is None or (kind == "other" and compute_loss_func is None and not label_smoothing)
+
+
+def make_loss_fn(
+    model: Any, *, label_smoothing: float = 0.0, compute_loss_func: Callable[..., Any] | None = None
+) -> LossWithOutputs:
+    """``fn(model, batch) -> (Loss(sum, count), outputs)``: the loss of a transformers model, chosen by its class.
+
+    - ``*ForCausalLM`` / ``*LMHeadModel``: :func:`causal_lm_loss`, ``count = (labels[..., 1:] != -100).sum()``
+      (transformers 5.x ``num_items_in_batch`` semantics, so accumulation is exactly full-batch equivalent);
+    - ``*ForSequenceClassification``: :func:`sequence_classification_loss`;
+    - anything else, or a batch without ``labels``: :func:`model_loss` (one item per microbatch: the mean of
+      microbatch means, transformers' behaviour for models without loss kwargs);
+    - ``label_smoothing``: uniform label smoothing in the cross-entropy (``LabelSmoother``'s maths; a model of no
+      known kind then gets the cross-entropy of its logits);
+    - ``compute_loss_func(outputs, labels, num_items_in_batch=n)``: called with this microbatch's item count ``n``
+      and read as a mean over those items, so ``(loss * n, n)`` — exact for transformers-style loss functions.
+
+    Args:
+        model: the model (its class name picks the loss; ``config.problem_type`` is read for classifiers).
+        label_smoothing: the label-smoothing epsilon (``TrainingArguments.label_smoothing_factor``).
+        compute_loss_func: transformers' ``compute_loss_func(outputs, labels, num_items_in_batch=...)``.
+
+    Returns:
+        The loss function; wrap it as ``lambda m, b: fn(m, b)[0]`` for :func:`make_train_step` or
+        :func:`make_eval_step`.
+    """
+    kind = model_kind(model)
+
+    def loss_with_outputs(bound: Any, batch: Mapping[str, Any]) -> tuple[Loss, Any]:
+        labels = batch.get("labels")
+        if _uses_own_loss(kind, labels, label_smoothing, compute_loss_func):
+            return _own_loss(bound, batch)
+        outputs = _forward_without_labels(bound, batch)
+        if compute_loss_func is not None:
+            count = _item_count(labels, kind == "causal_lm")
+            loss = compute_loss_func(outputs, labels, num_items_in_batch=count)
+            return Loss(loss * count.to(loss.dtype), count), outputs
+        return _labelled_loss(kind, outputs, batch, label_smoothing), outputs
+
+    return loss_with_outputs
+
+
+def loss_item_count(
+    model: Any, batch: Mapping[str, Any], *, label_smoothing: float = 0.0, compute_loss_func: Any = None
+) -> torch.Tensor:
+    """The ``count`` of the ``Loss`` that :func:`make_loss_fn` gives for ``batch``, from the labels alone (the
+    items a microbatch contributes to the step's ``(sum, count)`` reduction)."""
+    kind = model_kind(model)
+    causal = kind == "causal_lm"
+    labels = batch.get("labels")
+    if _uses_own_loss(kind, labels, label_smoothing, compute_loss_func):
+        first = next((v for v in batch.values() if torch.is_tensor(v)), None)
+        return _one(first.device if first is not None else torch.device("cpu"))
+    if compute_loss_func is not None:
+        return _item_count(labels, causal)
+    if causal and "shift_labels" in batch:
+        return (batch["shift_labels"] != -100).sum()
+    if kind == "sequence_classification" and labels.is_floating_point():
+        return torch.tensor(labels.numel(), device=labels.device)
+    return ((labels[..., 1:] if causal else labels) != -100).sum()

@@ -11,7 +11,7 @@ from conftest import gpt_loss, lm_batches, make_gpt
 from tolerances import FLOAT64, reduction_rtol
 
 from ftrain import TrainState, losses, make_eval_step, make_train_step, optim, random, tree
-from ftrain.step import causal_lm_loss, model_loss
+from ftrain.step import causal_lm_loss, loss_item_count, make_loss_fn, model_kind, model_loss
 
 
 def _assert_trees_close(a, b, rtol, atol=0.0):
@@ -181,6 +181,36 @@ def test_transformers_gpt2_step_equals_its_own_loss_and_backward():
     # The model's own loss works too (one count per microbatch): the same float32 computation on the same logits.
     _, m2 = make_train_step(model_loss)(state, batch)
     torch.testing.assert_close(m2["loss"], out.loss.detach(), **FLOAT64)
+
+
+def test_make_loss_fn_is_the_plain_losses_chosen_by_the_model_class():
+    """The Trainer's default loss (train and eval) is the core's make_loss_fn: for a causal LM it is causal_lm_loss
+    plus the outputs, for a regression head the MSE over its rows, for a model of no known kind (or without labels)
+    the model's own loss, counted 1; loss_item_count gives each count from the labels alone."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
+
+    cfg = dict(n_layer=1, n_embd=16, n_head=2, vocab_size=64, n_positions=16, pad_token_id=0)
+    torch.manual_seed(0)
+    lm = GPT2LMHeadModel(GPT2Config(**cfg)).double().eval()
+    batch = lm_batches(1)[0]
+    loss, outputs = make_loss_fn(lm)(lm, batch)
+    plain = causal_lm_loss(lm, batch)
+    assert torch.equal(loss.sum, plain.sum) and int(loss.count) == int((batch["labels"][:, 1:] != -100).sum())
+    assert outputs.logits.shape == (8, 16, 64) and torch.equal(loss_item_count(lm, batch), loss.count)
+    with pytest.raises(ValueError, match="did not return a loss.*needs labels"):
+        make_loss_fn(lm)(lm, {"input_ids": batch["input_ids"]})  # no labels: the model's own loss, which it lacks
+    reg = GPT2ForSequenceClassification(GPT2Config(**cfg, num_labels=1)).double().eval()
+    targets = {"input_ids": batch["input_ids"], "labels": torch.randn(8, 1, dtype=torch.float64)}
+    loss, outputs = make_loss_fn(reg)(reg, targets)
+    torch.testing.assert_close(loss.sum, ((outputs.logits - targets["labels"]) ** 2).sum(), **FLOAT64)
+    assert int(loss.count) == 8 and torch.equal(loss_item_count(reg, targets), loss.count)
+    multi = GPT2ForSequenceClassification(GPT2Config(**cfg, num_labels=3, problem_type="multi_label_classification"))
+    multi.eval()
+    assert [model_kind(m) for m in (lm, reg, multi)] == ["causal_lm", "sequence_classification", "other"]
+    tags = {"input_ids": batch["input_ids"], "labels": torch.ones(8, 3)}
+    own, outputs = make_loss_fn(multi)(multi, tags)  # a kind of its own: the model's loss, one item per batch
+    assert torch.equal(own.sum, outputs.loss) and torch.equal(own.sum, model_loss(multi, tags).sum)
+    assert int(own.count) == 1 and torch.equal(loss_item_count(multi, tags), own.count)
 
 
 def test_missing_batch_key_names_the_key_and_the_fix():

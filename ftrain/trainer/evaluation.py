@@ -1,16 +1,10 @@
-"""The trainer's losses and its evaluation / prediction loop.
+"""The trainer's evaluation / prediction loop.
 
-**Losses.** The train step needs ``loss_fn(model, batch) -> (sum, count)`` (DESIGN.md invariant 6). The default one
-is built once by :func:`make_loss_fn` from the model class and the arguments, with :mod:`ftrain.losses`:
-
-- ``*ForCausalLM`` / ``*LMHeadModel``: next-token cross-entropy, ``count = (labels[..., 1:] != -100).sum()``
-  (transformers 5.x ``num_items_in_batch`` semantics, so gradient accumulation is exactly full-batch equivalent);
-- ``*ForSequenceClassification``: cross-entropy per example (MSE for float labels, i.e. regression);
-- anything else: the model's own ``loss`` output, counted as one item per microbatch (mean of microbatch means,
-  transformers' behaviour for models without loss kwargs);
-- ``label_smoothing_factor``: uniform label smoothing in the cross-entropy (``LabelSmoother``'s maths);
-- ``compute_loss_func(outputs, labels, num_items_in_batch=n)``: called with this microbatch's item count ``n`` and
-  read as a mean over those items, so ``(loss * n, n)`` — exact for transformers-style loss functions.
+**Losses.** The Trainer's default loss, for training and evaluation alike, is the core's
+:func:`ftrain.step.make_loss_fn` (re-exported here with :func:`~ftrain.step.loss_item_count` and
+:func:`~ftrain.step.model_kind`): ``(sum, count)`` from the model's class, ``label_smoothing_factor`` and
+``compute_loss_func`` (DESIGN.md invariant 6). Evaluation calls it on the whole batch; the train step on each
+microbatch.
 
 **Evaluation.** :class:`EvaluationMixin` runs the model (weights synced from the train state) in eval mode under
 ``no_grad`` over a :class:`~ftrain.data.BatchStream`. ``{prefix}_loss`` is the ``(sum, count)`` mean over the whole
@@ -26,119 +20,17 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
 
-from ftrain.losses import Loss, cross_entropy, mse
+from ftrain.losses import Loss
+from ftrain.step import LossWithOutputs, loss_item_count, make_loss_fn, model_kind
 from ftrain.trainer.utils import EvalLoopOutput, EvalPrediction, PredictionOutput, denumpify_detensorize, speed_metrics
 
 __all__ = ["EvaluationMixin", "LossWithOutputs", "loss_item_count", "make_loss_fn", "model_kind"]
-
-LossWithOutputs = Callable[[Any, Mapping[str, Any]], tuple[Loss, Any]]
-_LABEL_KEYS = ("labels", "shift_labels")
-
-
-def model_kind(model: Any) -> str:
-    """``"causal_lm"``, ``"sequence_classification"`` or ``"other"``, from the model's class name."""
-    name = type(model).__name__
-    if name.endswith("ForCausalLM") or name.endswith("LMHeadModel"):
-        return "causal_lm"
-    if name.endswith("ForSequenceClassification"):
-        problem = getattr(getattr(model, "config", None), "problem_type", None)
-        return "other" if problem == "multi_label_classification" else "sequence_classification"
-    return "other"
-
-
-def _logits(outputs: Any) -> torch.Tensor:
-    if isinstance(outputs, Mapping):
-        return outputs["logits"]
-    logits = getattr(outputs, "logits", None)
-    if logits is not None:
-        return logits
-    return outputs[0] if isinstance(outputs, tuple | list) else outputs
-
-
-def _one(device: torch.device) -> torch.Tensor:
-    return torch.ones((), dtype=torch.int64, device=device)
-
-
-def _own_loss(outputs: Any) -> torch.Tensor:
-    loss = outputs.get("loss") if isinstance(outputs, Mapping) else getattr(outputs, "loss", None)
-    if loss is None:
-        raise ValueError(
-            "The model did not return a loss from the inputs; its batch needs labels (keys: 'labels' or "
-            "TrainingArguments.label_names), or pass compute_loss_func= to the Trainer."
-        )
-    return loss
-
-
-def _item_count(labels: torch.Tensor, causal: bool) -> torch.Tensor:
-    """transformers 5.x ``num_items_in_batch`` of one microbatch: labels that count (shifted for causal LMs)."""
-    if labels.is_floating_point():
-        return torch.tensor(labels.shape[0], device=labels.device)
-    return ((labels[..., 1:] if causal else labels) != -100).sum()
-
-
-def loss_item_count(
-    model: Any, batch: Mapping[str, Any], *, label_smoothing: float = 0.0, compute_loss_func: Any = None
-) -> torch.Tensor:
-    """The ``count`` of the ``Loss`` that :func:`make_loss_fn` gives for ``batch``, from the labels alone (the
-    items a microbatch contributes to the step's ``(sum, count)`` reduction)."""
-    kind = model_kind(model)
-    causal = kind == "causal_lm"
-    labels = batch.get("labels")
-    if labels is None or (kind == "other" and compute_loss_func is None and not label_smoothing):
-        first = next((v for v in batch.values() if torch.is_tensor(v)), None)
-        return _one(first.device if first is not None else torch.device("cpu"))
-    if compute_loss_func is not None:
-        return _item_count(labels, causal)
-    if causal and "shift_labels" in batch:
-        return (batch["shift_labels"] != -100).sum()
-    if kind == "sequence_classification" and labels.is_floating_point():
-        return torch.tensor(labels.numel(), device=labels.device)
-    return ((labels[..., 1:] if causal else labels) != -100).sum()
-
-
-def make_loss_fn(
-    model: Any, *, label_smoothing: float = 0.0, compute_loss_func: Callable[..., Any] | None = None
-) -> LossWithOutputs:
-    """``fn(model, batch) -> (Loss(sum, count), outputs)`` for ``model``'s class; see the module docstring.
-
-    Args:
-        model: the model (its class name picks the loss; ``config.problem_type`` is read for classifiers).
-        label_smoothing: ``TrainingArguments.label_smoothing_factor``.
-        compute_loss_func: transformers' ``compute_loss_func(outputs, labels, num_items_in_batch=...)``.
-
-    Returns:
-        The loss function; wrap it as ``lambda m, b: fn(m, b)[0]`` for :func:`ftrain.make_train_step`.
-    """
-    kind = model_kind(model)
-    causal = kind == "causal_lm"
-
-    def loss_with_outputs(bound: Any, batch: Mapping[str, Any]) -> tuple[Loss, Any]:
-        labels = batch.get("labels")
-        own_loss = labels is None or (kind == "other" and compute_loss_func is None and not label_smoothing)
-        if own_loss:
-            outputs = bound(**batch)
-            loss = _own_loss(outputs)
-            return Loss(loss, _one(loss.device)), outputs
-        outputs = bound(**{k: v for k, v in batch.items() if k not in _LABEL_KEYS})
-        if compute_loss_func is not None:
-            count = _item_count(labels, causal)
-            loss = compute_loss_func(outputs, labels, num_items_in_batch=count)
-            return Loss(loss * count.to(loss.dtype), count), outputs
-        logits = _logits(outputs)
-        if causal and "shift_labels" in batch:
-            return cross_entropy(logits, batch["shift_labels"], label_smoothing=label_smoothing), outputs
-        if kind == "sequence_classification" and labels.is_floating_point():
-            squeeze = labels.dim() == logits.dim() - 1 or logits.shape[-1] == 1
-            return mse(logits.squeeze(-1) if squeeze else logits, labels.reshape(logits.squeeze(-1).shape)), outputs
-        return cross_entropy(logits, labels, shift=causal, label_smoothing=label_smoothing), outputs
-
-    return loss_with_outputs
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -258,7 +150,7 @@ class EvaluationMixin:
             if has_labels or self._custom_compute_loss():
                 if self._custom_compute_loss():
                     mean, outputs = self.compute_loss(model, inputs, return_outputs=True)
-                    loss = Loss(mean.detach(), _one(mean.device))
+                    loss = Loss(mean.detach(), torch.ones((), dtype=torch.int64, device=mean.device))
                 else:
                     loss, outputs = self._loss_with_outputs(model, inputs)
                     loss = Loss(loss.sum.detach(), loss.count.detach())
