@@ -36,7 +36,11 @@ _FREE = ("checkpoint.", "log.", "train.eval_every", "train.eval_batches", "train
 
 
 def make_optimizer(recipe: Recipe, model: torch.nn.Module) -> optim.GradientTransformation:
-    """The recipe's optimizer: global-norm clipping, then the alias, its learning rate following the schedule.
+    """The recipe's optimizer: global-norm clipping, then the alias (:func:`ftrain.optim.make_optimizer`, which
+    the Trainer's optimizer is built with too), its learning rate following the schedule.
+
+    ``adamw`` and ``lion`` decay what HF's rule decays (not biases and LayerNorm weights); ``sgd``'s L2 penalty
+    applies to every parameter.
 
     Raises:
         RecipeError: ``adam`` with weight decay (ambiguous: use ``adamw`` for decoupled decay).
@@ -44,16 +48,12 @@ def make_optimizer(recipe: Recipe, model: torch.nn.Module) -> optim.GradientTran
     o, s, steps = recipe.optim, recipe.schedule, recipe.train.steps
     lr = schedules.get_schedule(s.name, o.lr, num_warmup_steps=s.warmup(steps), num_training_steps=steps)
     b1, b2 = o.betas
-    if o.name == "adamw":  # transformers' rule: no decay for biases and LayerNorm weights
-        tx = optim.adamw(lr, b1, b2, weight_decay=o.weight_decay, mask=optim.hf_decay_mask(model))
-    elif o.name == "adam":
-        if o.weight_decay:
-            raise RecipeError("optim.weight_decay: adam has none here; use optim.name=adamw for decoupled decay")
-        tx = optim.adam(lr, b1, b2)
-    elif o.name == "sgd":
-        tx = optim.sgd(lr, o.momentum, weight_decay=o.weight_decay)
-    else:
-        tx = optim.lion(lr, b1, b2, weight_decay=o.weight_decay, mask=optim.hf_decay_mask(model))
+    hyperparams = {"momentum": o.momentum} if o.name == "sgd" else {"b1": b1, "b2": b2}
+    mask = None if o.name == "sgd" else optim.hf_decay_mask(model)
+    try:
+        tx = optim.make_optimizer(o.name, lr, weight_decay=o.weight_decay, decay_mask=mask, **hyperparams)
+    except ValueError as err:  # adam with weight decay
+        raise RecipeError(f"optim.weight_decay: {err}") from None
     return optim.chain(optim.clip_by_global_norm(o.clip), tx) if o.clip is not None else tx
 
 

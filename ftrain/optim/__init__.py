@@ -15,6 +15,7 @@ from ftrain.optim.base import *  # noqa: F403
 from ftrain.optim.combine import *  # noqa: F403
 from ftrain.optim.factorized import *  # noqa: F403
 from ftrain.optim.masks import *  # noqa: F403
+from ftrain.optim.named import *  # noqa: F403
 from ftrain.optim.transform import *  # noqa: F403
 from ftrain.optim.update import *  # noqa: F403
 from ftrain.optim.wrappers import *  # noqa: F403

@@ -26,7 +26,7 @@ import typing
 from typing import Any, ClassVar, Literal
 
 from ftrain.distributed.config import ParallelConfig
-from ftrain.schedules import SCHEDULE_NAMES
+from ftrain.schedules import METRIC_SCHEDULE_NAMES, SCHEDULE_NAMES
 
 __all__ = [
     "CheckpointConfig",
@@ -93,7 +93,7 @@ class ScheduleConfig:
     warmup_ratio: float = 0.0
 
     def __post_init__(self) -> None:
-        names = [n for n in SCHEDULE_NAMES if n != "reduce_lr_on_plateau"]
+        names = [n for n in SCHEDULE_NAMES if n not in METRIC_SCHEDULE_NAMES]  # a recipe's steps drive its lr
         _check(self.name in names, "schedule.name", f"unknown schedule {self.name!r}; use one of {', '.join(names)}")
         _check(self.warmup_steps >= 0, "schedule.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         _check(0 <= self.warmup_ratio < 1, "schedule.warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")

@@ -30,7 +30,6 @@ Example:
 
 from __future__ import annotations
 
-import inspect
 import math
 import sys
 import warnings
@@ -246,30 +245,11 @@ def get_optimizer_cls_and_kwargs(args: Any, model: nn.Module | None = None) -> t
     return _FACTORIES[name], kwargs
 
 
-def _with_weight_decay(
-    factory: Callable[..., GradientTransformation], kwargs: dict[str, Any], decays: dict[str, bool], wd: float
-) -> GradientTransformation:
-    """transformers' two parameter groups: ``wd`` where ``decays`` is True, 0 elsewhere.
-
-    Optimizers with decoupled decay take a ``mask``; for the others (L2 decay added to the gradient) the params
-    are split with :func:`ftrain.optim.partition` when both groups are non-empty and decay is on.
-    """
-    if "mask" in inspect.signature(factory).parameters:
-        return factory(**kwargs, weight_decay=wd, mask=decays)
-    flags = list(decays.values())
-    if wd == 0 or not any(flags):
-        return factory(**kwargs, weight_decay=0.0)
-    if all(flags):
-        return factory(**kwargs, weight_decay=wd)
-    labels = {name: "decay" if d else "no_decay" for name, d in decays.items()}
-    groups = {"decay": factory(**kwargs, weight_decay=wd), "no_decay": factory(**kwargs, weight_decay=0.0)}
-    return optim.partition(groups, labels)
-
-
 def make_optimizer(args: Any, model: nn.Module, *, num_training_steps: int) -> GradientTransformation:
     """The optimizer transformers' ``Trainer`` would create for ``args``, as a pure ``GradientTransformation``.
 
-    ``chain(clip_by_global_norm(max_grad_norm), <optimizer with its two decay groups and the schedule>)``, plus
+    ``chain(clip_by_global_norm(max_grad_norm), <optimizer with its two decay groups and the schedule>)`` (the
+    optimizer from :func:`ftrain.optim.make_optimizer`, as the ``ftrain`` command builds its own), plus
     :func:`ftrain.schedules.reduce_on_plateau` at the end for ``lr_scheduler_type="reduce_lr_on_plateau"``.
     The params tree it expects is ``{name: tensor}`` over the model's trainable parameters
     (``ftrain.module.split_module``).
@@ -297,7 +277,7 @@ def make_optimizer(args: Any, model: nn.Module, *, num_training_steps: int) -> G
     parts = []
     if args.max_grad_norm is not None and args.max_grad_norm > 0:
         parts.append(optim.clip_by_global_norm(args.max_grad_norm))
-    parts.append(_with_weight_decay(factory, kwargs, decays, args.weight_decay))
+    parts.append(optim.make_optimizer(factory, **kwargs, weight_decay=args.weight_decay, decay_mask=decays))
     if SchedulerType(args.lr_scheduler_type) == SchedulerType.REDUCE_ON_PLATEAU:
         parts.append(_plateau(args))
     return optim.chain(*parts)

@@ -48,6 +48,7 @@ def test_command_line_overrides_are_typed():
         ("task: gtp\n", "unknown task 'gtp'; the tasks are digits, gpt"),
         ("train: {steps: 3}\n", "a recipe is a mapping with a 'task' key"),
         ("task: gpt\nschedule: {name: cosin}\n", "schedule.name: unknown schedule 'cosin'"),
+        ("task: gpt\nschedule: {name: greedy}\n", "schedule.name: unknown schedule 'greedy'"),  # metric-driven
         ("task: gpt\nparallel: {tp: 0}\n", "parallel: ParallelConfig.tp must be an int >= 1, got 0"),
     ],
 )
@@ -106,3 +107,33 @@ def test_recipe_optimizer_matches_torch_adamw_clip_and_hf_cosine_schedule():
     for name, p in ref.named_parameters():
         assert params[name].dtype == torch.float64
         torch.testing.assert_close(params[name], p.detach(), **FLOAT64)
+
+
+def test_recipe_optimizer_is_the_trainers_for_the_same_settings():
+    """Both build with ftrain.optim.make_optimizer: the same adamw, decay groups, clipping and schedule from a recipe
+    and from TrainingArguments give bitwise the same updates (the same chain, the same kernels)."""
+    pytest.importorskip("transformers")
+    from ftrain.trainer.args import TrainingArguments
+    from ftrain.trainer.convert import make_optimizer as trainer_optimizer
+
+    recipe, _, _ = parse_train(
+        ["gpt", "--train.steps", "6", "--optim.lr", "0.05", "--optim.weight-decay", "0.1", "--optim.clip", "0.5",
+         "--schedule.name", "cosine", "--schedule.warmup-steps", "2"]
+    )  # fmt: skip
+    args = TrainingArguments(
+        "out", optim="adamw_torch", learning_rate=0.05, weight_decay=0.1, max_grad_norm=0.5,
+        lr_scheduler_type="cosine", warmup_steps=2,
+    )  # fmt: skip
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    sides = [make_optimizer(recipe, model), trainer_optimizer(args, model, num_training_steps=6)]
+    states, outs = [tx.init(params) for tx in sides], [dict(params), dict(params)]
+    torch.manual_seed(0)
+    for _ in range(6):
+        grads = {k: torch.randn_like(v) for k, v in params.items()}
+        for i, tx in enumerate(sides):
+            updates, states[i] = tx.update(grads, states[i], outs[i])
+            outs[i] = {k: outs[i][k] + updates[k] for k in params}
+    for name in params:
+        assert not torch.equal(outs[0][name], params[name])
+        assert torch.equal(outs[0][name], outs[1][name]), name
