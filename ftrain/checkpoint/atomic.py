@@ -52,6 +52,7 @@ __all__ = [
     "commit",
     "fsync_dir",
     "is_committed",
+    "list_step_dirs",
     "list_steps",
     "make_tmp_dir",
     "read_commit",
@@ -72,11 +73,15 @@ class StepNaming:
     """How a step maps to a directory name: ``prefix`` + the step zero-padded to ``digits`` digits.
 
     The default gives ``step_00000120``; ``StepNaming("checkpoint-", 0)`` gives Hugging Face's ``checkpoint-120``.
-    Parsing accepts any number of digits, so steps past ``10**digits`` still sort and list correctly.
+    Parsing accepts any number of digits, so steps past ``10**digits`` still sort and list correctly. This is the
+    one parser of checkpoint directory names in ftrain (the Trainer's ``checkpoint-N`` included).
 
     Example:
         >>> StepNaming().name(120), StepNaming().parse("step_00000120"), StepNaming().parse(".tmp-step_1-x")
         ('step_00000120', 120, None)
+        >>> hf = StepNaming("checkpoint-", 0)
+        >>> hf.name(7), hf.parse("checkpoint-3x"), hf.parse("checkpoint-3x", exact=False)
+        ('checkpoint-7', None, 3)
     """
 
     prefix: str = "step_"
@@ -95,8 +100,17 @@ class StepNaming:
     def name(self, step: int) -> str:
         return f"{self.prefix}{step:0{self.digits}d}"
 
-    def parse(self, name: str) -> int | None:
-        m = re.fullmatch(re.escape(self.prefix) + r"(\d+)", name)
+    def parse(self, name: str, *, exact: bool = True) -> int | None:
+        """The step a directory name stands for, or ``None``.
+
+        Args:
+            name: a directory name (not a path).
+            exact: the name must be the prefix and digits only. ``False`` also accepts anything after the digits
+                (``checkpoint-3x`` -> 3), as transformers' ``sort_checkpoints`` reads names; never for listing
+                checkpoints to restore.
+        """
+        pattern = re.escape(self.prefix) + r"(\d+)"
+        m = re.fullmatch(pattern, name) if exact else re.match(pattern, name)
         return int(m.group(1)) if m else None
 
 
@@ -156,18 +170,47 @@ def read_commit(path: str | os.PathLike) -> dict[str, Any]:
     return doc if isinstance(doc, dict) else {}
 
 
+def list_step_dirs(root: str | os.PathLike, naming: StepNaming, *, exact: bool = True) -> list[tuple[int, Path]]:
+    """Every directory under ``root`` whose name parses as a step, committed or not, as ``(step, root / name)``.
+
+    Sorted by step; names of the same step (``checkpoint-5``, ``checkpoint-05``) keep the order the directory
+    lists them in. Files and other names are left out. A checkpoint is only a listed directory that also holds
+    ``COMMIT`` (:func:`list_steps`); this lists what other tools (Hugging Face's ``Trainer``) count as checkpoints.
+
+    Args:
+        root: the directory to list.
+        naming: the names of step directories.
+        exact: see :meth:`StepNaming.parse`.
+
+    Raises:
+        FileNotFoundError: ``root`` does not exist.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> tmpdir = tempfile.TemporaryDirectory()
+        >>> root = pathlib.Path(tmpdir.name)
+        >>> for name in ("checkpoint-10", "checkpoint-2", "checkpoint-x", ".tmp-checkpoint-3-0"):
+        ...     (root / name).mkdir()
+        >>> [(step, path.name) for step, path in list_step_dirs(root, StepNaming("checkpoint-", 0))]
+        [(2, 'checkpoint-2'), (10, 'checkpoint-10')]
+        >>> tmpdir.cleanup()
+    """
+    root = Path(root)
+    found = []
+    with os.scandir(root) as entries:
+        for entry in entries:
+            step = naming.parse(entry.name, exact=exact)
+            if step is not None and entry.is_dir():
+                found.append((step, root / entry.name))
+    return sorted(found, key=lambda item: item[0])
+
+
 def list_steps(root: str | os.PathLike, naming: StepNaming) -> list[int]:
     """Steps with a committed checkpoint under ``root``, ascending. Temporary and uncommitted directories are never
     listed."""
-    root = Path(root)
-    if not root.is_dir():
+    if not Path(root).is_dir():
         return []
-    steps = []
-    for entry in os.scandir(root):
-        step = naming.parse(entry.name)
-        if step is not None and entry.is_dir() and is_committed(entry.path):
-            steps.append(step)
-    return sorted(steps)
+    return [step for step, path in list_step_dirs(root, naming) if is_committed(path)]
 
 
 def unlist_dir(path: str | os.PathLike) -> Path:

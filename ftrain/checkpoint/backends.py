@@ -48,6 +48,7 @@ __all__ = [
     "get_backend",
     "missing_backend_members",
     "read_safetensors",
+    "read_safetensors_metadata",
     "write_safetensors",
 ]
 
@@ -207,7 +208,7 @@ def _read_into(f, mv: memoryview, path: Path) -> None:
         mv = mv[n:]
 
 
-def _parse_header(path: Path, f, size: int) -> tuple[bytes, dict[str, Any]]:
+def _parse_header(path: Path, f, size: int) -> tuple[bytes, dict[str, Any], dict[str, str]]:
     first = bytearray(8)
     _read_into(f, memoryview(first), path)
     (n,) = struct.unpack("<Q", first)
@@ -221,8 +222,24 @@ def _parse_header(path: Path, f, size: int) -> tuple[bytes, dict[str, Any]]:
         raise _corrupt(path, f"its header is not JSON ({e})") from None
     if not isinstance(header, dict):
         raise _corrupt(path, "its header is not a JSON object")
-    header.pop("__metadata__", None)
-    return bytes(first + head), header
+    metadata = header.pop("__metadata__", None)
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        metadata = {}
+    return bytes(first + head), header, metadata
+
+
+def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The ``__metadata__`` strings of a safetensors file's header (``{}`` if it has none); reads no tensor.
+
+    Raises:
+        CorruptCheckpointError: not a safetensors file (names it).
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    if size < 8:
+        raise _corrupt(path, f"it has only {size} bytes")
+    with open(path, "rb", buffering=0) as f:
+        return _parse_header(path, f, size)[2]
 
 
 def _plan(path: Path, header: dict[str, Any], like: Mapping[str, torch.Tensor], data_size: int) -> list[str]:
@@ -275,7 +292,7 @@ def read_safetensors(
     hasher = OverlappedHasher(algorithm) if expected is not None else None
     out: dict[str, torch.Tensor] = {}
     with open(path, "rb", buffering=0) as f:
-        first, header = _parse_header(path, f, size)
+        first, header, _ = _parse_header(path, f, size)
         if hasher is not None:
             hasher.update(first)
         for key in _plan(path, header, like, size - len(first)):

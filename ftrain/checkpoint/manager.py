@@ -210,12 +210,13 @@ class CheckpointManager:
 
     def _read_metrics(self, step: int) -> dict[str, float] | None:
         try:
-            return self._read_meta(self._path(step))[1].get("metrics")
+            return self._read_meta(self.step_path(step))[1].get("metrics")
         except CorruptCheckpointError as e:
             warnings.warn(f"{e} (its metrics are ignored for retention)", stacklevel=3)
             return None
 
-    def _path(self, step: int) -> Path:
+    def step_path(self, step: int) -> Path:
+        """The directory ``step`` is (or would be) saved in, committed or not, existing or not."""
         return self.directory / self._naming.name(step)
 
     def all_steps(self) -> list[int]:
@@ -303,8 +304,8 @@ class CheckpointManager:
         with self._lock:
             if step in self._steps:
                 raise StepAlreadyExistsError(
-                    f"step {step} already has a checkpoint at {self._path(step)}; checkpoints are never overwritten. "
-                    "Delete it first (manager.delete(step)) or save under another step."
+                    f"step {step} already has a checkpoint at {self.step_path(step)}; checkpoints are never "
+                    "overwritten. Delete it first (manager.delete(step)) or save under another step."
                 )
         meta, tensors = self._prepare(step, state, metrics, extra)
         if self.options.async_save:
@@ -389,37 +390,86 @@ class CheckpointManager:
         manifest = atomic.write_file(tmp / atomic.MANIFEST_FILE, Manifest(algorithm, entries).to_bytes(), algorithm)
         marker = {"step": step, "algorithm": algorithm, "manifest": {"size": manifest.size, "digest": manifest.digest}}
         with self._lock:
-            atomic.commit(tmp, self._path(step), marker)
+            atomic.commit(tmp, self.step_path(step), marker)
             self._steps[step] = meta["metrics"]
         self._apply_retention()
 
     def _apply_retention(self) -> None:
+        """Retention after a commit (rank 0, or the writer thread): the committed steps the policy does not keep."""
+        with self._lock:
+            drop = sorted(set(self._steps) - select_to_keep(self._steps, self._steps, self.options))
+        self._remove(drop)
+
+    def _remove(self, steps: list[int]) -> None:
+        """Forgets ``steps``; rank 0 unlists their directories (under the lock: the writer commits under it too),
+        then removes the files. A directory that cannot be unlisted is left, with a warning."""
         trash = []
         with self._lock:
-            keep = select_to_keep(self._steps, self._steps, self.options)
-            for step in sorted(set(self._steps) - keep):
+            for step in steps:
+                self._steps.pop(step, None)
+                if self._rank != 0:
+                    continue
                 try:
-                    trash.append(atomic.unlist_dir(self._path(step)))
+                    trash.append(atomic.unlist_dir(self.step_path(step)))
                 except OSError as e:
-                    warnings.warn(f"retention could not delete {self._path(step)}: {e}", stacklevel=2)
-                del self._steps[step]
+                    warnings.warn(f"retention could not delete {self.step_path(step)}: {e}", stacklevel=3)
         for path in trash:
             shutil.rmtree(path, ignore_errors=True)
 
-    def delete(self, step: int) -> None:
-        """Deletes a committed checkpoint (atomically: it is unlisted before its files go).
+    def apply_retention(self, *, include_uncommitted: bool = False) -> list[int]:
+        """Deletes now what the retention policy does not keep (``save`` does it after each commit); returns the
+        deleted steps, ascending.
+
+        Args:
+            include_uncommitted: also count the directories named like a step that hold no committed checkpoint (a
+                copy another tool wrote, e.g. Hugging Face's ``Trainer``, or a weights-only folder) as checkpoints
+                saved without metrics, and delete them like checkpoints: Hugging Face's ``save_total_limit`` counts
+                every ``checkpoint-N`` folder. Temporary ``.tmp-`` directories are never counted.
+
+        With a collective backend on several processes every rank calls it: each lists, they wait for each other,
+        then rank 0 deletes and every rank forgets the deleted steps.
 
         Raises:
-            FileNotFoundError: no committed checkpoint for ``step``.
+            Exception: the error of a previous asynchronous write.
         """
+        self._check_open()
         self.wait_until_finished()
-        if step not in self.all_steps():
-            raise FileNotFoundError(f"no committed checkpoint for step {step} in {self.directory}")
+        self._refresh()
         with self._lock:
-            self._steps.pop(step, None)
-            trash = atomic.unlist_dir(self._path(step)) if self._rank == 0 else None
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
+            metrics = dict(self._steps)
+        steps = set(metrics)
+        if include_uncommitted and self.directory.is_dir():
+            steps.update(step for step, _ in atomic.list_step_dirs(self.directory, self._naming))
+        drop = sorted(steps - select_to_keep(steps, metrics, self.options))
+        if self.backend.collective:
+            dist_barrier(self._group)  # no rank deletes before every rank has listed
+        self._remove(drop)
+        return drop
+
+    def delete(self, step: int, *, include_uncommitted: bool = False) -> None:
+        """Deletes a committed checkpoint atomically: it is unlisted (renamed) before its files go.
+
+        With a collective backend on several processes every rank calls it: rank 0 deletes the directory, every
+        rank forgets the step.
+
+        Args:
+            step: the step to delete.
+            include_uncommitted: also delete a directory named like ``step`` that holds no committed checkpoint (a
+                copy another tool wrote, an interrupted copy), e.g. to save ``step`` again.
+
+        Raises:
+            FileNotFoundError: (rank 0) no committed checkpoint for ``step`` (with ``include_uncommitted``, no
+                directory of its name).
+        """
+        step = _as_step(step)
+        self.wait_until_finished()
+        path = self.step_path(step)
+        if self._rank == 0:
+            found = path.is_dir() if include_uncommitted else step in self.all_steps()
+            if not found:
+                what = "directory" if include_uncommitted else "committed checkpoint"
+                raise FileNotFoundError(f"no {what} for step {step} in {self.directory} ({path.name})")
+        self._remove([step])
 
     def wait_until_finished(self) -> None:
         """Blocks until the asynchronous write in flight (if any) is committed.
@@ -470,7 +520,7 @@ class CheckpointManager:
             ) from None
 
     def _committed_path(self, step: int) -> Path:
-        path = self._path(_as_step(step))
+        path = self.step_path(_as_step(step))
         if not atomic.is_committed(path):
             raise FileNotFoundError(
                 f"no committed checkpoint for step {step} in {self.directory}; committed steps: {self.all_steps()}"

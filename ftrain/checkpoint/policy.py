@@ -7,12 +7,21 @@ save_interval_steps == 0``; ``step in save_on_steps``; ``save_interval_seconds``
 since the manager started); a preemption signal arrived (``save_on_preemption``). With none of the first three set,
 every new step is due (Orbax's default ``save_interval_steps=1``).
 
-**Keeping.** Only ``max_to_keep`` deletes anything. With it set, the checkpoints that survive a save are the union of
+**Keeping.** Only ``max_to_keep`` deletes anything. With it set, these steps are *protected*:
 
-- the ``max_to_keep`` newest steps,
+- the newest step,
 - every step with ``step % keep_period == 0`` (kept forever),
 - the ``keep_best`` best steps by the metric (``metric`` + ``best_mode``, or ``best_fn``; default ``keep_best=1``),
-- always the newest step and the best step.
+- every step for which ``should_keep_fn(step)`` is true (the caller's own rule, e.g. the checkpoint its state calls
+  the best).
+
+What survives a save then depends on ``retention``:
+
+- ``"union"`` (default): the protected steps and the ``max_to_keep`` newest steps.
+- ``"total"``: ``max_to_keep`` counts everything kept. The protected steps stay, and the newest of the others fill
+  the room left, ``max(0, max_to_keep - len(protected))``; when the protected steps alone reach ``max_to_keep``, all
+  of them and nothing else survive. This is Hugging Face's ``save_total_limit`` (transformers'
+  ``rotate_checkpoints``): with the best and the newest protected, ``max_to_keep=1`` keeps 2.
 
 So a best-metric policy never deletes the checkpoint a crashed run resumes from — the bug in Orbax's manager, which
 counted ``max_to_keep`` among the best only and could delete the newest step. Checkpoints saved without the metric
@@ -24,6 +33,9 @@ Example:
     >>> metrics = {5: {"loss": 0.5}, 10: {"loss": 0.9}, 15: {"loss": 0.2}, 20: {"loss": 0.8}, 25: {"loss": 0.7}}
     >>> sorted(select_to_keep([5, 10, 15, 20, 25], metrics, opts))  # newest 2, multiples of 10, best (15)
     [10, 15, 20, 25]
+    >>> total = CheckpointManagerOptions(max_to_keep=3, metric="loss", retention="total")
+    >>> sorted(select_to_keep([5, 10, 15, 20, 25], metrics, total))  # best (15), newest (25), then 20: 3 in all
+    [15, 20, 25]
 """
 
 from __future__ import annotations
@@ -38,9 +50,12 @@ from ftrain.checkpoint.atomic import StepNaming
 from ftrain.checkpoint.backends import BACKEND_NAMES, Backend, missing_backend_members
 from ftrain.checkpoint.integrity import check_hash_algorithm
 
-__all__ = ["CheckpointManagerOptions", "best_steps", "is_save_due", "metric_value", "select_to_keep"]
+__all__ = ["RETENTIONS", "CheckpointManagerOptions", "best_steps", "is_save_due", "metric_value", "select_to_keep"]
 
 Metrics = Mapping[str, float]
+
+#: The values of ``CheckpointManagerOptions.retention``.
+RETENTIONS = ("union", "total")
 
 
 def _check_positive_int(name: str, value: Any, *, zero_ok: bool = False) -> None:
@@ -63,8 +78,15 @@ class CheckpointManagerOptions:
             :meth:`~ftrain.checkpoint.CheckpointManager.should_save` return True; the previous handler is restored
             on ``close()``. The manager must then be built in the main thread.
         preemption_signals: the signals that mean "about to be preempted".
-        max_to_keep: keep this many newest checkpoints (plus the exemptions below); ``None`` keeps everything.
+        max_to_keep: keep this many newest checkpoints (plus the protected ones, see ``retention``); ``None`` keeps
+            everything.
+        retention: ``"union"`` (default) keeps the protected steps (newest, best, ``keep_period``,
+            ``should_keep_fn``) in addition to the ``max_to_keep`` newest; ``"total"`` counts them within
+            ``max_to_keep`` (Hugging Face's ``save_total_limit``). See :mod:`ftrain.checkpoint.policy`. Needs
+            ``max_to_keep``.
         keep_period: never delete a step that is a multiple of this (needs ``max_to_keep``).
+        should_keep_fn: ``step -> bool``; never delete a step for which it returns True (Orbax's option; needs
+            ``max_to_keep``). It is asked at each retention, so it may follow the caller's state.
         metric: name of the metric (in ``save(..., metrics=...)``) that ranks checkpoints.
         best_fn: instead of ``metric``, a function of the metrics dict returning the number to rank by.
         best_mode: ``"min"`` (lower is better, e.g. a loss) or ``"max"`` (e.g. accuracy).
@@ -87,7 +109,9 @@ class CheckpointManagerOptions:
     save_on_preemption: bool = False
     preemption_signals: tuple[int, ...] = (signal.SIGTERM,)
     max_to_keep: int | None = None
+    retention: str = "union"
     keep_period: int | None = None
+    should_keep_fn: Callable[[int], bool] | None = None
     metric: str | None = None
     best_fn: Callable[[Metrics], float] | None = None
     best_mode: str = "min"
@@ -111,13 +135,7 @@ class CheckpointManagerOptions:
         if sec is not None and (isinstance(sec, bool) or not isinstance(sec, int | float) or not sec > 0):
             raise ValueError(f"CheckpointManagerOptions: save_interval_seconds must be a number > 0, got {sec!r}")
         self._check_best()
-        if self.max_to_keep is None:
-            for name in ("keep_period", "keep_best"):
-                if getattr(self, name) is not None:
-                    raise ValueError(
-                        f"CheckpointManagerOptions: {name}={getattr(self, name)} has no effect without max_to_keep "
-                        "(nothing is ever deleted). Set max_to_keep, or drop it."
-                    )
+        self._check_retention()
         if not self.preemption_signals or not all(isinstance(s, int) for s in self.preemption_signals):
             raise ValueError(
                 f"CheckpointManagerOptions: preemption_signals must be signal numbers, got {self.preemption_signals!r}"
@@ -156,6 +174,34 @@ class CheckpointManagerOptions:
                 f"CheckpointManagerOptions: keep_best={self.keep_best} needs a metric to rank by: set metric='loss' "
                 "(a key of the metrics passed to save) or best_fn."
             )
+
+    def _check_retention(self) -> None:
+        if self.retention not in RETENTIONS:
+            raise ValueError(
+                f"CheckpointManagerOptions: retention must be 'union' (the protected steps in addition to the "
+                f"max_to_keep newest) or 'total' (max_to_keep counts them, as Hugging Face's save_total_limit), got "
+                f"{self.retention!r}"
+            )
+        if self.should_keep_fn is not None and not callable(self.should_keep_fn):
+            raise ValueError(
+                f"CheckpointManagerOptions: should_keep_fn must be callable (step -> bool), got "
+                f"{type(self.should_keep_fn).__name__}"
+            )
+        if self.max_to_keep is not None:
+            return
+        idle = {
+            "retention": None if self.retention == "union" else self.retention,
+            "keep_period": self.keep_period,
+            "should_keep_fn": self.should_keep_fn,
+            "keep_best": self.keep_best,
+        }
+        for name, value in idle.items():
+            if value is not None:
+                shown = name if callable(value) else f"{name}={value!r}"
+                raise ValueError(
+                    f"CheckpointManagerOptions: {shown} has no effect without max_to_keep (nothing is ever deleted). "
+                    "Set max_to_keep, or drop it."
+                )
 
     @property
     def has_best(self) -> bool:
@@ -212,14 +258,19 @@ def select_to_keep(
     steps = sorted(set(steps))
     if not steps or options.max_to_keep is None:
         return set(steps)
-    keep = set(steps[-options.max_to_keep :])
+    protected = {steps[-1]}
     if options.keep_period is not None:
-        keep.update(s for s in steps if s % options.keep_period == 0)
+        protected.update(s for s in steps if s % options.keep_period == 0)
     if options.has_best:
         values = {s: metric_value(metrics.get(s), options) for s in steps}
-        keep.update(best_steps(values, options, options.keep_best or 1))
-    keep.add(steps[-1])
-    return keep
+        protected.update(best_steps(values, options, options.keep_best or 1))
+    if options.should_keep_fn is not None:
+        protected.update(s for s in steps if options.should_keep_fn(s))
+    if options.retention == "union":
+        return protected | set(steps[-options.max_to_keep :])
+    others = [s for s in steps if s not in protected]
+    room = max(0, options.max_to_keep - len(protected))
+    return protected | set(others[max(0, len(others) - room) :])
 
 
 def is_save_due(

@@ -72,33 +72,27 @@ class Run:
 
 
 def build_run(recipe: Recipe, *, compile: bool | None = None, rank: int = 0, world_size: int = 1) -> Run:
-    """The task, a fresh ``TrainState`` and its steps; ``compile`` defaults to ``recipe.train.compile``."""
+    """The task, a fresh ``TrainState`` and its steps; ``compile`` defaults to ``recipe.train.compile``.
+
+    With several processes the state is laid out by :func:`ftrain.distributed.shard_state` on the mesh of the
+    recipe's ``parallel`` section; checkpoints then use the ``dcp`` backend and validation sums go through
+    ``reduce_metrics``. Recipes allow only the data dims (``dp_replicate`` × ``dp_shard``), so the process rank and
+    world size are the data-parallel rank and size that ``BatchStream`` takes.
+    """
     model_key, data_key = random.split(random.key(recipe.train.seed))
     task = build_task(recipe, model_key)
     state = ftrain.TrainState.create(task.model, make_optimizer(recipe, task.model), key=model_key)
-    state = _distribute(state, recipe, world_size)
+    if world_size > 1:  # --nproc N: DTensor leaves on the mesh of the recipe's `parallel` section
+        from ftrain.distributed import build_mesh, shard_state
+
+        config = recipe.parallel.config(world_size)
+        state = shard_state(state, build_mesh(config), config)
     train_step = ftrain.make_train_step(task.loss_fn)
     eval_step = ftrain.make_eval_step(task.loss_fn)
     if recipe.train.compile if compile is None else compile:
         train_step = ftrain.jit(train_step, donate=recipe.train.donate)
         eval_step = ftrain.jit(eval_step)
     return Run(recipe, task, state, train_step, eval_step, data_key, rank, world_size)
-
-
-def _distribute(state: ftrain.TrainState, recipe: Recipe, world_size: int) -> ftrain.TrainState:
-    """THE ONE PLACE a state is laid out over processes (``--nproc N``); unchanged with one process.
-
-    With several processes each leaf gets its DTensor placement from ``shard_state`` on the mesh of the recipe's
-    ``parallel`` section; checkpoints then use the ``dcp`` backend and validation sums go through
-    ``reduce_metrics``. Recipes allow only the data dims (``dp_replicate`` × ``dp_shard``), so the process rank and
-    world size are the data-parallel rank and size that ``BatchStream`` takes.
-    """
-    if world_size == 1:
-        return state
-    from ftrain.distributed import build_mesh, shard_state
-
-    config = recipe.parallel.config(world_size)
-    return shard_state(state, build_mesh(config, "cpu" if not torch.cuda.is_available() else None), config)
 
 
 def evaluate(run: Run, state: ftrain.TrainState, max_batches: int | None = None) -> dict[str, float]:

@@ -4,6 +4,8 @@ The recipe, in order: :func:`build_mesh` (starts the process group from torchrun
 :func:`shard_state` (params, optimizer state as DTensors; the plan rides on the skeleton), then a
 ``BatchStream(rank=data_parallel_rank(mesh), world_size=data_parallel_size(mesh))``, then the usual
 ``make_train_step`` / ``ftrain.jit`` / ``CheckpointManager(..., backend="dcp")``. See docs/distributed.md.
+:func:`parallel_config_from_fsdp` and :func:`parallel_config_from_deepspeed` turn HF's FSDP settings and a DeepSpeed
+config into a ``ParallelConfig``.
 """
 
 from ftrain.distributed.config import MESH_DIMS, ParallelConfig
@@ -18,7 +20,7 @@ from ftrain.distributed.context_parallel import (
     unshard_sequence,
 )
 from ftrain.distributed.deepspeed import fill_deepspeed_config, load_deepspeed_config, parallel_config_from_deepspeed
-from ftrain.distributed.hf import parallel_config_from_training_args
+from ftrain.distributed.fsdp import parallel_config_from_fsdp
 from ftrain.distributed.mesh import (
     build_mesh,
     data_parallel_rank,
@@ -50,7 +52,7 @@ __all__ = [
     "make_plan",
     "mesh_shape_error",
     "parallel_config_from_deepspeed",
-    "parallel_config_from_training_args",
+    "parallel_config_from_fsdp",
     "prepare_cp_batch",
     "reduce_metrics",
     "shard_state",

@@ -7,10 +7,11 @@ ZeRO's stages are ftrain's shard levels: stage 0 is plain data parallel (``dp_re
 dtype, as DeepSpeed does).
 
 As transformers' ``HfTrainerDeepSpeedConfig`` does, :func:`fill_deepspeed_config` replaces ``"auto"`` by the
-TrainingArguments value (``train_micro_batch_size_per_gpu`` ← ``per_device_train_batch_size``,
-``gradient_accumulation_steps``, ``train_batch_size`` ← world size × per-device batch × accumulation,
-``gradient_clipping`` ← ``max_grad_norm``, the optimizer's ``lr``/``betas``/``eps``/``weight_decay``,
-``fp16``/``bf16.enabled``) and raises one error listing every explicit value that disagrees.
+run's value of that key (:data:`DEEPSPEED_AUTO_KEYS`: the micro batch, accumulation, ``train_batch_size`` ← world
+size × micro batch × accumulation, ``gradient_clipping``, the optimizer's ``lr``/``betas``/``eps``/``weight_decay``,
+``fp16``/``bf16.enabled``) and raises one error listing every explicit value that disagrees. The values come from
+the caller, keyed by DeepSpeed's own names; the Trainer shell reads them from TrainingArguments
+(:mod:`ftrain.trainer.parallel`).
 
 Keys that change only how DeepSpeed's own engine runs (bucket sizes, overlap, prefetch, logging) have no meaning
 for placement-based sharding and are accepted (:data:`DEEPSPEED_IGNORED`, logged at INFO). Keys that ask for
@@ -39,6 +40,7 @@ import torch
 from ftrain.distributed.config import ParallelConfig
 
 __all__ = [
+    "DEEPSPEED_AUTO_KEYS",
     "DEEPSPEED_IGNORED",
     "DEEPSPEED_UNSUPPORTED",
     "fill_deepspeed_config",
@@ -180,57 +182,87 @@ def _node(config: dict[str, Any], dotted: str) -> tuple[dict[str, Any] | None, s
     return config, leaf
 
 
-def fill_deepspeed_config(ds_config: Mapping[str, Any] | str, args: Any, world_size: int) -> dict[str, Any]:
-    """The config with transformers' ``"auto"`` values filled from ``args``; explicit values must agree.
+#: The keys whose ``"auto"`` :func:`fill_deepspeed_config` fills (dotted paths), in the order disagreements are listed.
+DEEPSPEED_AUTO_KEYS = (
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "train_batch_size",
+    "gradient_clipping",
+    "optimizer.params.lr",
+    "optimizer.params.betas",
+    "optimizer.params.eps",
+    "optimizer.params.weight_decay",
+    "fp16.enabled",
+    "bf16.enabled",
+)
+
+
+def _with_train_batch_size(values: Mapping[str, Any], world_size: int) -> dict[str, Any]:
+    """``values`` with DeepSpeed's ``train_batch_size = world_size × micro batch × accumulation`` when not given."""
+    values = dict(values)
+    if "train_batch_size" not in values and "train_micro_batch_size_per_gpu" in values:
+        micro, accum = values["train_micro_batch_size_per_gpu"], values.get("gradient_accumulation_steps", 1)
+        values["train_batch_size"] = None if micro is None or accum is None else world_size * micro * accum
+    return values
+
+
+def fill_deepspeed_config(
+    ds_config: Mapping[str, Any] | str | os.PathLike,
+    values: Mapping[str, Any],
+    world_size: int,
+    *,
+    names: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """The config with its ``"auto"`` values filled from ``values``; explicit values must agree with them.
 
     Args:
-        ds_config: a dict or a JSON path.
-        args: ftrain's or transformers' ``TrainingArguments`` (read by attribute).
-        world_size: number of processes (``train_batch_size`` = world size × per-device batch × accumulation).
+        ds_config: a dict, a JSON path or a JSON string.
+        values: the run's value for some of :data:`DEEPSPEED_AUTO_KEYS`, keyed by DeepSpeed's dotted names (e.g.
+            ``{"train_micro_batch_size_per_gpu": 8, "optimizer.params.lr": 1e-4}``). A key it lacks is left as it
+            is; a ``None`` value (or a list holding one) fills ``"auto"`` but checks nothing.
+        world_size: number of processes: ``train_batch_size``, when ``values`` lacks it, is world size × micro
+            batch × accumulation (accumulation 1 when absent).
+        names: where each value came from, for the error message (default: the key; the calculated
+            ``train_batch_size`` is ``"train_batch_size (calculated)"``).
 
     Returns:
-        A new dict.
+        A new dict (``ds_config`` is not changed).
 
     Raises:
-        ValueError: every explicit value that disagrees with ``args``, as ``ds KEY=VALUE vs hf FIELD=VALUE``.
+        ValueError: a key of ``values`` that is not in :data:`DEEPSPEED_AUTO_KEYS`; every explicit value that
+            disagrees with ``values``, as ``ds KEY=VALUE vs hf NAME=VALUE``.
 
     Example:
-        >>> from types import SimpleNamespace
-        >>> args = SimpleNamespace(per_device_train_batch_size=4, gradient_accumulation_steps=2, max_grad_norm=1.0)
-        >>> fill_deepspeed_config({"train_batch_size": "auto", "gradient_clipping": 1.0}, args, world_size=2)
+        >>> values = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2, "gradient_clipping": 1.0}
+        >>> fill_deepspeed_config({"train_batch_size": "auto", "gradient_clipping": 1.0}, values, world_size=2)
         {'train_batch_size': 16, 'gradient_clipping': 1.0}
-        >>> fill_deepspeed_config({"train_micro_batch_size_per_gpu": 8}, args, world_size=2)
+        >>> fill_deepspeed_config({"train_micro_batch_size_per_gpu": 8}, values, 2, names={"train_micro_batch_size_per_gpu": "per_device_train_batch_size"})
         Traceback (most recent call last):
         ...
         ValueError: DeepSpeed config values disagree with TrainingArguments:
         - ds train_micro_batch_size_per_gpu=8 vs hf per_device_train_batch_size=4
         Set these DeepSpeed values to "auto" (filled from TrainingArguments) or make them equal.
-    """
+    """  # noqa: E501
+    unknown = sorted(set(values) - set(DEEPSPEED_AUTO_KEYS))
+    if unknown:
+        raise ValueError(
+            f'fill_deepspeed_config: {unknown} are not keys DeepSpeed fills from "auto"; use some of '
+            f"{list(DEEPSPEED_AUTO_KEYS)}"
+        )
     config = load_deepspeed_config(ds_config)
-    get = lambda name, default=None: getattr(args, name, default)  # noqa: E731
-    batch, accum = get("per_device_train_batch_size"), get("gradient_accumulation_steps", 1)
-    rules = [
-        ("train_micro_batch_size_per_gpu", batch, "per_device_train_batch_size"),
-        ("gradient_accumulation_steps", accum, "gradient_accumulation_steps"),
-        ("train_batch_size", None if batch is None else world_size * batch * accum, "train_batch_size (calculated)"),
-        ("gradient_clipping", get("max_grad_norm"), "max_grad_norm"),
-        ("optimizer.params.lr", get("learning_rate"), "learning_rate"),
-        ("optimizer.params.betas", [get("adam_beta1"), get("adam_beta2")], "adam_beta1+adam_beta2"),
-        ("optimizer.params.eps", get("adam_epsilon"), "adam_epsilon"),
-        ("optimizer.params.weight_decay", get("weight_decay"), "weight_decay"),
-        ("fp16.enabled", bool(get("fp16", False) or get("fp16_full_eval", False)), "fp16|fp16_full_eval"),
-        ("bf16.enabled", bool(get("bf16", False) or get("bf16_full_eval", False)), "bf16|bf16_full_eval"),
-    ]
+    values = _with_train_batch_size(values, world_size)
+    labels = {"train_batch_size": "train_batch_size (calculated)", **(names or {})}
     mismatches = []
-    for key, hf_value, hf_name in rules:
+    for key in DEEPSPEED_AUTO_KEYS:
         node, leaf = _node(config, key)
-        if node is None or leaf not in node:
+        if key not in values or node is None or leaf not in node:
             continue
+        value = values[key]
         if node[leaf] == "auto":
-            node[leaf] = hf_value
-        elif hf_value is not None and None not in (hf_value if isinstance(hf_value, list) else [hf_value]):
-            if node[leaf] != hf_value:
-                mismatches.append(f"- ds {key}={node[leaf]} vs hf {hf_name}={hf_value}")
+            node[leaf] = value
+        elif value is not None and None not in (value if isinstance(value, list) else [value]):
+            if node[leaf] != value:
+                mismatches.append(f"- ds {key}={node[leaf]} vs hf {labels.get(key, key)}={value}")
     if mismatches:
         raise ValueError(
             "DeepSpeed config values disagree with TrainingArguments:\n"
@@ -307,7 +339,7 @@ def _dtypes(config: dict[str, Any]) -> tuple[torch.dtype | None, torch.dtype | N
         if value == "auto":
             raise ValueError(
                 f'DeepSpeed config: {section}.enabled is "auto", which is filled from TrainingArguments.{section}; '
-                "pass args= to parallel_config_from_deepspeed or set it to true/false."
+                "pass the config through fill_deepspeed_config first, or set it to true/false."
             )
         return bool(value)
 
@@ -321,29 +353,23 @@ def _dtypes(config: dict[str, Any]) -> tuple[torch.dtype | None, torch.dtype | N
     return param, None if comm is None else _COMM_DTYPES[str(comm).lower()]
 
 
-def parallel_config_from_deepspeed(
-    ds_config: Mapping[str, Any] | str, world_size: int, *, args: Any = None
-) -> ParallelConfig:
+def parallel_config_from_deepspeed(ds_config: Mapping[str, Any] | str | os.PathLike, world_size: int) -> ParallelConfig:
     """The :class:`ParallelConfig` a DeepSpeed config asks for, resolved for ``world_size``.
 
     Args:
-        ds_config: a dict, a JSON path or a JSON string.
+        ds_config: a dict, a JSON path or a JSON string; ``"auto"`` precision must be filled first
+            (:func:`fill_deepspeed_config`), other ``"auto"`` values do not decide the layout.
         world_size: number of processes.
-        args: TrainingArguments (ftrain's or transformers'); when given, ``"auto"`` values are filled from it and
-            explicit ones checked against it (:func:`fill_deepspeed_config`).
 
     Returns:
         ``ParallelConfig`` with ``cp = tp = 1``: stage 0 → ``dp_replicate=world_size, dp_shard=1``; stage ``s``
         in 1..3 → ``dp_shard=world_size, shard_level=s``.
 
     Raises:
-        ValueError: a bad stage, unsupported or unknown keys (all named in one message), a mismatch with ``args``,
-            ``"auto"`` precision without ``args``, or optimizer offload with stage 0.
+        ValueError: a bad stage, unsupported or unknown keys (all named in one message), ``"auto"`` precision, or
+            optimizer offload with stage 0.
     """
-    if args is not None:
-        config = fill_deepspeed_config(ds_config, args, world_size)
-    else:
-        config = load_deepspeed_config(ds_config)
+    config = load_deepspeed_config(ds_config)
     _check_keys(config)
     zero = config.get("zero_optimization") or {}
     stage = zero.get("stage", 0)

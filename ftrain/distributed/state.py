@@ -3,7 +3,8 @@
 :func:`shard_state` is the one visible place where a run's parallel layout is applied, in order (torchtitan's
 ``apply_*`` recipe): tensor parallel, then data parallel / FSDP / ZeRO over ``dp_shard``, then mixed precision and
 optimizer offload, which the plan carries into the step. The plan is attached to the state's (meta-device)
-skeleton, a static field, so the same :func:`ftrain.make_train_step` runs on 1 process and on N.
+skeleton, a static field, so the same :func:`ftrain.make_train_step` runs on 1 process and on N. The Trainer and
+the ``ftrain train`` command lay out their states with it too: each only decides the config and builds the mesh.
 
 Example (one process: a world of one, every layout trivial)::
 

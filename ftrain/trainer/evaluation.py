@@ -6,7 +6,7 @@
 ``compute_loss_func`` (DESIGN.md invariant 6). Evaluation calls it on the whole batch; the train step on each
 microbatch.
 
-**Evaluation.** :class:`EvaluationMixin` runs the model (weights synced from the train state) in eval mode under
+**Evaluation.** :class:`Evaluator` runs the model (weights synced from the train state) in eval mode under
 ``no_grad`` over a :class:`~ftrain.data.BatchStream`. ``{prefix}_loss`` is the ``(sum, count)`` mean over the whole
 set — token-weighted for causal LMs; transformers' sample-weighted mean of batch means equals it when every batch
 has the same number of tokens per example. Logits and labels are gathered as numpy arrays (dim 1 padded with
@@ -30,7 +30,7 @@ from ftrain.losses import Loss
 from ftrain.step import LossWithOutputs, loss_item_count, make_loss_fn, model_kind
 from ftrain.trainer.utils import EvalLoopOutput, EvalPrediction, PredictionOutput, denumpify_detensorize, speed_metrics
 
-__all__ = ["EvaluationMixin", "LossWithOutputs", "loss_item_count", "make_loss_fn", "model_kind"]
+__all__ = ["Evaluator", "LossWithOutputs", "loss_item_count", "make_loss_fn", "model_kind"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -115,45 +115,57 @@ def _with_last(iterable: Any) -> Any:
     yield item, True
 
 
-class EvaluationMixin:
-    """``evaluate``, ``predict``, ``evaluation_loop``, ``prediction_step`` and ``compute_loss`` of the Trainer."""
+class Evaluator:
+    """The Trainer's evaluation and prediction loop (a component: the Trainer's ``evaluate``, ``predict``,
+    ``evaluation_loop``, ``prediction_step`` and ``compute_loss`` delegate here).
+
+    It keeps no state of its own: each call reads the trainer's model, datasets, ``compute_metrics``,
+    ``preprocess_logits_for_metrics``, callbacks and ``state``, and calls back through the trainer's methods
+    wherever transformers does (``get_eval_dataloader``, ``evaluation_loop``, ``prediction_step`` when overridden,
+    ``compute_loss`` when overridden, ``_nested_gather``, ``log``), so a subclass's overrides take part.
+
+    Args:
+        trainer: the :class:`~ftrain.trainer.Trainer` it serves.
+    """
+
+    def __init__(self, trainer: Any) -> None:
+        self.trainer = trainer
 
     def compute_loss(
         self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
     ) -> Any:
-        """The microbatch's mean loss (``sum / count``, or ``sum / num_items_in_batch`` when given), as transformers.
-
-        Override it to change the training loss: the train step then uses the returned scalar as the mean over
-        this microbatch, one item per microbatch (transformers' behaviour for losses without ``num_items``).
-        """
-        loss, outputs = self._loss_with_outputs(model, inputs)
+        """The default ``Trainer.compute_loss``: the microbatch's mean loss (``sum / count``, or
+        ``sum / num_items_in_batch`` when given), as transformers."""
+        loss, outputs = self.trainer._loss_with_outputs(model, inputs)
         denom = loss.count if num_items_in_batch is None else torch.as_tensor(num_items_in_batch)
         mean = loss.sum / denom.clamp_min(1).to(loss.sum.dtype)
         return (mean, outputs) if return_outputs else mean
 
-    def _default_ignore_keys(self, ignore_keys: list[str] | None) -> list[str]:
+    def _ignore_keys(self, ignore_keys: list[str] | None) -> list[str]:
         if ignore_keys is not None:
             return list(ignore_keys)
-        return list(getattr(getattr(self.model, "config", None), "keys_to_ignore_at_inference", None) or ["cache"])
+        config = getattr(self.trainer.model, "config", None)
+        return list(getattr(config, "keys_to_ignore_at_inference", None) or ["cache"])
 
     def _prediction_parts(
         self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool, ignore_keys: list[str]
     ) -> tuple[Loss | None, Any, Any]:
         """``(Loss(sum, count) or None, logits, labels)`` of one batch, under ``no_grad``."""
-        names = self.label_names
+        trainer = self.trainer
+        names = trainer.label_names
         has_labels = bool(names) and all(inputs.get(k) is not None for k in names)
         labels = None
         if has_labels:
             labels = tuple(inputs[k].detach() for k in names)
             labels = labels[0] if len(labels) == 1 else labels
-        with torch.no_grad(), self.compute_loss_context_manager():
-            if has_labels or self._custom_compute_loss():
-                if self._custom_compute_loss():
-                    mean, outputs = self.compute_loss(model, inputs, return_outputs=True)
-                    loss = Loss(mean.detach(), torch.ones((), dtype=torch.int64, device=mean.device))
-                else:
-                    loss, outputs = self._loss_with_outputs(model, inputs)
-                    loss = Loss(loss.sum.detach(), loss.count.detach())
+        custom_loss = trainer.overrides("compute_loss")
+        with torch.no_grad(), trainer.compute_loss_context_manager():
+            if custom_loss:
+                mean, outputs = trainer.compute_loss(model, inputs, return_outputs=True)
+                loss = Loss(mean.detach(), torch.ones((), dtype=torch.int64, device=mean.device))
+            elif has_labels:
+                loss, outputs = trainer._loss_with_outputs(model, inputs)
+                loss = Loss(loss.sum.detach(), loss.count.detach())
             else:
                 loss, outputs = None, model(**inputs)
         if prediction_loss_only:
@@ -161,23 +173,18 @@ class EvaluationMixin:
         return loss, _prediction_logits(outputs, ignore_keys), labels
 
     def prediction_step(
-        self,
-        model: Any,
-        inputs: dict[str, Any],
-        prediction_loss_only: bool,
-        ignore_keys: list[str] | None = None,
+        self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool, ignore_keys: list[str] | None = None
     ) -> tuple[torch.Tensor | None, Any, Any]:
-        """``(loss, logits, labels)`` of one batch, as transformers; ``loss`` is the batch's mean."""
-        loss, logits, labels = self._prediction_parts(
-            model, inputs, prediction_loss_only, self._default_ignore_keys(ignore_keys)
-        )
+        """The default ``Trainer.prediction_step``: ``(loss, logits, labels)`` of one batch; ``loss`` is its mean."""
+        ignore_keys = self._ignore_keys(ignore_keys)
+        loss, logits, labels = self._prediction_parts(model, inputs, prediction_loss_only, ignore_keys)
         mean = None if loss is None else loss.sum / loss.count.clamp_min(1).to(loss.sum.dtype)
         return mean, logits, labels
 
     def _batch_parts(self, model: Any, batch: dict, loss_only: bool, ignore_keys: list[str]) -> tuple:
-        if type(self).prediction_step is EvaluationMixin.prediction_step:
+        if not self.trainer.overrides("prediction_step"):
             return self._prediction_parts(model, batch, loss_only, ignore_keys)
-        mean, logits, labels = self.prediction_step(model, batch, loss_only, ignore_keys=ignore_keys)
+        mean, logits, labels = self.trainer.prediction_step(model, batch, loss_only, ignore_keys=ignore_keys)
         rows = next(iter(batch.values())).shape[0]
         loss = None if mean is None else Loss(mean.detach() * rows, torch.tensor(rows))  # sample-weighted, as HF
         return loss, logits, labels
@@ -190,27 +197,20 @@ class EvaluationMixin:
         ignore_keys: list[str] | None = None,
         metric_key_prefix: str = "eval",
     ) -> EvalLoopOutput:
-        """Runs the model over ``dataloader`` (a BatchStream); returns predictions, labels and prefixed metrics.
-
-        ``include_for_metrics`` adds ``inputs`` (the model's main input, dim 1 padded with -100 across batches) and
-        ``losses`` (each batch's mean loss, once per example) to the ``EvalPrediction``. With ``batch_eval_metrics``
-        ``compute_metrics(EvalPrediction(batch tensors), compute_result=is_last_batch)`` runs on every batch (its
-        ``inputs`` is then the whole batch dict, as transformers) and its last return is the metrics; predictions are
-        then not gathered, except for ``predict``.
-        """
-        args = self.args
+        """The default ``Trainer.evaluation_loop``; see its docstring."""
+        trainer, args = self.trainer, self.trainer.args
         loss_only = args.prediction_loss_only if prediction_loss_only is None else prediction_loss_only
-        ignore_keys = self._default_ignore_keys(ignore_keys)
-        model = self._model_for_inference()
+        ignore_keys = self._ignore_keys(ignore_keys)
+        model = trainer._model_for_inference()
         batch_metrics = args.batch_eval_metrics
         keep = not batch_metrics or description == "Prediction"
-        main_input = getattr(self.model, "main_input_name", "input_ids")
+        main_input = getattr(trainer.model, "main_input_name", "input_ids")
         want_inputs, want_losses = "inputs" in args.include_for_metrics, "loss" in args.include_for_metrics
         total_sum = total_count = None
         preds, labels, inputs, losses = [], [], [], []
         metrics: dict[str, Any] | None = None
         num_samples = 0
-        distributed = getattr(self, "mesh", None) is not None
+        distributed = trainer.mesh is not None
         for batch, is_last in _with_last(dataloader.iter_from(0)):
             valid = batch.get("_valid")  # False on the rows that pad a short last batch over the ranks
             batch = {k: v for k, v in batch.items() if k != "_valid"}
@@ -221,8 +221,8 @@ class EvaluationMixin:
                 total_sum = loss.sum if total_sum is None else total_sum + loss.sum
                 total_count = loss.count if total_count is None else total_count + loss.count
                 batch_losses = (loss.sum / loss.count.clamp_min(1).to(loss.sum.dtype)).reshape(1).repeat(rows)
-            if logits is not None and self.preprocess_logits_for_metrics is not None:
-                logits = self.preprocess_logits_for_metrics(logits, batch_labels)
+            if logits is not None and trainer.preprocess_logits_for_metrics is not None:
+                logits = trainer.preprocess_logits_for_metrics(logits, batch_labels)
             batch_inputs = batch.get(main_input) if want_inputs else None
             if distributed:  # every rank's rows, in the global order, padding rows dropped
                 rows, logits, batch_labels, batch_inputs, batch_losses = self._gather_rows(
@@ -237,15 +237,16 @@ class EvaluationMixin:
                 preds.append(_to_numpy(logits))
             if batch_labels is not None and keep:
                 labels.append(_to_numpy(batch_labels))
-            self.control = self.callback_handler.on_prediction_step(args, self.state, self.control)
-            if batch_metrics and self.compute_metrics is not None and logits is not None and batch_labels is not None:
+            trainer.control = trainer.callback_handler.on_prediction_step(args, trainer.state, trainer.control)
+            compute_metrics = trainer.compute_metrics
+            if batch_metrics and compute_metrics is not None and logits is not None and batch_labels is not None:
                 prediction = EvalPrediction(
                     predictions=logits,
                     label_ids=batch_labels,
                     inputs=batch if want_inputs else None,
                     losses=batch_losses if want_losses else None,
                 )
-                metrics = self.compute_metrics(prediction, compute_result=is_last)
+                metrics = compute_metrics(prediction, compute_result=is_last)
         if distributed and total_sum is not None:  # the exact (sum, count) over every rank's rows
             total_sum, total_count = _sum_over_ranks(total_sum), _sum_over_ranks(total_count)
         all_preds = _concat(preds) if preds else None
@@ -254,65 +255,56 @@ class EvaluationMixin:
         all_losses = np.concatenate(losses) if losses else None
         if not batch_metrics:
             metrics = None
-            if self.compute_metrics is not None and all_preds is not None and all_labels is not None:
+            if trainer.compute_metrics is not None and all_preds is not None and all_labels is not None:
                 prediction = EvalPrediction(
                     predictions=all_preds,
                     label_ids=all_labels,
                     inputs=all_inputs if want_inputs else None,
                     losses=all_losses if want_losses else None,
                 )
-                metrics = self.compute_metrics(prediction)
-        metrics = self._loop_metrics(metrics, total_sum, total_count, metric_key_prefix)
+                metrics = trainer.compute_metrics(prediction)
+        metrics = _loop_metrics(metrics, total_sum, total_count, metric_key_prefix)
         return EvalLoopOutput(all_preds, all_labels, metrics, num_samples)
 
     def _gather_rows(self, valid: Any, rows: int, *tensors: Any) -> tuple[Any, ...]:
         """``(global rows, *tensors)``: each of ``tensors`` (a batch's per-row outputs, or ``None``) from every rank
-        (:meth:`_nested_gather`, dim 1 padded with -100 to the longest across ranks), without the padding rows."""
+        (the trainer's ``_nested_gather``, dim 1 padded with -100 to the longest across ranks), without the padding
+        rows."""
         mask = torch.ones(rows, dtype=torch.bool) if valid is None else valid.to(torch.bool)
-        device = self.args.device
-        gathered = self._nested_gather(_pad_across_ranks([mask.to(device), *tensors], device))
+        device = self.trainer.args.device
+        gathered = self.trainer._nested_gather(_pad_across_ranks([mask.to(device), *tensors], device))
         keep = gathered[0].cpu()
         return (int(keep.sum()), *(_select_rows(t, keep) for t in gathered[1:]))
-
-    def _loop_metrics(self, metrics: Any, total_sum: Any, total_count: Any, prefix: str) -> dict:
-        metrics = denumpify_detensorize(dict(metrics or {}))
-        if total_sum is not None:
-            metrics[f"{prefix}_loss"] = float(total_sum / total_count.clamp_min(1).to(total_sum.dtype))
-        return {k if k.startswith(f"{prefix}_") else f"{prefix}_{k}": v for k, v in metrics.items()}
 
     def evaluate(
         self, eval_dataset: Any = None, ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval"
     ) -> dict[str, float]:
-        """Evaluates on ``eval_dataset`` (default ``self.eval_dataset``; a dict evaluates each, prefixed by name),
-        logs the metrics and fires ``on_evaluate``.
-
-        Returns:
-            ``{prefix}_loss``, the ``compute_metrics`` results, ``{prefix}_runtime``, ``{prefix}_samples_per_second``
-            and ``{prefix}_steps_per_second``.
-        """
-        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        """The default ``Trainer.evaluate``; see its docstring."""
+        trainer = self.trainer
+        dataset = trainer.eval_dataset if eval_dataset is None else eval_dataset
         if isinstance(dataset, dict):
             metrics = {}
             for name, data in dataset.items():
-                metrics.update(self.evaluate(data, ignore_keys, f"{metric_key_prefix}_{name}"))
+                metrics.update(trainer.evaluate(data, ignore_keys, f"{metric_key_prefix}_{name}"))
             return metrics
-        stream = self.get_eval_dataloader(dataset)
+        stream = trainer.get_eval_dataloader(dataset)
         start = time.time()
-        output = self.evaluation_loop(
+        output = trainer.evaluation_loop(
             stream,
             "Evaluation",
-            prediction_loss_only=True if self.compute_metrics is None else None,
+            prediction_loss_only=True if trainer.compute_metrics is None else None,
             ignore_keys=ignore_keys,
             metric_key_prefix=metric_key_prefix,
         )
         self._add_speed_metrics(output, metric_key_prefix, start)
-        self.log(output.metrics)
-        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, output.metrics)
+        trainer.log(output.metrics)
+        trainer.control = trainer.callback_handler.on_evaluate(trainer.args, trainer.state, trainer.control,
+                                                               output.metrics)  # fmt: skip
         return output.metrics
 
     def _add_speed_metrics(self, output: Any, metric_key_prefix: str, start: float) -> None:
         """``{prefix}_runtime``, ``_samples_per_second`` and ``_steps_per_second`` into ``output.metrics``."""
-        batch_size = self.args.eval_batch_size * self.args.world_size
+        batch_size = self.trainer.args.eval_batch_size * self.trainer.args.world_size
         num_steps = math.ceil(output.num_samples / batch_size)
         output.metrics.update(
             speed_metrics(metric_key_prefix, start, num_samples=output.num_samples, num_steps=num_steps)
@@ -321,12 +313,22 @@ class EvaluationMixin:
     def predict(
         self, test_dataset: Any, ignore_keys: list[str] | None = None, metric_key_prefix: str = "test"
     ) -> PredictionOutput:
-        """Predictions, labels (``None`` without) and ``test_*`` metrics on ``test_dataset``; fires ``on_predict``."""
-        stream = self.get_test_dataloader(test_dataset)
+        """The default ``Trainer.predict``; see its docstring."""
+        trainer = self.trainer
+        stream = trainer.get_test_dataloader(test_dataset)
         start = time.time()
-        output = self.evaluation_loop(
-            stream, "Prediction", ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix
-        )
+        output = trainer.evaluation_loop(stream, "Prediction", ignore_keys=ignore_keys,
+                                         metric_key_prefix=metric_key_prefix)  # fmt: skip
         self._add_speed_metrics(output, metric_key_prefix, start)
-        self.control = self.callback_handler.on_predict(self.args, self.state, self.control, output.metrics)
+        trainer.control = trainer.callback_handler.on_predict(trainer.args, trainer.state, trainer.control,
+                                                              output.metrics)  # fmt: skip
         return PredictionOutput(predictions=output.predictions, label_ids=output.label_ids, metrics=output.metrics)
+
+
+def _loop_metrics(metrics: Any, total_sum: Any, total_count: Any, prefix: str) -> dict:
+    """``compute_metrics``' results as numbers, with ``{prefix}_loss`` = the ``(sum, count)`` mean, every key
+    prefixed."""
+    metrics = denumpify_detensorize(dict(metrics or {}))
+    if total_sum is not None:
+        metrics[f"{prefix}_loss"] = float(total_sum / total_count.clamp_min(1).to(total_sum.dtype))
+    return {k if k.startswith(f"{prefix}_") else f"{prefix}_{k}": v for k, v in metrics.items()}

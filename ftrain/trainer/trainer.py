@@ -28,9 +28,19 @@ Differences from transformers, on purpose:
   (``model.safetensors``, ``config.json``, ``trainer_state.json``), and ``training_args.json`` instead of the
   pickled ``training_args.bin``; see :mod:`ftrain.trainer.loop`.
 - ``eval_loss`` is the ``(sum, count)`` mean over the whole evaluation set (token-weighted for causal LMs).
+- **Optimizer, scheduler and RNG state live in the** :class:`~ftrain.TrainState` (``opt_state``, ``step``, ``key``):
+  ``_save_optimizer_and_scheduler`` / ``_save_rng_state`` write those parts as safetensors / JSON next to a
+  checkpoint (never a pickle), and the ``_load_*`` twins read them back into the current state (or from a committed
+  ftrain checkpoint's ``state.safetensors``).
+- **No wrappers, no accelerator.** ``_wrap_model`` returns the model, ``create_accelerator_and_postprocess`` records
+  the device / process facts the shell reads, and there is no loss scaler (``_save_scaler`` is a no-op).
+- **Weights load strictly.** ``_load_from_checkpoint`` reads an ftrain checkpoint or a transformers-written folder
+  (``model.safetensors`` or a sharded index) and refuses pickled ``pytorch_model.bin`` files.
+- Methods transformers 5 moved out of the class (``_sorted_checkpoints``, ``_nested_gather``, ``num_tokens``,
+  ``prediction_loop``, ``get_optimizer_group``, ``tokenizer``...) keep their transformers 4.57 signatures.
 - **Several processes** (``torchrun --nproc_per_node N``): ``create_accelerator_and_postprocess`` (called by
   ``__init__``) picks the layout — ``fsdp`` / ``deepspeed`` through
-  :func:`ftrain.distributed.parallel_config_from_training_args`, else plain data parallel — and builds the mesh;
+  :func:`ftrain.trainer.parallel.parallel_config_from_training_args`, else plain data parallel — and builds the mesh;
   ``train()`` shards the ``TrainState`` on it (``_distribute``). The step sums the loss ``(sum, count)`` and the
   gradients over the ranks, so the logged ``loss`` is the global mean (also with ``average_tokens_across_devices=
   False``, where transformers would average per-rank means). Every rank must call ``train``, ``evaluate`` and
@@ -65,29 +75,48 @@ import json
 import logging
 import math
 import os
+import sys
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from ftrain import optim as _optim
+from ftrain.checkpoint import CheckpointManager
 from ftrain.data import BatchStream, default_collate, make_padding_collator
-from ftrain.data.columns import find_labels, signature_columns
+from ftrain.data.columns import find_labels, make_column_filter, remove_unused_columns, signature_columns
 from ftrain.jit import jit
 from ftrain.losses import Loss
 from ftrain.optim.base import GradientTransformation
+from ftrain.state import TrainState
 from ftrain.step import make_train_step
+from ftrain.trainer import convert as _convert
 from ftrain.trainer.args import IntervalStrategy, TrainingArguments
 from ftrain.trainer.callbacks import DEFAULT_CALLBACKS, DEFAULT_PROGRESS_CALLBACK, CallbackHandler, PrinterCallback
-from ftrain.trainer.compat import HFCompatMixin
+from ftrain.trainer.checkpoints import TrainerCheckpoints
 from ftrain.trainer.convert import jit_options, logged_learning_rate, make_optimizer, make_schedule
-from ftrain.trainer.evaluation import EvaluationMixin, loss_item_count, make_loss_fn
+from ftrain.trainer.evaluation import Evaluator, loss_item_count, make_loss_fn
 from ftrain.trainer.hp_search import HyperparameterSearchMixin
 from ftrain.trainer.hub import HubMixin
 from ftrain.trainer.integrations import get_reporting_integration_callbacks
-from ftrain.trainer.loop import TRAINER_STATE_NAME, TRAINING_ARGS_NAME, TrainingLoopMixin
+from ftrain.trainer.loop import TRAINER_STATE_NAME, TRAINING_ARGS_NAME, TrainingLoop, enable_activation_checkpointing
+from ftrain.trainer.parallel import config_size, parallel_layout
 from ftrain.trainer.trainer_state import TrainerControl, TrainerState
-from ftrain.trainer.utils import enable_full_determinism, number_of_arguments, set_seed, speed_metrics
+from ftrain.trainer.utils import (
+    PREFIX_CHECKPOINT_DIR,
+    EvalLoopOutput,
+    PredictionOutput,
+    TrainOutput,
+    enable_full_determinism,
+    nested_gather,
+    nested_numpify,
+    number_of_arguments,
+    set_seed,
+    speed_metrics,
+)
 
 __all__ = ["Trainer"]
 
@@ -109,7 +138,7 @@ _TORCH_OPTIMIZER_ADVICE = (
 )
 
 
-class Trainer(HFCompatMixin, HyperparameterSearchMixin, HubMixin, EvaluationMixin, TrainingLoopMixin):
+class Trainer(HyperparameterSearchMixin, HubMixin):
     """Hugging Face's ``Trainer`` API over ftrain's pure core; see the module docstring.
 
     Args:
@@ -151,6 +180,11 @@ class Trainer(HFCompatMixin, HyperparameterSearchMixin, HubMixin, EvaluationMixi
         preprocess_logits_for_metrics: Any = None,
     ) -> None:
         self.args = TrainingArguments(output_dir="tmp_trainer") if args is None else _as_ftrain_args(args)
+        self._train_state = self._train_step = None  # the pure state and step, built by train()
+        self._model_stale, self.is_in_train = False, False
+        self.current_flos, self._flos_params, self._signature_columns = 0.0, None, None
+        self._num_steps_taken: int | None = None  # accelerator_config's num_steps, once taken over
+        self._build_components()
         self._seed()
         self.model_init = model_init
         self._validate(model, train_dataset, eval_dataset, optimizers, optimizer_cls_and_kwargs)
@@ -174,8 +208,6 @@ class Trainer(HFCompatMixin, HyperparameterSearchMixin, HubMixin, EvaluationMixi
         self._user_optimizer = self.optimizer
         self.label_names = self.args.label_names if self.args.label_names is not None else find_labels(self.model)
         self.state, self.control = TrainerState(), TrainerControl()
-        self._train_state = self._train_step = self._manager = self._flos_params = None
-        self._model_stale, self.is_in_train = False, False
         self.callback_handler = CallbackHandler(self._default_callbacks(callbacks), self.model, processing_class,
                                                 self.optimizer, self.lr_scheduler)  # fmt: skip
         self.control = self.callback_handler.on_init_end(self.args, self.state, self.control)
@@ -183,6 +215,13 @@ class Trainer(HFCompatMixin, HyperparameterSearchMixin, HubMixin, EvaluationMixi
             self.init_hf_repo()
 
     # ---- construction ---------------------------------------------------------------------------------------------
+
+    def _build_components(self) -> None:
+        """The Trainer's pieces, each with its own declared state; the methods with transformers' names delegate to
+        them and they call back through those methods (so a subclass's overrides take part)."""
+        self._loop = TrainingLoop(self)
+        self._evaluator = Evaluator(self)
+        self._checkpoints = TrainerCheckpoints(self)
 
     def _seed(self) -> None:
         if self.args.full_determinism:
@@ -295,16 +334,10 @@ class Trainer(HFCompatMixin, HyperparameterSearchMixin, HubMixin, EvaluationMixi
         self.create_scheduler(num_training_steps)
         self.callback_handler.optimizer, self.callback_handler.lr_scheduler = self.optimizer, self.lr_scheduler
 
-    def _custom_compute_loss(self) -> bool:
-        return type(self).compute_loss is not EvaluationMixin.compute_loss
-
     def _loss_with_outputs(self, model: Any, batch: Any) -> tuple[Loss, Any]:
         fn = make_loss_fn(self.model, label_smoothing=self.args.label_smoothing_factor,
                           compute_loss_func=self.compute_loss_func)  # fmt: skip
         return fn(model, batch)
-
-    def _custom_training_step(self) -> bool:
-        return type(self).training_step is not Trainer.training_step
 
     def _make_loss_fn(self) -> Any:
         """The step's ``loss_fn(model, batch) -> (sum, count)``, built from the overridable pieces.
@@ -315,8 +348,8 @@ class Trainer(HFCompatMixin, HyperparameterSearchMixin, HubMixin, EvaluationMixi
         ``num_items_in_batch``. (NEFTune's hook sits on the state's skeleton, see ``_setup_training``.)
         """
         kwargs = dict(label_smoothing=self.args.label_smoothing_factor, compute_loss_func=self.compute_loss_func)
-        custom_loss = self._custom_compute_loss()
-        default = None if custom_loss or self._custom_training_step() else make_loss_fn(self.model, **kwargs)
+        custom_loss = self.overrides("compute_loss")
+        default = None if custom_loss or self.overrides("training_step") else make_loss_fn(self.model, **kwargs)
 
         def loss_fn(model: Any, batch: Any) -> Loss:
             if default is not None:
@@ -368,6 +401,67 @@ class Trainer(HFCompatMixin, HyperparameterSearchMixin, HubMixin, EvaluationMixi
         if self.args.bf16:
             return torch.autocast(self.args.device.type, dtype=torch.bfloat16, cache_enabled=cache_enabled)
         return contextlib.nullcontext()
+
+    def overrides(self, hook: str) -> bool:
+        """Whether this trainer's class overrides the ``Trainer`` method ``hook`` (the components then call it;
+        otherwise they may take a faster path with the same result)."""
+        return getattr(type(self), hook) is not getattr(Trainer, hook)
+
+    # ---- evaluation (:class:`~ftrain.trainer.evaluation.Evaluator`) ---------------------------------------------
+
+    def compute_loss(
+        self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
+        """The microbatch's mean loss (``sum / count``, or ``sum / num_items_in_batch`` when given), as transformers.
+
+        Override it to change the training loss: the train step then uses the returned scalar as the mean over
+        this microbatch, one item per microbatch (transformers' behaviour for losses without ``num_items``).
+        """
+        return self._evaluator.compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def prediction_step(
+        self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool, ignore_keys: list[str] | None = None
+    ) -> tuple[torch.Tensor | None, Any, Any]:
+        """``(loss, logits, labels)`` of one batch, as transformers; ``loss`` is the batch's mean."""
+        return self._evaluator.prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+
+    def evaluation_loop(
+        self,
+        dataloader: Any,
+        description: str,
+        prediction_loss_only: bool | None = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> EvalLoopOutput:
+        """Runs the model over ``dataloader`` (a BatchStream); returns predictions, labels and prefixed metrics.
+
+        ``include_for_metrics`` adds ``inputs`` (the model's main input, dim 1 padded with -100 across batches) and
+        ``losses`` (each batch's mean loss, once per example) to the ``EvalPrediction``. With ``batch_eval_metrics``
+        ``compute_metrics(EvalPrediction(batch tensors), compute_result=is_last_batch)`` runs on every batch (its
+        ``inputs`` is then the whole batch dict, as transformers) and its last return is the metrics; predictions are
+        then not gathered, except for ``predict``.
+        """
+        return self._evaluator.evaluation_loop(
+            dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
+        )
+
+    def evaluate(
+        self, eval_dataset: Any = None, ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval"
+    ) -> dict[str, float]:
+        """Evaluates on ``eval_dataset`` (default ``self.eval_dataset``; a dict evaluates each, prefixed by name),
+        logs the metrics and fires ``on_evaluate``.
+
+        Returns:
+            ``{prefix}_loss``, the ``compute_metrics`` results, ``{prefix}_runtime``, ``{prefix}_samples_per_second``
+            and ``{prefix}_steps_per_second``.
+        """
+        return self._evaluator.evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+
+    def predict(
+        self, test_dataset: Any, ignore_keys: list[str] | None = None, metric_key_prefix: str = "test"
+    ) -> PredictionOutput:
+        """Predictions, labels (``None`` without) and ``test_*`` metrics on ``test_dataset``; fires ``on_predict``."""
+        return self._evaluator.predict(test_dataset, ignore_keys, metric_key_prefix)
 
     # ---- NEFTune --------------------------------------------------------------------------------------------------
 
@@ -423,12 +517,11 @@ class Trainer(HFCompatMixin, HyperparameterSearchMixin, HubMixin, EvaluationMixi
 
     def _data_parallel(self) -> tuple[int, int]:
         """``(rank, size)`` among the processes that read different rows (the mesh's data dims); ``(0, 1)`` alone."""
-        mesh = getattr(self, "mesh", None)
-        if mesh is None:
+        if self.mesh is None:
             return 0, 1
         from ftrain.distributed import data_parallel_rank, data_parallel_size
 
-        return data_parallel_rank(mesh), data_parallel_size(mesh)
+        return data_parallel_rank(self.mesh), data_parallel_size(self.mesh)
 
     def get_train_dataloader(self) -> BatchStream:
         """The training :class:`~ftrain.data.BatchStream` (one list of ``gradient_accumulation_steps`` microbatches
@@ -494,7 +587,7 @@ class Trainer(HFCompatMixin, HyperparameterSearchMixin, HubMixin, EvaluationMixi
         if self.args.include_num_input_tokens_seen != "no":
             logs["num_input_tokens_seen"] = self.state.num_input_tokens_seen
             if start_time is not None:
-                tokens = self.state.num_input_tokens_seen - getattr(self, "_initial_num_input_tokens_seen", 0)
+                tokens = self.state.num_input_tokens_seen - (self._loop.run.initial_tokens if self._loop.run else 0)
                 logs.update(speed_metrics("train", start_time, num_tokens=tokens))
         self.state.log_history.append({**logs, "step": self.state.global_step})
         self.control = self.callback_handler.on_log(self.args, self.state, self.control, logs)
@@ -548,6 +641,678 @@ class Trainer(HFCompatMixin, HyperparameterSearchMixin, HubMixin, EvaluationMixi
     def get_decay_parameter_names(self, model: nn.Module | None = None) -> list[str]:
         """Names of the parameters that get weight decay (transformers' rule: not biases, not norm weights)."""
         return [name for name, decays in _optim.hf_decay_mask(model or self.model).items() if decays]
+
+    # ---- the training loop (:class:`~ftrain.trainer.loop.TrainingLoop`) ----------------------------------------
+
+    def train(
+        self,
+        resume_from_checkpoint: bool | str | None = None,
+        trial: Any = None,
+        ignore_keys_for_eval: list[str] | None = None,
+        **kwargs: Any,
+    ) -> TrainOutput:
+        """Trains for ``max_steps`` / ``num_train_epochs``; resumes bitwise from a checkpoint (``True``: the last one
+        in ``output_dir``). Returns ``TrainOutput(global_step, training_loss, metrics)``."""
+        if kwargs:
+            raise TypeError(f"train() got unexpected keyword arguments: {', '.join(kwargs)}")
+        return self._loop.train(resume_from_checkpoint, trial, ignore_keys_for_eval)
+
+    def _inner_training_loop(self, checkpoint: str | None, ignore_keys_for_eval: list[str] | None) -> TrainOutput:
+        """Sets up the state and step, fires ``on_train_begin``, runs the epochs and finishes."""
+        return self._loop.inner_training_loop(checkpoint, ignore_keys_for_eval)
+
+    def _distribute(self, state: TrainState) -> TrainState:
+        """The state laid out over processes by :func:`ftrain.distributed.shard_state`, with the layout and mesh that
+        ``create_accelerator_and_postprocess`` decided (FSDP / ZeRO from ``fsdp`` or ``deepspeed``, else plain data
+        parallel); unchanged on one process. Every rank builds the same state (same model, same seed) first.
+
+        The step then reduces the loss ``(sum, count)`` and the gradients over the data-parallel ranks, so its
+        ``loss`` and ``grad_norm`` are global and identical on every rank: the logged loss is transformers'
+        ``nested_gather(tr_loss).mean()`` (its per-rank losses are scaled so that their mean is the global mean).
+        """
+        return self._loop.distribute(state)
+
+    def _export_state(self) -> TrainState:
+        """The train state with full parameters (a collective when sharded; see ``TrainingLoop.export_state``)."""
+        return self._loop.export_state()
+
+    def _sync_model(self) -> None:
+        """Copies the train state's weights into ``self.model`` (what users, callbacks and eval see)."""
+        self._loop.sync_model()
+
+    def _enable_activation_checkpointing(self, skeleton: Any) -> None:
+        """transformers' activation checkpointing on the step's meta skeleton
+        (:func:`~ftrain.trainer.loop.enable_activation_checkpointing` with ``activation_checkpointing_kwargs``)."""
+        enable_activation_checkpointing(skeleton, self.args.activation_checkpointing_kwargs)
+
+    def _run_epoch(self, stream: Any, epoch: int, ignore_keys_for_eval: list[str] | None) -> None:
+        """One pass over the epoch from the current global step; transformers' ``_run_epoch``."""
+        self._loop.run_epoch(stream, epoch, ignore_keys_for_eval)
+
+    def _track_num_input_tokens(self, batch: Any) -> None:
+        """Adds the batch's tokens to ``state.num_input_tokens_seen`` (``include_num_input_tokens_seen``)."""
+        self._loop.track_num_input_tokens(batch)
+
+    def _maybe_log_save_evaluate(self, ignore_keys_for_eval: list[str] | None = None) -> None:
+        """Logs, evaluates and saves as ``control`` asks (transformers' ``_maybe_log_save_evaluate``)."""
+        self._loop.maybe_log_save_evaluate(ignore_keys_for_eval)
+
+    def _evaluate(self, ignore_keys_for_eval: list[str] | None, skip_scheduler: bool = False) -> dict[str, float]:
+        """Evaluates, then feeds ``eval_{metric_for_best_model}`` to the optimizer's plateau state (transformers
+        steps ``ReduceLROnPlateau`` there), through :func:`ftrain.schedules.plateau_update`."""
+        return self._loop.evaluate(ignore_keys_for_eval, skip_scheduler)
+
+    def _determine_best_metric(self, metrics: dict[str, float]) -> bool:
+        """Updates ``best_metric`` / ``best_global_step`` from ``metric_for_best_model``; True on a new best."""
+        return self._loop.determine_best_metric(metrics)
+
+    def _finalize_training(self, num_train_samples: int, start_time: float) -> TrainOutput:
+        """The ``train_*`` metrics and last log, the best model (``load_best_model_at_end``), ``on_train_end``."""
+        return self._loop.finalize_training(num_train_samples, start_time)
+
+    # ---- checkpoints (:class:`~ftrain.trainer.checkpoints.TrainerCheckpoints`) -----------------------------------
+
+    def _resolve_resume(self, resume_from_checkpoint: bool | str | None) -> str | None:
+        """The checkpoint folder ``train(resume_from_checkpoint=...)`` resumes from, or ``None``."""
+        return self._checkpoints.resolve_resume(resume_from_checkpoint)
+
+    def _checkpoint_manager(self, directory: str | os.PathLike[str]) -> CheckpointManager:
+        """The :class:`~ftrain.checkpoint.CheckpointManager` of ``directory`` (one at a time, made when needed)."""
+        return self._checkpoints.manager(directory)
+
+    def _restore_checkpoint(self, checkpoint: str, state: TrainState) -> TrainState:
+        """The ``TrainState`` and ``TrainerState`` saved in ``checkpoint`` (a ``checkpoint-N`` directory)."""
+        return self._checkpoints.restore_checkpoint(checkpoint, state)
+
+    def _load_best_model(self) -> None:
+        """Restores the whole state saved in ``best_model_checkpoint`` (weights bitwise)."""
+        self._checkpoints.load_best_model()
+
+    def _save_checkpoint(self, model: Any = None, trial: Any = None) -> None:
+        """Writes ``output_dir/checkpoint-{global_step}`` (the state, then transformers' views), then rotates."""
+        self._checkpoints.save_checkpoint()
+
+    def _write_hf_views(self, folder: Path, exported: TrainState) -> None:
+        """transformers' files in a committed ``folder``: ``save_model``, ``trainer_state.json``, the hub push."""
+        self._checkpoints.write_hf_views(folder, exported)
+
+    def _checkpoint_dirs(self) -> list[tuple[int, str]]:
+        """``(step, path)`` of every ``checkpoint-N`` folder of ``output_dir``, committed or not, by step."""
+        return self._checkpoints.checkpoint_dirs()
+
+    def _delete_checkpoint(self, step: int, path: str) -> None:
+        """Deletes the checkpoint folder ``path`` of ``step`` through the manager."""
+        self._checkpoints.delete_checkpoint(step, path)
+
+    def _rotate_checkpoints(self) -> None:
+        """transformers' rule: keep the newest and the best; delete the oldest others down to ``save_total_limit``."""
+        self._checkpoints.rotate_checkpoints()
+
+    # ---- set-up ---------------------------------------------------------------------------------------------------
+
+    def create_accelerator_and_postprocess(self) -> None:
+        """Records the process and device facts transformers' ``Trainer`` keeps after creating its accelerator.
+
+        ftrain has no ``accelerate.Accelerator``: devices and process groups come from ``torch.distributed`` (read
+        through ``args``), and gradient accumulation happens inside the pure step. Sets ``device``, ``world_size``,
+        ``process_index``, ``is_deepspeed_enabled`` / ``is_fsdp_xla_enabled`` (always ``False``: ftrain shards
+        DTensor state leaves instead), ``is_fsdp_enabled`` (``ParallelConfig.dp_shard > 1``), ``is_tp_enabled``,
+        ``gather_function`` (:meth:`_nested_gather`) and ``_train_batch_size``.
+
+        With several processes (``WORLD_SIZE`` > 1, as torchrun sets) it also decides the layout,
+        ``parallel_config`` (:func:`~ftrain.trainer.parallel.parallel_layout`), and builds ``mesh`` on it (starting
+        the process group); both are ``None`` on one process.
+
+        Like transformers, a ``num_steps`` in ``accelerator_config.gradient_accumulation_kwargs`` becomes
+        ``args.gradient_accumulation_steps`` (ftrain accumulates inside the pure step).
+
+        Raises:
+            ValueError: ``accelerator_config["gradient_accumulation_kwargs"]["num_steps"]`` together with
+                ``gradient_accumulation_steps > 1`` (transformers' check: which one is meant is unknown), or a
+                layout :func:`~ftrain.trainer.parallel.parallel_layout` refuses.
+        """
+        args = self.args
+        config = args.accelerator_config
+        kwargs = config.get("gradient_accumulation_kwargs") if isinstance(config, Mapping) else None
+        kwargs = getattr(config, "gradient_accumulation_kwargs", None) if kwargs is None else kwargs
+        num_steps = (kwargs or {}).get("num_steps")
+        # __init__ calls this; a second call (scripts, hyper-parameter search) finds its own takeover, not a conflict
+        taken = self._num_steps_taken == num_steps == args.gradient_accumulation_steps
+        if num_steps is not None and args.gradient_accumulation_steps > 1 and not taken:
+            raise ValueError(
+                "The `AcceleratorConfig`'s `num_steps` is set but `gradient_accumulation_steps` is greater than 1 in "
+                "the passed `TrainingArguments`. Set only one of them."
+            )
+        if num_steps is not None:
+            args.gradient_accumulation_steps = self._num_steps_taken = int(num_steps)  # transformers does, too
+        self.device, self.world_size, self.process_index = args.device, args.world_size, args.process_index
+        self.is_deepspeed_enabled = self.is_fsdp_xla_enabled = False
+        # Several processes: the layout, and the mesh (starting the process group from torchrun's environment).
+        self.parallel_config = parallel_layout(args)
+        self.mesh = None
+        if self.parallel_config is not None:
+            from ftrain.distributed import build_mesh
+
+            self.mesh = build_mesh(self.parallel_config, self.device.type)
+        parallel = self.parallel_config if self.parallel_config is not None else args.parallelism_config
+        if hasattr(parallel, "resolve"):  # ftrain's ParallelConfig: dp_shard=-1 takes what the world size leaves
+            parallel = parallel.resolve(args.world_size)
+        self.is_fsdp_enabled = parallel is not None and config_size(parallel, "dp_shard", "dp_shard_size") > 1
+        self.is_tp_enabled = self.get_tp_size() > 1
+        self.gather_function = self._nested_gather
+        self._train_batch_size = args.train_batch_size
+
+    @property
+    def tokenizer(self) -> Any:
+        """Deprecated alias of ``processing_class`` (as transformers 4.46-4.57), with its warning."""
+        logger.warning("Trainer.tokenizer is now deprecated. You should use Trainer.processing_class instead.")
+        return self.processing_class
+
+    @tokenizer.setter
+    def tokenizer(self, processing_class: Any) -> None:
+        logger.warning(
+            "Trainer.tokenizer is now deprecated. You should use `Trainer.processing_class = processing_class` instead."
+        )
+        self.processing_class = processing_class
+
+    def _align_special_tokens(self) -> None:
+        """Aligns the model config's (and generation config's) EOS / BOS / PAD ids with the tokenizer's.
+
+        transformers' rule (5.x ``align_special_tokens``): only ids the tokenizer defines are propagated; an id
+        already in the config (and generation config) is left alone; a config that lists several EOS ids, and the
+        generation config, keep their other ids after the tokenizer's. Warns with the ids it changed. Does nothing
+        without a ``processing_class`` or a model ``config``.
+        """
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        config = getattr(self.model, "config", None)
+        if tokenizer is None or config is None:
+            return
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        generation = getattr(self.model, "generation_config", None)
+        updated: dict[str, Any] = {}
+        for name in ("eos_token_id", "bos_token_id", "pad_token_id"):
+            token = getattr(tokenizer, name, None)
+            if token is None:
+                continue
+            in_config = getattr(config, name, None)
+            config_ids = in_config if isinstance(in_config, list) else [in_config]
+            gen_ids = getattr(generation, name, None) if generation is not None else None
+            gen_ids = gen_ids if isinstance(gen_ids, list) else [gen_ids]
+            if token in config_ids and (generation is None or token in gen_ids):
+                continue
+            updated[name] = token
+            several = name == "eos_token_id"
+            keep = several and isinstance(in_config, list)
+            setattr(config, name, [token, *(t for t in config_ids if t != token)] if keep else token)
+            if generation is not None:
+                others = [t for t in gen_ids if t is not None and t != token]
+                setattr(generation, name, [token, *others] if several else token)
+        if updated:
+            logger.warning(
+                "The tokenizer has new PAD/BOS/EOS tokens that differ from the model config and generation config. "
+                "The model config and generation config were aligned accordingly, being updated with the "
+                f"tokenizer's values. Updated tokens: {updated}."
+            )
+
+    # ---- data -----------------------------------------------------------------------------------------------------
+
+    def _set_signature_columns_if_needed(self) -> None:
+        """Sets ``_signature_columns`` (once): the model ``forward``'s parameters (the base model's for PEFT), then
+        ``label``, ``label_ids`` and the label names (:func:`ftrain.data.columns.signature_columns`)."""
+        if self._signature_columns is None:
+            self._signature_columns = signature_columns(self.model, label_names=self.label_names)
+
+    def _remove_unused_columns(self, dataset: Any, description: str | None = None) -> Any:
+        """``dataset`` (a ``datasets.Dataset``) without the columns the model's ``forward`` does not take, when
+        ``args.remove_unused_columns``.
+
+        Raises:
+            ValueError: no column matches the signature (it names both lists and how to fix it).
+        """
+        if not self.args.remove_unused_columns:
+            return dataset
+        self._set_signature_columns_if_needed()
+        return remove_unused_columns(dataset, self._signature_columns, model_name=type(self.model).__name__,
+                                     description=description or "")  # fmt: skip
+
+    def _get_collator_with_removed_columns(self, data_collator: Callable, description: str | None = None) -> Callable:
+        """``data_collator`` preceded by the column filter (dict examples keep the signature keys; others pass
+        through), when ``args.remove_unused_columns``; else ``data_collator`` itself."""
+        if not self.args.remove_unused_columns:
+            return data_collator
+        self._set_signature_columns_if_needed()
+        keep = make_column_filter(self._signature_columns, model_name=type(self.model).__name__)
+
+        def collate(features: list[Any]) -> Any:
+            return data_collator([keep(f) for f in features])
+
+        return collate
+
+    def _get_dataloader(
+        self,
+        dataset: Any,
+        description: str,
+        batch_size: int,
+        sampler_fn: Callable | None = None,
+        is_training: bool = False,
+        dataloader_key: str | None = None,
+    ) -> Any:
+        """The :class:`~ftrain.data.BatchStream` over ``dataset`` (what ``get_*_dataloader`` return).
+
+        It removes unused columns itself, collates with ``data_collator``, shards per rank and, when training, yields
+        one list of ``gradient_accumulation_steps`` microbatches per optimizer step in an order that is a function
+        of ``(data_seed or seed, epoch)`` — so a resume continues bitwise. ``dataloader_key`` is accepted and
+        ignored (a stream holds no worker pool to cache).
+
+        Raises:
+            ValueError: a ``sampler_fn``: the order is chosen by ``args.train_sampling_strategy`` instead.
+        """
+        if sampler_fn is not None:
+            raise ValueError(
+                f"_get_dataloader({description!r}): ftrain's BatchStream does not take a sampler: its order is a "
+                "function of the seed and the epoch, so that a resume continues bitwise. Choose the order with "
+                "TrainingArguments(train_sampling_strategy='random' | 'sequential' | 'group_by_length')."
+            )
+        return self._stream(dataset, batch_size, train=is_training)
+
+    @staticmethod
+    def num_tokens(train_dl: Any, max_steps: int | None = None) -> int:
+        """Tokens (``input_ids`` elements) in a training loader, as transformers 4.x counted them: with
+        ``max_steps``, the first batch's count times ``max_steps``. A :class:`~ftrain.data.BatchStream` is read for
+        one epoch and each of its items (one optimizer step, a list of microbatches) counts all its microbatches.
+        A batch without ``input_ids`` logs a warning and the count so far is returned."""
+        total = 0
+        try:
+            for item in train_dl.iter_from(0) if hasattr(train_dl, "iter_from") else train_dl:
+                tokens = sum(mb["input_ids"].numel() for mb in (item if isinstance(item, list) else [item]))
+                if max_steps is not None:
+                    return tokens * max_steps
+                total += tokens
+        except KeyError:
+            logger.warning("Cannot get num_tokens from dataloader")
+        return total
+
+    # ---- optimizer ------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def get_optimizer_cls_and_kwargs(args: Any, model: nn.Module | None = None) -> tuple[Callable[..., Any], dict]:
+        """The ``ftrain.optim`` factory and keyword arguments for ``args.optim``: every torch-only
+        ``OptimizerNames`` value is mapped (``adamw_torch[_fused]``, ``adafactor``, ``sgd``, ``adagrad``, ``rmsprop``,
+        ``lion_32bit``); see :func:`ftrain.trainer.convert.get_optimizer_cls_and_kwargs`.
+
+        Raises:
+            ValueError: an optimizer that needs another package (bitsandbytes, torchao, GaLore...), naming one to use.
+        """
+        return _convert.get_optimizer_cls_and_kwargs(args, model)
+
+    def get_optimizer_group(self, param: str | nn.Parameter | None = None) -> Any:
+        """The optimizer's parameter groups, by parameter name (ftrain's optimizer is a pure function of
+        ``{name: tensor}`` trees, not of ``param_groups``).
+
+        The groups are transformers' two: weight decay ``args.weight_decay`` on the parameters
+        :func:`ftrain.optim.hf_decay_mask` selects, then 0 on biases and norm weights (one group with
+        ``weight_decay=None`` for an optimizer passed by the user, whose grouping is its own).
+
+        Args:
+            param: a parameter name or a parameter of ``self.model``; ``None`` for all groups.
+
+        Returns:
+            The group ``{"params": [names], "weight_decay": wd}`` holding ``param``, or, without ``param``, the list
+            of each group's names.
+
+        Raises:
+            ValueError: the optimizer is not created yet, or ``param`` is not a trainable parameter of the model.
+        """
+        if self.optimizer is None:
+            raise ValueError("Trainer optimizer is None, please make sure you have setup the optimizer before.")
+        groups = _as_optimizer_groups(self.model, self.args.weight_decay, self._user_optimizer is not None)
+        if param is None:
+            return [group["params"] for group in groups]
+        name = param
+        if isinstance(param, torch.Tensor):
+            name = next((n for n, p in self.model.named_parameters() if p is param), None)
+        for group in groups:
+            if name in group["params"]:
+                return group
+        raise ValueError(
+            f"get_optimizer_group: {repr(name) if isinstance(name, str) else 'the given tensor'} is not a trainable "
+            f"parameter of {type(self.model).__name__}; pass one of its named_parameters() names."
+        )
+
+    # ---- step arithmetic ------------------------------------------------------------------------------------------
+
+    def get_tp_size(self) -> int:
+        """Tensor-parallel size: ``model._tp_size`` when set (transformers' tp_plan), else the ``tp`` (ftrain
+        ``ParallelConfig``) or ``tp_size`` (accelerate ``ParallelismConfig``) of ``args.parallelism_config``, else 1."""
+        model_tp = getattr(self.model, "_tp_size", None)
+        if model_tp is not None:
+            return int(model_tp)
+        parallel = self.args.parallelism_config
+        return 1 if parallel is None else config_size(parallel, "tp", "tp_size")
+
+    def _cp_size(self) -> int:
+        parallel = self.args.parallelism_config
+        return 1 if parallel is None else config_size(parallel, "cp", "cp_size")
+
+    def _sp_size(self) -> int:
+        parallel = self.args.parallelism_config
+        return 1 if parallel is None else config_size(parallel, "sp_size")
+
+    def get_total_train_batch_size(self, args: Any) -> int:
+        """Examples per optimizer step over all processes: ``train_batch_size × gradient_accumulation_steps ×
+        dp_world_size``, with ``dp_world_size = world_size // (tp × cp × sp)`` (transformers' formula)."""
+        dp_world_size = args.world_size // self.get_tp_size() // self._cp_size() // self._sp_size()
+        return args.train_batch_size * args.gradient_accumulation_steps * dp_world_size
+
+    def set_initial_training_values(
+        self, args: Any, dataloader: Any, total_train_batch_size: int | None = None
+    ) -> tuple[int, int, int, int | float, int, int, int]:
+        """transformers' training counts: ``(num_train_epochs, num_update_steps_per_epoch, num_examples,
+        num_train_samples, total_train_batch_size, steps_in_epoch, max_steps)``.
+
+        ``dataloader`` is a :class:`~ftrain.data.BatchStream` (its length in microbatches is
+        ``layout.microbatches_per_epoch``) or any loader; ``total_train_batch_size`` (transformers 4.x passed it)
+        defaults to :meth:`get_total_train_batch_size`.
+
+        Raises:
+            ValueError: a loader without a length and ``max_steps <= 0`` (transformers' message).
+        """
+        layout = getattr(dataloader, "layout", None)
+        try:
+            length = layout.microbatches_per_epoch if layout is not None else len(dataloader)
+        except TypeError:
+            length = None
+        total = self.get_total_train_batch_size(args) if total_train_batch_size is None else total_train_batch_size
+        if not length:
+            if args.max_steps <= 0:
+                raise ValueError(
+                    "args.max_steps must be set to a positive value if dataloader does not have a length, was "
+                    f"{args.max_steps}"
+                )
+            steps = args.max_steps
+            return (sys.maxsize, steps, total * steps, total * steps, total, steps * args.gradient_accumulation_steps,
+                    steps)  # fmt: skip
+        counts = _convert.compute_steps(args, length)
+        examples = self.num_examples(dataloader) if hasattr(dataloader, "source") else len(dataloader.dataset)
+        samples = counts.max_steps * total if args.max_steps > 0 else examples * args.num_train_epochs
+        return (counts.num_train_epochs, counts.num_update_steps_per_epoch, examples, samples, total, length,
+                counts.max_steps)  # fmt: skip
+
+    # ---- batches --------------------------------------------------------------------------------------------------
+
+    def get_batch_samples(
+        self, epoch_iterator: Iterator, num_batches: int, device: torch.device
+    ) -> tuple[list, torch.Tensor | None]:
+        """Up to ``num_batches`` batches from ``epoch_iterator`` and their label count ``num_items_in_batch``.
+
+        The count is the one ftrain's loss reduces by (:func:`~ftrain.trainer.evaluation.loss_item_count`:
+        ``labels[..., 1:] != -100`` for causal LMs, or ``shift_labels``), summed over the batches and, with
+        ``average_tokens_across_devices`` on several processes, over the processes; it is divided by
+        ``tp × cp × sp`` (ranks that see the same batch), as transformers. ``None`` when the first batch has no
+        ``labels``. Unlike transformers it does not depend on whether ``forward`` takes ``**kwargs``: ftrain's
+        loss is always (sum, count).
+        """
+        from ftrain.trainer.evaluation import loss_item_count
+
+        batches: list = []
+        for _ in range(num_batches):
+            try:
+                batches.append(next(epoch_iterator))
+            except StopIteration:
+                break
+        if not batches or not isinstance(batches[0], Mapping) or "labels" not in batches[0]:
+            return batches, None
+        kwargs = dict(label_smoothing=self.args.label_smoothing_factor, compute_loss_func=self.compute_loss_func)
+        count = sum(loss_item_count(self.model, b, **kwargs).to(device) for b in batches)
+        if self.args.average_tokens_across_devices and torch.distributed.is_available():
+            if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+                torch.distributed.all_reduce(count)
+        return batches, count / (self.get_tp_size() * self._cp_size() * self._sp_size())
+
+    def _prepare_input(self, data: Any) -> Any:
+        """``data`` with every tensor moved to ``args.device``, through (nested) mappings, lists and tuples, whose
+        types are kept; other values unchanged."""
+        if isinstance(data, Mapping):
+            return type(data)({k: self._prepare_input(v) for k, v in data.items()})
+        if isinstance(data, (tuple, list)):
+            return type(data)(self._prepare_input(v) for v in data)
+        if isinstance(data, torch.Tensor):
+            return data.to(device=self.args.device)
+        return data
+
+    def _prepare_inputs(self, inputs: Mapping[str, Any]) -> Mapping[str, Any]:
+        """:meth:`_prepare_input` of a batch.
+
+        Raises:
+            ValueError: an empty batch (names the columns the model takes).
+        """
+        inputs = self._prepare_input(inputs)
+        if len(inputs) == 0:
+            self._set_signature_columns_if_needed()
+            raise ValueError(
+                "The batch received was empty, your model won't be able to train on it. Double-check that your "
+                f"training dataset contains keys expected by the model: {','.join(self._signature_columns)}."
+            )
+        return inputs
+
+    def _prepare_context_parallel_inputs(
+        self, model: nn.Module, inputs: dict[str, Any]
+    ) -> tuple[Callable[[], contextlib.AbstractContextManager], dict[str, Any]]:
+        """``(context factory, inputs)`` for context parallelism, as transformers returns them.
+
+        With a ``cp`` size above 1 in ``args.parallelism_config`` the inputs get what must be computed on the whole
+        sequence before it is split: ``shift_labels`` from ``labels`` (last position -100) and global
+        ``position_ids``. ftrain splits the sequence in its distributed layer
+        (:func:`ftrain.distributed.context_parallel.prepare_cp_batch`), so the context is always
+        ``contextlib.nullcontext``. Without context parallelism the inputs are returned unchanged.
+
+        Raises:
+            ValueError: context parallelism with a model whose attention is not ``sdpa``.
+        """
+        if self._cp_size() <= 1:
+            return contextlib.nullcontext, inputs
+        from ftrain.distributed.context_parallel import shift_labels
+
+        attn = getattr(getattr(model, "config", None), "_attn_implementation", "sdpa")
+        if attn != "sdpa":
+            raise ValueError(f"Context parallelism is supported only with SDPA attention, you are using {attn}.")
+        inputs = dict(inputs)
+        if "shift_labels" not in inputs and "labels" in inputs:
+            inputs["shift_labels"] = shift_labels(inputs["labels"])
+        if "position_ids" not in inputs and "input_ids" in inputs:
+            ids = inputs["input_ids"]
+            inputs["position_ids"] = torch.arange(ids.size(1), device=ids.device).expand(ids.size(0), -1)
+        return contextlib.nullcontext, inputs
+
+    # ---- evaluation -----------------------------------------------------------------------------------------------
+
+    def prediction_loop(
+        self,
+        dataloader: Any,
+        description: str,
+        prediction_loss_only: bool | None = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> EvalLoopOutput:
+        """Deprecated: transformers 4.x's legacy loop (``use_legacy_prediction_loop``), removed in transformers 5.
+        Warns (``FutureWarning``) and runs :meth:`evaluation_loop` with the same arguments."""
+        warnings.warn(
+            "Trainer.prediction_loop is deprecated (transformers 5 removed it with use_legacy_prediction_loop); "
+            "call Trainer.evaluation_loop, which takes the same arguments.",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return self.evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+
+    def _nested_gather(self, tensors: Any, name: str | None = None) -> Any:
+        """``tensors`` (nested lists / tuples / dicts of tensors) from every process, concatenated on dim 0
+        (:func:`~ftrain.trainer.utils.nested_gather`); unchanged on one process. ``name`` (an XLA tag) is unused."""
+        return nested_gather(tensors)
+
+    def _gather_and_numpify(self, tensors: Any, name: str | None = None) -> Any:
+        """:meth:`_nested_gather`, then to numpy (bfloat16 as float32)."""
+        if tensors is None:
+            return None
+        return nested_numpify(self._nested_gather(tensors, name))
+
+    def torch_jit_model_eval(self, model: nn.Module, dataloader: Any, training: bool = False) -> nn.Module:
+        """Returns ``model`` unchanged: transformers 4.x traced it with TorchScript for ``jit_mode_eval`` (removed in
+        transformers 5). ftrain compiles its pure steps with :func:`ftrain.jit` (``torch_compile=True``) instead; a
+        traced module would freeze the parameters that the pure step passes in."""
+        return model
+
+    # ---- model placement ------------------------------------------------------------------------------------------
+
+    def _move_model_to_device(self, model: nn.Module, device: torch.device) -> None:
+        """Moves ``model`` to ``device`` in place, unless it is spread over several devices (``hf_device_map``),
+        which is left as it is with a warning (transformers' rule)."""
+        if getattr(model, "hf_device_map", None) is not None:
+            logger.warning("The model is already on multiple devices. Skipping the move to device specified in `args`.")
+            return
+        model.to(device)
+
+    def _wrap_model(self, model: nn.Module, training: bool = True, dataloader: Any = None) -> nn.Module:
+        """Returns ``model`` itself: ftrain never wraps it.
+
+        transformers wraps for DataParallel / DDP / FSDP. In ftrain parallelism is a property of the
+        ``TrainState``'s leaves (DTensor placements chosen by a plan) and the step calls ``functional_call`` on a
+        hook-free skeleton; a DDP or FSDP2 wrapper's hooks would replace the tensors the step passes in (see
+        DESIGN.md, "FSDP").
+        """
+        return model
+
+    # ---- flops ----------------------------------------------------------------------------------------------------
+
+    def floating_point_ops(self, inputs: Mapping[str, Any]) -> int:
+        """Forward + backward floating-point operations of one microbatch, transformers' estimate.
+
+        ``model.floating_point_ops(inputs)`` when the model defines it (transformers 4.x models, custom ones); else
+        ``6 × inputs[main_input_name].numel() × model.num_parameters(exclude_embeddings=True)`` (the count is
+        cached per model: transformers walks the modules on every call); else 0.
+        """
+        model = self.model
+        own = getattr(model, "floating_point_ops", None)
+        if own is not None:
+            return int(own(inputs))
+        main_input = getattr(model, "main_input_name", "input_ids")
+        if main_input not in inputs or not hasattr(model, "num_parameters"):
+            return 0
+        cached = self._flos_params
+        if not (isinstance(cached, tuple) and cached[0] is model):
+            cached = self._flos_params = (model, int(model.num_parameters(exclude_embeddings=True)))
+        return 6 * inputs[main_input].numel() * cached[1]
+
+    def _count_flos(self, inputs: Any) -> None:
+        """Adds the :meth:`floating_point_ops` of ``inputs`` (a microbatch or a step's list of them) to
+        ``current_flos``. Local and host-only (shapes), so the loop calls it every step."""
+        for mb in inputs if isinstance(inputs, list) else [inputs]:
+            if isinstance(mb, Mapping):
+                self.current_flos += float(self.floating_point_ops(mb))
+
+    def store_flos(self, inputs: Any = None) -> None:
+        """Adds ``current_flos`` to ``state.total_flos`` (summed over the processes when there are several) and
+        resets it, as transformers: the loop calls it before a checkpoint and at the end of training, not per step
+        (the sum over processes is a collective and a host read).
+
+        ``inputs``, when given, are counted first (:meth:`_count_flos`); transformers' own callers pass nothing.
+        """
+        if inputs is not None:
+            self._count_flos(inputs)
+        flos = self.current_flos
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            if torch.distributed.get_world_size() > 1:
+                total = torch.tensor(float(flos), dtype=torch.float64, device=self.args.device)
+                torch.distributed.all_reduce(total)
+                flos = total.item()
+        self.state.total_flos += flos
+        self.current_flos = 0.0
+
+    # ---- checkpoints (:class:`~ftrain.trainer.checkpoints.TrainerCheckpoints`) -----------------------------------
+
+    def _sorted_checkpoints(
+        self, output_dir: str | None = None, checkpoint_prefix: str = PREFIX_CHECKPOINT_DIR, use_mtime: bool = False
+    ) -> list[str]:
+        """The ``{checkpoint_prefix}-N`` folders of ``output_dir`` (default ``args.output_dir``), oldest first, the
+        best one second-to-last, as transformers' ``sort_checkpoints``."""
+        return self._checkpoints.sorted_checkpoints(output_dir, checkpoint_prefix, use_mtime)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        """Loads the weights saved in ``resume_from_checkpoint`` (an ftrain checkpoint or a transformers folder)
+        into ``model`` (default ``self.model``), strictly; never a pickle.
+
+        Raises:
+            ValueError: no weights in the folder, pickled weights, or keys / shapes that do not match.
+        """
+        self._checkpoints.load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _committed_state(self, folder: str) -> dict[str, Any] | None:
+        """``{key path: tensor}`` of a committed ftrain checkpoint (``checkpoint-N`` with ``COMMIT``), else None."""
+        return self._checkpoints.committed_state(folder)
+
+    def _committed_weights(self, folder: str) -> dict[str, torch.Tensor] | None:
+        """The weights of a committed ftrain checkpoint by ``state_dict`` name, else None."""
+        return self._checkpoints.committed_weights(folder)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """Writes ``optimizer.safetensors`` (the ``TrainState``'s ``opt_state``) and ``scheduler.json``.
+
+        Raises:
+            RuntimeError: before ``train()`` built the state.
+        """
+        self._checkpoints.save_optimizer_and_scheduler(output_dir)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """Restores ``state.opt_state`` from ``checkpoint``'s ``optimizer.safetensors`` or committed ftrain state.
+
+        Raises:
+            CheckpointMismatchError: the saved optimizer state does not fit the current one (names the leaves).
+            RuntimeError: before ``train()`` built the state.
+        """
+        self._checkpoints.load_optimizer_and_scheduler(checkpoint)
+
+    def _saved_specs(self, checkpoint: str) -> list[Any]:
+        """Every leaf (key path, kind, dtype, shape) of the state saved in the ``checkpoint-N`` folder."""
+        return self._checkpoints.saved_specs(checkpoint)
+
+    def _rng_file(self, folder: str) -> str:
+        """``folder/rng_state.json``, or ``rng_state_{rank}.json`` with several processes."""
+        return self._checkpoints.rng_file(folder)
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        """Writes ``rng_state.json``: the ``TrainState``'s key and step, the whole of ftrain's RNG state (JSON).
+
+        Raises:
+            RuntimeError: before ``train()`` built the state.
+        """
+        self._checkpoints.save_rng_state(output_dir)
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        """Sets the ``TrainState``'s key from ``checkpoint``'s ``rng_state.json`` (nothing without the file).
+
+        Raises:
+            ValueError: a file that is not ftrain's.
+            RuntimeError: before ``train()`` built the state.
+        """
+        self._checkpoints.load_rng_state(checkpoint)
+
+    def _save_scaler(self, output_dir: str) -> None:
+        """Does nothing: ftrain keeps no ``GradScaler``."""
+        self._checkpoints.save_scaler(output_dir)
+
+    def _load_scaler(self, checkpoint: str | None) -> None:
+        """Does nothing; warns about a transformers ``scaler.pt`` (a pickle, never read)."""
+        self._checkpoints.load_scaler(checkpoint)
+
+
+def _as_optimizer_groups(model: nn.Module, weight_decay: float, user_tx: bool) -> list[dict[str, Any]]:
+    decays = _optim.hf_decay_mask(model)
+    if user_tx:
+        return [{"params": list(decays), "weight_decay": None}]
+    groups = [
+        {"params": [n for n, d in decays.items() if d], "weight_decay": weight_decay},
+        {"params": [n for n, d in decays.items() if not d], "weight_decay": 0.0},
+    ]
+    return groups
 
 
 def _check_training_step_loss(name: str, loss: Any, model: Any) -> None:

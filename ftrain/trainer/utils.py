@@ -22,7 +22,6 @@ import inspect
 import json
 import os
 import random
-import re
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -30,7 +29,10 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from ftrain.checkpoint import StepNaming, list_step_dirs
+
 __all__ = [
+    "CHECKPOINT_NAMING",
     "PREFIX_CHECKPOINT_DIR",
     "EvalLoopOutput",
     "EvalPrediction",
@@ -159,7 +161,8 @@ class TrainOutput(NamedTuple):
 # --------------------------------------------------------------------------------------------------------------------
 
 PREFIX_CHECKPOINT_DIR = "checkpoint"
-_CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}\-(\d+)$")
+#: ``checkpoint-{global_step}``: the Trainer's checkpoint folder names, written and parsed by this one object.
+CHECKPOINT_NAMING = StepNaming(f"{PREFIX_CHECKPOINT_DIR}-", 0)
 
 
 def get_last_checkpoint(folder: str | os.PathLike[str]) -> str | None:
@@ -177,14 +180,11 @@ def get_last_checkpoint(folder: str | os.PathLike[str]) -> str | None:
     Raises:
         FileNotFoundError: ``folder`` does not exist.
     """
-    steps = {
-        name: int(match.group(1))
-        for name in os.listdir(folder)
-        if (match := _CHECKPOINT_NAME.search(name)) is not None and os.path.isdir(os.path.join(folder, name))
-    }
-    if not steps:
+    found = list_step_dirs(folder, CHECKPOINT_NAMING)
+    if not found:
         return None
-    return os.path.join(folder, max(steps, key=steps.__getitem__))  # the first listed, on a tie (as transformers)
+    _, path = max(found, key=lambda item: item[0])  # the first listed, on a tie (as transformers)
+    return os.path.join(folder, path.name)
 
 
 def speed_metrics(

@@ -43,6 +43,10 @@ TINY = {"w": torch.ones(2)}
         ),
         ({"hash_algorithm": "crc"}, "hash_algorithm='crc' is not a hashlib algorithm"),
         ({"step_prefix": ".hidden"}, "step_prefix='.hidden'"),
+        ({"max_to_keep": 2, "retention": "newest"}, "retention must be 'union' .* or 'total' .*, got 'newest'"),
+        ({"retention": "total"}, "retention='total' has no effect without max_to_keep"),
+        ({"should_keep_fn": lambda step: True}, "should_keep_fn has no effect without max_to_keep"),
+        ({"max_to_keep": 2, "should_keep_fn": 3}, r"should_keep_fn must be callable \(step -> bool\), got int"),
     ],
 )
 def test_invalid_options_raise_when_built_with_the_fix(kwargs, message):
@@ -222,3 +226,121 @@ def test_the_manager_keeps_exactly_the_policys_set_on_disk(tmp_path_factory, opt
                 (v if opts.best_mode == "min" else -v, s) for s, v in history if v is not None and not math.isnan(v)
             ]
             assert mgr.best_step() == (min(ranked)[1] if ranked else None)
+
+
+# ---- retention="total": Hugging Face's save_total_limit -------------------------------------------------------------
+
+LOSSES = {10: 0.5, 20: 0.2, 30: 0.4, 40: 0.3, 50: 0.6}  # the best is 20, the newest 50
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "survivors"),
+    [
+        # protected: newest 50 and best 20, already 2 = max_to_keep: nothing else (union would add 40)
+        ({"max_to_keep": 2, "metric": "loss"}, [20, 50]),
+        # the protected steps outnumber max_to_keep=1: both stay (transformers' "limit=1 keeps 2")
+        ({"max_to_keep": 1, "metric": "loss"}, [20, 50]),
+        # max_to_keep=3: 20 and 50, then the newest other, 40
+        ({"max_to_keep": 3, "metric": "loss"}, [20, 40, 50]),
+        # best = newest (max mode: 0.6 at 50): one protected step, then 40 and 30
+        ({"max_to_keep": 3, "metric": "loss", "best_mode": "max"}, [30, 40, 50]),
+        # keep_period=20 protects 20 and 40, with 50: room for one more, 30
+        ({"max_to_keep": 4, "keep_period": 20}, [20, 30, 40, 50]),
+        # should_keep_fn protects 10 (no metric), with 50: nothing else fits in 2
+        ({"max_to_keep": 2, "should_keep_fn": lambda step: step == 10}, [10, 50]),
+        ({"max_to_keep": 3, "should_keep_fn": lambda step: step == 10}, [10, 40, 50]),
+    ],
+)
+def test_total_retention_hand_derived(kwargs, survivors):
+    opts = CheckpointManagerOptions(retention="total", **kwargs)
+    metrics = {s: {"loss": v} for s, v in LOSSES.items()}
+    assert sorted(select_to_keep(LOSSES, metrics, opts)) == survivors
+
+
+def test_union_retention_keeps_the_protected_in_addition():
+    opts = CheckpointManagerOptions(max_to_keep=2, metric="loss", should_keep_fn=lambda step: step == 10)
+    metrics = {s: {"loss": v} for s, v in LOSSES.items()}
+    assert sorted(select_to_keep(LOSSES, metrics, opts)) == [10, 20, 40, 50]  # newest 2 + best + should_keep
+
+
+def _hf_rotation_survivors(root, history, limit):
+    """transformers' own rotate_checkpoints, save by save, on real folders; the best is the strictly best loss so far
+    (ties to the earlier step), as the Trainer's best_model_checkpoint."""
+    from transformers.trainer_utils import rotate_checkpoints
+
+    best_value, best = math.inf, None
+    for step, value in history:
+        (root / f"checkpoint-{step}").mkdir()
+        if value is not None and value < best_value:  # NaN is never better
+            best_value, best = value, step
+        best_path = None if best is None else str(root / f"checkpoint-{best}")
+        rotate_checkpoints(str(root), save_total_limit=limit, best_model_checkpoint=best_path, use_mtime=False)
+    return sorted(int(p.name.split("-")[1]) for p in root.iterdir())
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(limit=st.integers(1, 4), history=history_strategy, by_metric=st.booleans())
+def test_total_retention_is_transformers_rotate_checkpoints(tmp_path_factory, limit, history, by_metric):
+    """The policy with retention="total" deletes what transformers' rotation deletes, save by save, whether the best
+    is ranked by the metric or named by should_keep_fn."""
+    pytest.importorskip("transformers")
+    theirs = _hf_rotation_survivors(tmp_path_factory.mktemp("hf"), history, limit)
+    best = {}  # the step should_keep_fn names: the strictly best so far
+    best_value = math.inf
+    alive: dict[int, dict | None] = {}
+    for step, value in history:
+        if value is not None and value < best_value:
+            best_value, best["step"] = value, step
+        alive[step] = None if value is None else {"loss": value}
+        if by_metric:
+            opts = CheckpointManagerOptions(max_to_keep=limit, retention="total", metric="loss")
+        else:
+            opts = CheckpointManagerOptions(
+                max_to_keep=limit, retention="total", should_keep_fn=lambda s: s == best.get("step")
+            )
+        keep = select_to_keep(alive, alive, opts)
+        alive = {s: m for s, m in alive.items() if s in keep}
+    assert sorted(alive) == theirs
+
+
+def test_apply_retention_counts_and_deletes_uncommitted_folders_like_transformers(tmp_path):
+    """Committed checkpoints 2, 4, 5 among foreign folders 1 and 3; the best is 1 (should_keep_fn), 2 in total. The
+    manager's retention after each commit sees only 2, 4, 5 (5 and 4 stay); apply_retention(include_uncommitted)
+    then counts all: 5 and the best 1 fill the limit, so 3 and 4 go — as transformers' rotation, run on a copy."""
+    from transformers.trainer_utils import rotate_checkpoints
+
+    for root in (tmp_path / "ours", tmp_path / "hf"):
+        for step in (1, 3):
+            (root / f"checkpoint-{step}").mkdir(parents=True)
+            (root / f"checkpoint-{step}" / "model.safetensors").write_bytes(b"x")
+    opts = CheckpointManagerOptions(
+        step_prefix="checkpoint-", step_digits=0, max_to_keep=2, retention="total", should_keep_fn=lambda s: s == 1
+    )
+    with CheckpointManager(tmp_path / "ours", opts) as mgr:
+        for step in (2, 4, 5):
+            mgr.save(step, TINY)
+        assert mgr.all_steps() == [4, 5]
+        assert mgr.apply_retention() == []  # committed only: already within the limit
+        assert mgr.apply_retention(include_uncommitted=True) == [3, 4]
+        assert mgr.all_steps() == [5]
+    for step in (2, 4, 5):
+        (tmp_path / "hf" / f"checkpoint-{step}").mkdir()
+    rotate_checkpoints(str(tmp_path / "hf"), 2, best_model_checkpoint=str(tmp_path / "hf" / "checkpoint-1"))
+    ours = sorted(p.name for p in (tmp_path / "ours").iterdir())
+    assert ours == sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["checkpoint-1", "checkpoint-5"]
+
+
+def test_delete_an_uncommitted_folder_only_when_asked(tmp_path):
+    opts = CheckpointManagerOptions(step_prefix="checkpoint-", step_digits=0)
+    (tmp_path / "checkpoint-3").mkdir()
+    (tmp_path / "checkpoint-3" / "model.safetensors").write_bytes(b"x")
+    with CheckpointManager(tmp_path, opts) as mgr:
+        with pytest.raises(FileNotFoundError, match=r"no committed checkpoint for step 3 .*\(checkpoint-3\)"):
+            mgr.delete(3)
+        mgr.delete(3, include_uncommitted=True)
+        assert not (tmp_path / "checkpoint-3").exists()
+        with pytest.raises(FileNotFoundError, match=r"no directory for step 3"):
+            mgr.delete(3, include_uncommitted=True)
+        mgr.save(3, TINY)  # the step is free: a same-named folder would have blocked the commit
+        mgr.delete(3, include_uncommitted=True)  # a committed one goes too
+        assert mgr.all_steps() == [] and os.listdir(tmp_path) == []

@@ -1,37 +1,39 @@
-"""DeepSpeed configs → ParallelConfig: stages, offload, precision, transformers' "auto" filling and mismatch
-errors, and an error naming each key that has no equivalent."""
+"""DeepSpeed configs → ParallelConfig: stages, offload, precision, the "auto" filling and mismatch errors, and an
+error naming each key that has no equivalent.
+
+Filling from TrainingArguments (the field names in the messages) is tested in ``tests/trainer/test_parallel.py``."""
 
 from __future__ import annotations
 
 import json
 import logging
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from ftrain.distributed.config import ParallelConfig
 from ftrain.distributed.deepspeed import (
+    DEEPSPEED_AUTO_KEYS,
     DEEPSPEED_IGNORED,
     fill_deepspeed_config,
     parallel_config_from_deepspeed,
 )
 
 
-def _args(**overrides) -> SimpleNamespace:
-    values = dict(
-        per_device_train_batch_size=4,
-        gradient_accumulation_steps=2,
-        max_grad_norm=1.0,
-        learning_rate=3e-4,
-        adam_beta1=0.9,
-        adam_beta2=0.999,
-        adam_epsilon=1e-8,
-        weight_decay=0.01,
-        fp16=False,
-        bf16=False,
-    )
-    return SimpleNamespace(**{**values, **overrides})
+def _values(**overrides) -> dict:
+    """A run's values for DeepSpeed's "auto" keys (dotted keys given with ``__`` for ``.``)."""
+    values = {
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_accumulation_steps": 2,
+        "gradient_clipping": 1.0,
+        "optimizer.params.lr": 3e-4,
+        "optimizer.params.betas": [0.9, 0.999],
+        "optimizer.params.eps": 1e-8,
+        "optimizer.params.weight_decay": 0.01,
+        "fp16.enabled": False,
+        "bf16.enabled": False,
+    }
+    return {**values, **{k.replace("__", "."): v for k, v in overrides.items()}}
 
 
 @pytest.mark.parametrize(
@@ -76,11 +78,12 @@ def test_precision_and_communication_dtype():
         parallel_config_from_deepspeed({"communication_data_type": "int8"}, 2)
 
 
-def test_auto_precision_is_filled_from_training_arguments():
+def test_auto_precision_must_be_filled_first():
     ds = {"bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"}}
-    assert parallel_config_from_deepspeed(ds, 2, args=_args(bf16=True)).param_dtype == torch.bfloat16
-    assert parallel_config_from_deepspeed(ds, 2, args=_args(fp16=True)).param_dtype == torch.float16
-    assert parallel_config_from_deepspeed(ds, 2, args=_args()).param_dtype is None
+    fill = lambda **kw: fill_deepspeed_config(ds, _values(**kw), 2)  # noqa: E731
+    assert parallel_config_from_deepspeed(fill(bf16__enabled=True), 2).param_dtype == torch.bfloat16
+    assert parallel_config_from_deepspeed(fill(fp16__enabled=True), 2).param_dtype == torch.float16
+    assert parallel_config_from_deepspeed(fill(), 2).param_dtype is None
     with pytest.raises(ValueError, match=r'bf16.enabled is "auto", which is filled from TrainingArguments.bf16; pass'):
         parallel_config_from_deepspeed({"bf16": {"enabled": "auto"}}, 2)
 
@@ -94,7 +97,7 @@ def test_auto_values_are_filled_like_transformers():
         "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": 0}},
         "zero_optimization": {"stage": 3, "reduce_bucket_size": "auto"},
     }
-    filled = fill_deepspeed_config(ds, _args(weight_decay=0), world_size=8)
+    filled = fill_deepspeed_config(ds, _values(optimizer__params__weight_decay=0), world_size=8)
     assert filled["train_micro_batch_size_per_gpu"] == 4
     assert filled["gradient_accumulation_steps"] == 2
     assert filled["train_batch_size"] == 64  # 8 ranks × 4 × 2
@@ -102,6 +105,18 @@ def test_auto_values_are_filled_like_transformers():
     assert filled["optimizer"]["params"] == {"lr": 3e-4, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0}
     assert filled["zero_optimization"]["reduce_bucket_size"] == "auto"  # tuning key: accepted, no effect
     assert ds["train_batch_size"] == "auto"  # the input is not changed
+
+
+def test_values_decide_only_the_keys_they_hold():
+    ds = {"train_batch_size": "auto", "gradient_clipping": "auto", "optimizer": {"params": {"lr": 0.1}}}
+    assert fill_deepspeed_config(ds, {"train_batch_size": 48}, 8) == {**ds, "train_batch_size": 48}
+    assert fill_deepspeed_config(ds, {"train_micro_batch_size_per_gpu": 3}, 8)["train_batch_size"] == 24  # accum 1
+    assert fill_deepspeed_config(ds, {"gradient_clipping": None}, 8)["gradient_clipping"] is None  # as transformers
+    unknown = fill_deepspeed_config(ds, {"optimizer.params.lr": None, "optimizer.params.betas": [0.9, None]}, 8)
+    assert unknown["optimizer"]["params"]["lr"] == 0.1  # an unknown value checks nothing
+    with pytest.raises(ValueError, match=r"\['optimizer.lr'\] are not keys DeepSpeed fills from \"auto\"; use some of"):
+        fill_deepspeed_config(ds, {"optimizer.lr": 0.1}, 8)
+    assert len(DEEPSPEED_AUTO_KEYS) == 10
 
 
 def test_mismatches_are_listed_with_both_values():
@@ -113,17 +128,17 @@ def test_mismatches_are_listed_with_both_values():
         "optimizer": {"type": "AdamW", "params": {"betas": [0.9, 0.95]}},
     }
     with pytest.raises(ValueError) as err:
-        parallel_config_from_deepspeed(ds, 8, args=_args())
+        fill_deepspeed_config(ds, _values(), 8, names={"gradient_clipping": "max_grad_norm"})
     assert str(err.value).splitlines() == [
         "DeepSpeed config values disagree with TrainingArguments:",
-        "- ds train_micro_batch_size_per_gpu=8 vs hf per_device_train_batch_size=4",
+        "- ds train_micro_batch_size_per_gpu=8 vs hf train_micro_batch_size_per_gpu=4",
         "- ds train_batch_size=100 vs hf train_batch_size (calculated)=64",
         "- ds gradient_clipping=0.5 vs hf max_grad_norm=1.0",
-        "- ds optimizer.params.betas=[0.9, 0.95] vs hf adam_beta1+adam_beta2=[0.9, 0.999]",
+        "- ds optimizer.params.betas=[0.9, 0.95] vs hf optimizer.params.betas=[0.9, 0.999]",
         'Set these DeepSpeed values to "auto" (filled from TrainingArguments) or make them equal.',
     ]
-    with pytest.raises(ValueError, match=r"- ds bf16.enabled=True vs hf bf16\|bf16_full_eval=False"):
-        parallel_config_from_deepspeed({"bf16": {"enabled": True}}, 8, args=_args())
+    with pytest.raises(ValueError, match=r"- ds bf16.enabled=True vs hf bf16.enabled=False"):
+        fill_deepspeed_config({"bf16": {"enabled": True}}, _values(), 8)
 
 
 UNSUPPORTED = [
@@ -206,13 +221,3 @@ def test_bad_stage_and_offload_without_sharding():
         parallel_config_from_deepspeed({"zero_optimization": {"stage": "auto"}}, 2)
     with pytest.raises(ValueError, match=r"offload_optimizer needs ZeRO stage 1, 2 or 3 \(stage is 0\)"):
         parallel_config_from_deepspeed({"zero_optimization": {"stage": 0, "offload_optimizer": {"device": "cpu"}}}, 2)
-
-
-def test_transformers_training_arguments_fill_the_same_values(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    args = transformers.TrainingArguments(
-        str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=3, max_grad_norm=0.7, use_cpu=True
-    )
-    ds = {"train_batch_size": "auto", "gradient_clipping": "auto", "zero_optimization": {"stage": 2}}
-    assert fill_deepspeed_config(ds, args, world_size=4)["train_batch_size"] == 24
-    assert parallel_config_from_deepspeed(ds, 4, args=args) == ParallelConfig(dp_shard=4, shard_level=2)

@@ -211,7 +211,7 @@ def _layout_args(**changes):
 )
 def test_parallel_layout_refuses_what_the_trainer_cannot_lay_out(changes, error, match):
     from ftrain.distributed import ParallelConfig
-    from ftrain.trainer.loop import parallel_layout
+    from ftrain.trainer.parallel import parallel_layout
 
     named = {"P": ParallelConfig(dp_shard=2), "TP": ParallelConfig(dp_shard=1, tp=2)}
     changes = {

@@ -1,7 +1,8 @@
-"""TrainingArguments' ``fsdp`` / ``fsdp_config`` / ``deepspeed`` as a :class:`~ftrain.distributed.config.ParallelConfig`.
+"""HF's FSDP settings (the ``fsdp`` options and an ``fsdp_config``) as a :class:`~ftrain.distributed.ParallelConfig`.
 
-``args`` is read by attribute, so ftrain's and transformers' ``TrainingArguments`` both work (and the core never
-imports :mod:`ftrain.trainer`). The FSDP sharding strategies are shard levels on the ``dp_shard`` axis:
+The inputs are the values transformers' and accelerate's FSDP settings take (``TrainingArguments.fsdp`` /
+``fsdp_config``; the Trainer shell reads them, :mod:`ftrain.trainer.parallel`). The FSDP sharding strategies are
+shard levels on the ``dp_shard`` axis:
 
 - ``full_shard`` (the default): ``dp_shard=world_size, shard_level=3``;
 - ``shard_grad_op``: ``dp_shard=world_size, shard_level=2`` (parameters stay whole: more memory than FSDP's
@@ -15,15 +16,13 @@ imports :mod:`ftrain.trainer`). The FSDP sharding strategies are shard levels on
 
 ``fsdp_config["reshard_after_forward"]`` (FSDP2: ``True`` full shard, ``False`` shard_grad_op; FSDP1: a strategy
 name) and ``mixed_precision_policy`` (``"bf16"`` or ``{"param_dtype", "reduce_dtype"}``) are mapped; without a
-policy, ``bf16`` / ``fp16`` in ``args`` give ``param_dtype = reduce_dtype`` of that type, as accelerate does.
+policy, the run's ``mixed_precision`` dtype gives ``param_dtype = reduce_dtype``, as accelerate does.
 Wrapping and loading keys (``min_num_params``, ``transformer_layer_cls_to_wrap``, ``auto_wrap_policy``,
 ``state_dict_type``, …) have no meaning for placement-based sharding: accepted and logged at INFO. Unlike
 transformers with FSDP2, the hybrid strategies are accepted: they are HSDP on the ``dp_replicate`` axis.
 
 Example:
-    >>> from types import SimpleNamespace
-    >>> args = SimpleNamespace(fsdp="hybrid_shard offload", fsdp_config=None, deepspeed=None, bf16=True)
-    >>> parallel_config_from_training_args(args, world_size=16, shard_group_size=8)
+    >>> parallel_config_from_fsdp("hybrid_shard offload", None, 16, mixed_precision=torch.bfloat16, shard_group_size=8)
     ParallelConfig(dp_replicate=2, dp_shard=8, cp=1, tp=1, shard_level=3, param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16, offload_optimizer=True)
 """  # noqa: E501
 
@@ -32,17 +31,19 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from ftrain.distributed.config import ParallelConfig
-from ftrain.distributed.deepspeed import parallel_config_from_deepspeed
 
-__all__ = ["FSDP_CONFIG_IGNORED", "FSDP_OPTIONS", "parallel_config_from_training_args"]
+__all__ = ["FSDP_CONFIG_IGNORED", "FSDP_OPTIONS", "FsdpOptions", "fsdp_options", "parallel_config_from_fsdp"]
 
 logger = logging.getLogger(__name__)
+
+#: What ``fsdp`` takes: off (``None``, ``False``, ``""``, ``[]``), on (``True``), or options (a string or a list).
+FsdpOptions = str | Sequence[str] | bool | None
 
 #: strategy → (shard_level or None for no sharding, hybrid?)
 _STRATEGIES: dict[str, tuple[int | None, bool]] = {
@@ -89,8 +90,23 @@ def _bool(value: Any, key: str) -> bool:
     raise ValueError(f"fsdp_config[{key!r}]={value!r} is not a boolean; use true or false")
 
 
-def _fsdp_items(fsdp: Any) -> list[str] | None:
-    """The ``fsdp`` argument as a list of options; ``None`` when FSDP is off."""
+def fsdp_options(fsdp: FsdpOptions) -> list[str] | None:
+    """The ``fsdp`` setting as a list of lower-case options; ``None`` when it asks for no FSDP.
+
+    Args:
+        fsdp: ``None``, ``False``, ``""`` or ``[]`` (off); ``True`` (on, no option); a space-separated string or a
+            list of :data:`FSDP_OPTIONS`.
+
+    Returns:
+        The options (``[]`` for ``True``), or ``None`` when FSDP is off.
+
+    Raises:
+        ValueError: an option that is not one of :data:`FSDP_OPTIONS`.
+
+    Example:
+        >>> fsdp_options("FULL_SHARD auto_wrap"), fsdp_options(True), fsdp_options("")
+        (['full_shard', 'auto_wrap'], [], None)
+    """
     if fsdp is None or fsdp is False or fsdp == "" or fsdp == []:
         return None
     if fsdp is True:
@@ -103,7 +119,7 @@ def _fsdp_items(fsdp: Any) -> list[str] | None:
     return items
 
 
-def _load_fsdp_config(value: Any) -> dict[str, Any]:
+def _load_fsdp_config(value: Mapping[str, Any] | str | os.PathLike | None) -> dict[str, Any]:
     if value is None:
         return {}
     if isinstance(value, Mapping):
@@ -164,13 +180,10 @@ def _strategy(items: list[str], config: dict[str, Any]) -> str:
     return chosen.pop() if chosen else "full_shard"
 
 
-def _mixed_precision(config: dict[str, Any], args: Any) -> tuple[Any, Any]:
+def _mixed_precision(config: dict[str, Any], default: torch.dtype | None) -> tuple[Any, Any]:
     policy = config.get("mixed_precision_policy")
     if policy is None:
-        dtype = (
-            torch.bfloat16 if getattr(args, "bf16", False) else torch.float16 if getattr(args, "fp16", False) else None
-        )
-        return dtype, dtype
+        return default, default
     if isinstance(policy, str):
         policy = {"param_dtype": policy, "reduce_dtype": policy}
     if not isinstance(policy, Mapping):
@@ -198,41 +211,48 @@ def _hybrid_sizes(world_size: int, shard_group_size: int | None) -> dict[str, in
     return {"dp_replicate": world_size // group, "dp_shard": group}
 
 
-def parallel_config_from_training_args(
-    args: Any, world_size: int, *, shard_group_size: int | None = None
+def parallel_config_from_fsdp(
+    fsdp: FsdpOptions,
+    fsdp_config: Mapping[str, Any] | str | os.PathLike | None,
+    world_size: int,
+    *,
+    mixed_precision: torch.dtype | None = None,
+    shard_group_size: int | None = None,
 ) -> ParallelConfig | None:
-    """The :class:`ParallelConfig` that ``args.fsdp`` / ``args.fsdp_config`` / ``args.deepspeed`` ask for.
+    """The :class:`ParallelConfig` that FSDP options and an ``fsdp_config`` ask for, resolved for ``world_size``.
 
     Args:
-        args: ftrain's or transformers' ``TrainingArguments`` (or anything with those attributes).
+        fsdp: the FSDP options (:func:`fsdp_options`), e.g. ``"full_shard offload"``, ``True`` or ``None``.
+        fsdp_config: a dict, a JSON file or a JSON object string; keys may carry accelerate's ``fsdp_`` prefix.
         world_size: number of processes.
+        mixed_precision: the run's mixed-precision dtype (``torch.bfloat16`` for bf16), the parameter and reduce
+            dtype when ``fsdp_config`` has no ``mixed_precision_policy``; ``None``: full precision.
         shard_group_size: ranks that shard together under ``hybrid_shard`` (default: ``$LOCAL_WORLD_SIZE``).
 
     Returns:
-        A resolved ``ParallelConfig`` (``cp = tp = 1``), or ``None`` when neither FSDP nor DeepSpeed is asked for
-        (the caller's default: plain data parallel).
+        A resolved ``ParallelConfig`` (``cp = tp = 1``), or ``None`` when ``fsdp`` asks for no FSDP.
 
     Raises:
-        ValueError: both FSDP and DeepSpeed, an unknown option or key, conflicting strategies, a hybrid group
-            size that is unknown or does not divide ``world_size``, or anything
-            :func:`~ftrain.distributed.deepspeed.parallel_config_from_deepspeed` refuses.
-    """
-    items = _fsdp_items(getattr(args, "fsdp", None))
-    deepspeed = getattr(args, "deepspeed", None)
-    if deepspeed and items is not None:
-        raise ValueError("TrainingArguments: fsdp and deepspeed are both set; choose one way to shard")
-    if deepspeed:
-        return parallel_config_from_deepspeed(deepspeed, world_size, args=args)
+        ValueError: an unknown option or key, conflicting strategies, a setting ftrain cannot honour, or a hybrid
+            group size that is unknown or does not divide ``world_size``.
+
+    Example:
+        >>> parallel_config_from_fsdp(True, {"reshard_after_forward": False}, 4)
+        ParallelConfig(dp_replicate=1, dp_shard=4, cp=1, tp=1, shard_level=2, param_dtype=None, reduce_dtype=None, offload_optimizer=False)
+        >>> parallel_config_from_fsdp(None, None, 4) is None
+        True
+    """  # noqa: E501
+    items = fsdp_options(fsdp)
     if items is None:
         return None
-    config = _load_fsdp_config(getattr(args, "fsdp_config", None))
+    config = _load_fsdp_config(fsdp_config)
     _check_fsdp_config(config)
     level, hybrid = _STRATEGIES[_strategy(items, config)]
     if level is None:
         sizes = {"dp_replicate": world_size, "dp_shard": 1}
     else:
         sizes = _hybrid_sizes(world_size, shard_group_size) if hybrid else {"dp_shard": world_size}
-    param_dtype, reduce_dtype = _mixed_precision(config, args)
+    param_dtype, reduce_dtype = _mixed_precision(config, mixed_precision)
     offload = "offload" in items or _bool(config.get("cpu_offload", False), "cpu_offload")
     return ParallelConfig(
         **sizes,
