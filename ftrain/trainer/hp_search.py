@@ -6,8 +6,15 @@ objective is reported to the study after every evaluation during training by a c
 so optuna pruners can stop bad trials; when no evaluation ran during training, one ``evaluate()`` at the end gives it.
 
 Two backends run: optuna (trials in this process, one after the other) and ray tune (``pip install 'ray[tune]'``;
-each trial in a ray worker process, see :meth:`HyperparameterSearchMixin._run_hp_search_ray`). ``"wandb"`` is a
-recognised name that raises a clear error.
+each trial in a ray worker process, see :meth:`HyperparameterSearch.run_ray`). ``"wandb"`` is a recognised name
+that raises a clear error.
+
+:class:`HyperparameterSearch` is the component that owns the search's state (backend, space, naming, objective
+function, the running trial and its objective); the Trainer's ``hyperparameter_search``, ``_hp_search_setup`` and
+``_report_to_hp_search`` and its attributes ``hp_search_backend``, ``hp_space``, ``hp_name``, ``compute_objective``,
+``objective`` and ``_trial`` delegate to it (the ``Trainer``'s methods). The component calls back through
+the Trainer where transformers does (``_hp_search_setup``, ``call_model_init``, ``train``, ``evaluate``,
+``_report_to_hp_search``), so a subclass's overrides take part.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "BestRun",
     "HPSearchBackend",
-    "HyperparameterSearchMixin",
+    "HyperparameterSearch",
     "default_compute_objective",
     "default_hp_search_backend",
     "default_hp_space_optuna",
@@ -163,42 +170,80 @@ def _resolve_backend(backend: str | HPSearchBackend | None) -> HPSearchBackend:
 
 class _HPSearchCallback(TrainerCallback):
     """Marks the state as a search trial at ``on_train_begin`` and reports the objective of every evaluation during
-    training to the search (``trainer._report_to_hp_search``), which may raise ``optuna.TrialPruned``."""
+    training to the search through the trainer's ``_report_to_hp_search`` (which may raise ``optuna.TrialPruned``).
 
-    def __init__(self, trainer: Any) -> None:
-        self.trainer = trainer
+    Args:
+        search: the :class:`HyperparameterSearch` of the trainer whose training this callback watches.
+    """
+
+    def __init__(self, search: HyperparameterSearch) -> None:
+        self.search = search
         self.active = False
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.active = True
-        trial = self.trainer._trial
+        trial = self.search.trial
         state.is_hyper_param_search = trial is not None
         if trial is not None:
             state.trial_params = hp_params(trial)
-            if self.trainer.hp_name is not None:
-                state.trial_name = self.trainer.hp_name(trial)
+            if self.search.hp_name is not None:
+                state.trial_name = self.search.hp_name(trial)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.active = False
 
     def on_evaluate(self, args: Any, state: Any, control: Any, metrics: Any = None, **kwargs: Any) -> None:
         if self.active and metrics is not None:
-            self.trainer._report_to_hp_search(self.trainer._trial, state.global_step, metrics)
+            self.search.trainer._report_to_hp_search(self.search.trial, state.global_step, metrics)
 
 
-class HyperparameterSearchMixin:
-    """``Trainer.hyperparameter_search`` (transformers' API). Needs the Trainer's ``args``, ``model_init``,
-    ``call_model_init``, ``train``, ``evaluate``, ``state``, ``control``, ``callback_handler`` and
-    ``add_callback`` / ``remove_callback``."""
+class HyperparameterSearch:
+    """The Trainer's hyper-parameter search component: the search's settings and the running trial.
 
-    hp_search_backend: HPSearchBackend | None = None
-    hp_space: Callable[[Any], dict[str, Any]] | None = None
-    hp_name: Callable[[Any], str] | None = None
-    compute_objective: Callable[[dict[str, float]], float] | None = None
-    objective: float | None = None
-    _trial: Any = None
+    It reads the trainer's ``args`` (``world_size``; ``output_dir``; ``do_eval`` and ``eval_strategy`` for a ray
+    scheduler; and every field a trial sets), ``model_init``, ``state``, ``control`` and ``callback_handler``. It
+    replaces ``trainer.args`` by each trial's copy and restores it, and swaps ``trainer.model_init`` / sets
+    ``trainer.model`` for a trial. It calls back through the trainer where transformers' search calls
+    ``trainer.<method>``: ``_hp_search_setup``, ``call_model_init``, ``train``, ``evaluate`` and (from the callback
+    during training) ``_report_to_hp_search``; also ``add_callback`` / ``remove_callback``.
 
-    def hyperparameter_search(
+    Args:
+        trainer: the :class:`~ftrain.trainer.Trainer` it serves.
+
+    Attributes:
+        trainer: the Trainer.
+        backend: the backend of the running search, ``None`` outside one (the Trainer's ``hp_search_backend``).
+        hp_space: ``trial -> dict`` of hyper-parameters (the Trainer's ``hp_space``).
+        hp_name: ``trial -> str``, the trial's name, or ``None`` (the Trainer's ``hp_name``).
+        compute_objective: ``metrics -> objective`` (the Trainer's ``compute_objective``).
+        objective: the running trial's last objective, ``None`` before its first evaluation (the Trainer's
+            ``objective``).
+        trial: the running trial (optuna ``Trial``, ray config dict), or ``None`` (the Trainer's ``_trial``).
+
+    Example:
+        >>> search = HyperparameterSearch(trainer=None)
+        >>> search.backend is None and search.trial is None and search.objective is None
+        True
+    """
+
+    def __init__(self, trainer: Any) -> None:
+        self.trainer = trainer
+        self.backend: HPSearchBackend | None = None
+        self.hp_space: Callable[[Any], dict[str, Any]] | None = None
+        self.hp_name: Callable[[Any], str] | None = None
+        self.compute_objective: Callable[[dict[str, float]], float] | None = None
+        self.objective: float | list[float] | None = None
+        self.trial: Any = None
+
+    def serving(self, trainer: Any) -> HyperparameterSearch:
+        """A search component for ``trainer`` (a copy of this one's trainer, shipped to a ray trial) with this
+        search's backend, space, naming and objective function, and no trial yet."""
+        search = HyperparameterSearch(trainer)
+        search.backend, search.hp_space = self.backend, self.hp_space
+        search.hp_name, search.compute_objective = self.hp_name, self.compute_objective
+        return search
+
+    def run(
         self,
         hp_space: Callable[[Any], dict[str, float]] | None = None,
         compute_objective: Callable[[dict[str, float]], float] | None = None,
@@ -224,7 +269,7 @@ class HyperparameterSearchMixin:
             **kwargs: optuna: ``optuna.create_study`` arguments, plus ``timeout``, ``n_jobs``, ``gc_after_trial`` and
                 ``catch`` for ``study.optimize``. ray: ``tune.run``'s arguments as transformers passes them, mapped
                 onto ``tune.TuneConfig`` / ``tune.RunConfig`` fields, plus ``resources_per_trial`` (see
-                :meth:`_run_hp_search_ray`).
+                :meth:`run_ray`).
 
         Returns:
             ``BestRun(run_id, objective, hyperparameters, run_summary)``, or a list of them for a multi-objective
@@ -236,40 +281,54 @@ class HyperparameterSearchMixin:
             NotImplementedError: ``"wandb"`` (not supported by ftrain), or several processes.
             ValueError / TypeError: an unknown backend name, or arguments the backend cannot take.
         """
+        trainer = self.trainer
         backend = _resolve_backend(backend)
-        if self.model_init is None:
+        if trainer.model_init is None:
             raise RuntimeError(
                 "To use hyperparameter search, you need to pass your model through a model_init function."
             )
-        if self.args.world_size > 1:
+        if trainer.args.world_size > 1:
             raise NotImplementedError("ftrain's hyperparameter search runs on a single process.")
-        self.hp_search_backend = backend
+        self.backend = backend
         self.hp_space = _DEFAULT_HP_SPACE[backend] if hp_space is None else hp_space
         self.hp_name = hp_name
         self.compute_objective = default_compute_objective if compute_objective is None else compute_objective
-        base_args = self.args
+        base_args = trainer.args
         try:
             if backend is HPSearchBackend.RAY:
-                return self._run_hp_search_ray(n_trials, direction, **kwargs)
+                return self.run_ray(n_trials, direction, **kwargs)
             callback = _HPSearchCallback(self)
-            self.add_callback(callback)
+            trainer.add_callback(callback)
             try:
-                return self._run_hp_search_optuna(n_trials, direction, **kwargs)
+                return self.run_optuna(n_trials, direction, **kwargs)
             finally:
-                self.remove_callback(callback)
+                trainer.remove_callback(callback)
         finally:
-            self.args = base_args
-            self.hp_search_backend = None
-            self._trial = None
+            trainer.args = base_args
+            self.backend = None
+            self.trial = None
 
-    def _run_hp_search_optuna(self, n_trials: int, direction: str | list[str], **kwargs: Any) -> Any:
+    def run_optuna(self, n_trials: int, direction: str | list[str], **kwargs: Any) -> BestRun | list[BestRun]:
+        """The optuna search: ``n_trials`` trials of :meth:`run_trial` in this process, one after the other, each
+        on the search's base arguments.
+
+        Args:
+            n_trials: ``study.optimize``'s ``n_trials``.
+            direction: ``"minimize"`` / ``"maximize"``, or a list of them (multi-objective).
+            **kwargs: ``optuna.create_study`` arguments, plus ``timeout``, ``n_jobs``, ``gc_after_trial`` and
+                ``catch`` for ``study.optimize``.
+
+        Returns:
+            The best run, or the Pareto front's runs for several objectives.
+        """
         import optuna
 
-        base_args = self.args
+        trainer = self.trainer
+        base_args = trainer.args
 
         def objective(trial: Any) -> float | list[float]:
-            self.args = base_args
-            self._run_trial(trial)
+            trainer.args = base_args
+            self.run_trial(trial)
             return self.objective
 
         timeout = kwargs.pop("timeout", None)
@@ -286,15 +345,14 @@ class HyperparameterSearchMixin:
             return BestRun(str(best.number), best.value, best.params)
         return [BestRun(str(best.number), best.values, best.params) for best in study.best_trials]
 
-    def _run_hp_search_ray(self, n_trials: int, direction: str | list[str], **kwargs: Any) -> BestRun:
+    def run_ray(self, n_trials: int, direction: str | list[str], **kwargs: Any) -> BestRun:
         """The ray tune search (transformers' ``run_hp_search_ray`` semantics, on ray's ``Tuner`` API).
 
         ``hp_space(None)`` is the ``param_space``; ``n_trials`` samples are drawn from it, each run by
-        :func:`_ray_objective` in a ray worker on its own copy of this Trainer (shipped with
-        ``tune.with_parameters``, without the model, which ``model_init`` rebuilds, nor the state of a past
-        ``train()``). Every evaluation during training reports its metrics and ``objective`` to the trial, so ray
-        schedulers can stop it; when none ran, one final ``evaluate()`` is reported. The best trial is chosen on the
-        ``objective`` with ``RAY_SCOPE`` (default ``"last"``) as transformers does.
+        :func:`_ray_objective` in a ray worker on its own copy of the Trainer (:meth:`ray_trainer`, shipped with
+        ``tune.with_parameters``). Every evaluation during training reports its metrics and ``objective`` to the
+        trial, so ray schedulers can stop it; when none ran, one final ``evaluate()`` is reported. The best trial is
+        chosen on the ``objective`` with ``RAY_SCOPE`` (default ``"last"``) as transformers does.
 
         Args:
             n_trials: ``TuneConfig.num_samples``.
@@ -325,10 +383,10 @@ class HyperparameterSearchMixin:
             )
         mode = direction[:3]
         resources = kwargs.pop("resources_per_trial", {"cpu": 1, "gpu": 0})
-        _check_ray_scheduler(kwargs.get("scheduler"), self.args)
+        _check_ray_scheduler(kwargs.get("scheduler"), self.trainer.args)
         tune_config, run_config = _ray_configs(kwargs, mode=mode, num_samples=n_trials)
         space = _ray_param_space(self.hp_space)
-        shipped = self._ray_trainer()
+        shipped = self.ray_trainer()
         if not ray.is_initialized():  # as Tuner.fit would, but now: with_parameters pickles only into a running ray
             ray.init()
         try:
@@ -339,74 +397,95 @@ class HyperparameterSearchMixin:
         results = tune.Tuner(trainable, param_space=space, tune_config=tune_config, run_config=run_config).fit()
         return _ray_best_run(results, mode)
 
-    def _ray_trainer(self) -> Any:
-        """A shallow copy of this Trainer for ray to pickle into each trial: no model (``model_init`` rebuilds it),
-        no state of a past ``train()``, methods stored as attributes bound to the copy, an absolute ``output_dir``
-        (ray workers run in the trial's folder), a fresh TensorBoard callback in place of one holding a writer
-        (writers do not pickle), and the search callback bound to the copy. ``self`` is left unchanged."""
+    def ray_trainer(self) -> Any:
+        """A shallow copy of the Trainer for ray to pickle into each trial; the Trainer itself is left unchanged.
+
+        The copy has no model (``model_init`` rebuilds it) and no state of a past ``train()``; methods stored as
+        attributes (``gather_function``) are bound to the copy; its components (the objects whose ``trainer`` is the
+        Trainer: this search, the Hub client, the loop, the evaluator, the checkpoints...) are rebuilt to serve the
+        copy, fresh (no run totals, checkpoint manager or gathered state), except that the search and the Hub client
+        keep their settings (:meth:`serving`); an absolute ``output_dir`` (ray workers
+        run in the trial's folder); a fresh TensorBoard callback in place of one holding a writer (writers do not
+        pickle), and the search callback bound to the copy's search.
+        """
+        from ftrain.trainer.hub import HubClient
         from ftrain.trainer.integrations import TensorBoardCallback
 
-        shipped = copy.copy(self)
-        for name, value in vars(self).items():  # methods stored as attributes (gather_function) bind to the copy
-            if isinstance(value, types.MethodType) and value.__self__ is self:
+        trainer = self.trainer
+        shipped = copy.copy(trainer)
+        for name, value in vars(trainer).items():
+            if isinstance(value, types.MethodType) and value.__self__ is trainer:  # e.g. gather_function
                 setattr(shipped, name, types.MethodType(value.__func__, shipped))
-        for name in ("model", "_train_state", "_train_step", "_manager", "_neftune_handle", "_gathered"):
-            setattr(shipped, name, None)
-        shipped.push_in_progress = None
-        shipped.args = copy.deepcopy(self.args)
+            elif isinstance(value, HubClient):
+                setattr(shipped, name, value.serving(shipped))
+            elif getattr(value, "trainer", None) is trainer and not isinstance(value, HyperparameterSearch):
+                setattr(shipped, name, type(value)(shipped))  # another component (evaluator, checkpoints...): anew
+        shipped._search = self.serving(shipped)
+        shipped.model = shipped._train_state = shipped._train_step = None
+        shipped.args = copy.deepcopy(trainer.args)
         shipped.args.output_dir = os.path.abspath(shipped.args.output_dir)
-        handler = shipped.callback_handler = copy.copy(self.callback_handler)
+        handler = shipped.callback_handler = copy.copy(trainer.callback_handler)
         handler.model = handler.train_dataloader = handler.eval_dataloader = None
         callbacks = [cb for cb in handler.callbacks if not isinstance(cb, _HPSearchCallback)]
         writes = [isinstance(cb, TensorBoardCallback) and cb.tb_writer is not None for cb in callbacks]
         handler.callbacks = [type(cb)() if w else cb for cb, w in zip(callbacks, writes, strict=True)]
-        handler.callbacks.append(_HPSearchCallback(shipped))
+        handler.callbacks.append(_HPSearchCallback(shipped._search))
         return shipped
 
-    def _run_trial(self, trial: Any) -> dict[str, float] | None:
-        """One trial: set the arguments from ``trial``, train (the model rebuilt by ``model_init(trial)``), and make
-        sure ``self.objective`` holds the last evaluation's objective.
+    def run_trial(self, trial: Any) -> dict[str, float] | None:
+        """One trial: ``trainer._hp_search_setup(trial)``, then the model rebuilt by ``trainer.call_model_init``
+        (``model_init`` given the trial when it takes one argument) and ``trainer.train()``; makes sure
+        :attr:`objective` holds the last evaluation's objective (a final ``trainer.evaluate()`` when no evaluation
+        ran during training).
+
+        Args:
+            trial: an optuna ``Trial``, or a ray trial's config dict.
 
         Returns:
             The metrics of the final ``evaluate()`` when no evaluation during training set the objective (it was
             then not reported to the search), else ``None``.
         """
+        trainer = self.trainer
         self.objective = None
-        self._hp_search_setup(trial)
-        model_init = self.model_init
+        trainer._hp_search_setup(trial)
+        model_init = trainer.model_init
         if model_init is not None and number_of_arguments(model_init) == 1:
-            self.model_init = lambda: model_init(trial)  # the Trainer's train() calls model_init() without a trial
+            trainer.model_init = lambda: model_init(trial)  # the Trainer's train() calls model_init() without a trial
         try:
-            self.model = self.call_model_init()
-            self.train()
+            trainer.model = trainer.call_model_init()
+            trainer.train()
         finally:
-            self.model_init = model_init
+            trainer.model_init = model_init
         if self.objective is not None:
             return None
-        metrics = self.evaluate()
+        metrics = trainer.evaluate()
         self.objective = self.compute_objective(dict(metrics))
         return metrics
 
-    def _hp_search_setup(self, trial: Any) -> None:
-        """Applies the trial's hyper-parameters onto a copy of ``self.args`` (transformers' rules: fields only, cast
-        to the current value's type; unknown keys warn) and points ``output_dir`` at the trial's folder
-        (``run-{trial.number}`` for optuna, ``run-{ray trial id}`` for ray, or ``hp_name(trial)``, as
-        transformers' checkpoints).
+    def setup(self, trial: Any) -> None:
+        """The default ``Trainer._hp_search_setup``: records ``trial`` as the running one, applies its
+        hyper-parameters onto a copy of ``trainer.args`` (transformers' rules: fields only, cast to the current
+        value's type; unknown keys warn) and points ``output_dir`` at the trial's folder (``run-{trial.number}`` for
+        optuna, ``run-{ray trial id}`` for ray, or ``hp_name(trial)``, as transformers' checkpoints).
+
+        Args:
+            trial: an optuna ``Trial``, a ray trial's config dict, or ``None``.
 
         Raises:
             RuntimeError: the Trainer has no ``model_init``.
             ValueError: a value that cannot be made the type of its field.
         """
-        if self.model_init is None:
+        trainer = self.trainer
+        if trainer.model_init is None:
             raise RuntimeError(
                 "To use hyperparameter search, you need to pass your model through a model_init function."
             )
-        self._trial = trial
-        if self.hp_search_backend is None or trial is None:
+        self.trial = trial
+        if self.backend is None or trial is None:
             return
-        params = self.hp_space(trial) if self.hp_search_backend is HPSearchBackend.OPTUNA else dict(trial)
+        params = self.hp_space(trial) if self.backend is HPSearchBackend.OPTUNA else dict(trial)
         params.pop("wandb", None)
-        args = copy.deepcopy(self.args)
+        args = copy.deepcopy(trainer.args)
         for key, value in params.items():
             if not hasattr(args, key):
                 logger.warning(
@@ -424,36 +503,43 @@ class HyperparameterSearchMixin:
                         f"made a {type(old).__name__} like its current value {old!r} ({e}); fix hp_space."
                     ) from e
             setattr(args, key, value)
-        run_id = _trial_id(self.hp_search_backend, trial)
+        run_id = _trial_id(self.backend, trial)
         run_name = self.hp_name(trial) if self.hp_name is not None else f"run-{run_id}"
         args.output_dir = os.path.join(args.output_dir, run_name)
-        self.args = args
+        trainer.args = args
         logger.info(f"Trial: {getattr(trial, 'params', params)}")
 
-    def _report_to_hp_search(self, trial: Any, step: int, metrics: dict[str, float]) -> None:
-        """Sets ``self.objective`` from ``metrics``; for optuna, reports it at ``step`` (single objective) and raises
-        ``optuna.TrialPruned`` (after ``on_train_end``) when the pruner says so; for ray, reports ``metrics`` with
-        ``objective`` added to the trial (no tune checkpoint: the trial's checkpoints are ftrain's, in its
-        ``output_dir``)."""
-        if self.hp_search_backend is None or trial is None:
+    def report(self, trial: Any, step: int, metrics: dict[str, float]) -> None:
+        """The default ``Trainer._report_to_hp_search``: sets :attr:`objective` from ``metrics``; for optuna,
+        reports it at ``step`` (single objective) and raises ``optuna.TrialPruned`` (after ``on_train_end``) when
+        the pruner says so; for ray, reports ``metrics`` with ``objective`` added to the trial (no tune checkpoint:
+        the trial's checkpoints are ftrain's, in its ``output_dir``). Nothing outside a search or without a trial.
+
+        Args:
+            trial: the running trial.
+            step: the global step of the evaluation.
+            metrics: the evaluation's metrics (left unchanged).
+
+        Raises:
+            optuna.TrialPruned: the study's pruner stops the trial.
+        """
+        if self.backend is None or trial is None:
             return
         self.objective = self.compute_objective(dict(metrics))
-        if self.hp_search_backend is HPSearchBackend.OPTUNA:
+        if self.backend is HPSearchBackend.OPTUNA:
             import optuna
 
             study = getattr(trial, "study", None)
             if study is not None and len(study.directions) == 1:
                 trial.report(self.objective, step)
                 if trial.should_prune():
-                    self.callback_handler.on_train_end(self.args, self.state, self.control)
+                    trainer = self.trainer
+                    trainer.callback_handler.on_train_end(trainer.args, trainer.state, trainer.control)
                     raise optuna.TrialPruned()
-        elif self.hp_search_backend is HPSearchBackend.RAY:
+        elif self.backend is HPSearchBackend.RAY:
             _ray_report({**metrics, "objective": self.objective})
 
 
-# ---- ray tune ---------------------------------------------------------------------------------------------------
-
-# Arguments hyperparameter_search(backend="ray") sets itself, with where to set them instead.
 _RAY_RESERVED = {
     "metric": "the search always optimises the reported 'objective'",
     "mode": "pass direction='minimize' or 'maximize'",
@@ -498,11 +584,12 @@ def _trial_id(backend: HPSearchBackend | None, trial: Any) -> Any:
 
 def _ray_objective(config: dict[str, Any], trainer: Any) -> None:
     """One ray trial, in a ray worker, on the worker's own copy of the Trainer: train with ``config`` applied
-    (each evaluation reports to ray through ``_report_to_hp_search``), then report a final evaluation if none ran
-    during training."""
-    metrics = trainer._run_trial(config)
+    (each evaluation reports to ray through the trainer's ``_report_to_hp_search``), then report a final evaluation
+    if none ran during training."""
+    search = trainer._search
+    metrics = search.run_trial(config)
     if metrics is not None:
-        _ray_report({**metrics, "objective": trainer.objective, "done": True})
+        _ray_report({**metrics, "objective": search.objective, "done": True})
 
 
 def _check_ray_scheduler(scheduler: Any, args: Any) -> None:

@@ -1,24 +1,40 @@
 """The Hugging Face Hub side of the ``Trainer``: the model card, the repository, pushes (transformers' API).
 
-``create_model_card`` writes ``output_dir/README.md`` with transformers' sections (YAML metadata, description
-placeholders, training hyperparameters, a results table from ``log_history``, framework versions). ``init_hf_repo``,
-``push_to_hub`` and ``_push_from_checkpoint`` go through ``huggingface_hub.create_repo`` / ``upload_folder``.
+:class:`HubClient` is the component that owns the Hub state of one Trainer: the repository id it pushes to
+(``trainer.hub_model_id``) and the pending checkpoint push (``trainer.push_in_progress``). ``create_model_card``
+writes ``output_dir/README.md`` with transformers' sections (YAML metadata, description placeholders, training
+hyperparameters, a results table from ``log_history``, framework versions). ``init_hf_repo``, ``push_to_hub`` and
+``_push_from_checkpoint`` go through ``huggingface_hub.create_repo`` / ``upload_folder``.
+
+The Trainer's methods of those names delegate to the component (the ``Trainer``'s methods), and the component calls back
+through the Trainer wherever transformers calls ``self.<method>`` (``init_hf_repo``, ``save_model``,
+``create_model_card``, ``_finish_current_push``, ``is_world_process_zero``), so a subclass's overrides take part.
+
+Example:
+    >>> from ftrain.trainer import TrainingArguments
+    >>> settings = HubSettings.from_args(TrainingArguments("runs/demo", hub_strategy="checkpoint", report_to="none"))
+    >>> settings.repo_name, settings.strategy, settings.always_push
+    ('demo', <HubStrategy.CHECKPOINT: 'checkpoint'>, False)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 from ftrain.trainer.args import HubStrategy, ParallelMode, SaveStrategy
+from ftrain.trainer.checkpoints import TRAINING_ARGS_NAME
+from ftrain.trainer.utils import PREFIX_CHECKPOINT_DIR
 
-__all__ = ["HubMixin", "PushInProgress", "make_markdown_table", "parse_log_history"]
+__all__ = ["HubClient", "HubSettings", "PushInProgress", "make_markdown_table", "parse_log_history"]
 
-PREFIX_CHECKPOINT_DIR = "checkpoint"
-TRAINING_ARGS_NAME = "training_args.json"
+logger = logging.getLogger(__name__)
+
 MODELING_FILES = ["config.json", "generation_config.json", "pytorch_model.bin", "model.safetensors"]
 INDEX_FILES = ["pytorch_model.bin.index.json", "model.safetensors.index.json"]
 ADAPTER_FILES = ["adapter_config.json", "adapter_model.bin", "adapter_model.safetensors"]
@@ -54,19 +70,36 @@ METRIC_TAGS = ["accuracy", "bleu", "f1", "matthews_correlation", "pearsonr", "pr
 
 
 class PushInProgress:
-    """The pending upload futures of the last checkpoint push."""
+    """The pending upload futures of the last checkpoint push (transformers' ``PushInProgress``).
+
+    Args:
+        jobs: the ``concurrent.futures.Future`` of each upload.
+
+    Example:
+        >>> from concurrent.futures import Future
+        >>> job = Future()
+        >>> push = PushInProgress([job])
+        >>> push.is_done()
+        False
+        >>> job.set_result("commit")
+        >>> push.is_done()
+        True
+    """
 
     def __init__(self, jobs: list[Any]) -> None:
         self.jobs = list(jobs)
 
     def is_done(self) -> bool:
+        """Whether every upload has finished."""
         return all(job.done() for job in self.jobs)
 
     def wait_until_done(self) -> None:
+        """Blocks until every upload has finished (re-raising an upload's error)."""
         for job in self.jobs:
             job.result()
 
     def cancel(self) -> None:
+        """Cancels the uploads that have not started; keeps those that are running."""
         self.jobs = [job for job in self.jobs if not job.cancel() and not job.done()]
 
 
@@ -88,9 +121,22 @@ def _title(key: str) -> str:
 
 
 def parse_log_history(log_history: list[dict[str, Any]]) -> tuple[Any, Any, Any]:
-    """``(train_log, results_rows, final_eval_results)`` from a ``log_history``, as transformers' model card reads it:
-    one row per evaluation before the final training summary (Training Loss, Epoch, Step, Validation Loss and the
-    other metrics, title-cased), and the last evaluation's metrics without the ``eval_`` prefix."""
+    """The model card's view of a ``log_history``, as transformers' model card reads it.
+
+    Args:
+        log_history: ``TrainerState.log_history``.
+
+    Returns:
+        ``(train_log, results_rows, final_eval_results)``: the final training summary, one row per evaluation
+        before it (Training Loss, Epoch, Step, Validation Loss and the other metrics, title-cased), and the last
+        evaluation's metrics without the ``eval_`` prefix. Without a training summary: ``(None, None, last eval)``.
+
+    Example:
+        >>> history = [{"loss": 2.0, "step": 1}, {"eval_loss": 1.5, "epoch": 1.0, "step": 1},
+        ...            {"train_runtime": 1.0, "step": 1}]
+        >>> parse_log_history(history)[1]
+        [{'Training Loss': 2.0, 'Epoch': 1.0, 'Step': 1, 'Validation Loss': 1.5}]
+    """
     summary = next((i for i, e in enumerate(log_history) if "train_runtime" in e), None)
     evals = [i for i, e in enumerate(log_history) if "eval_loss" in e]
     if summary is None:
@@ -118,7 +164,20 @@ def parse_log_history(log_history: list[dict[str, Any]]) -> tuple[Any, Any, Any]
 
 
 def make_markdown_table(rows: list[dict[str, Any]] | None) -> str:
-    """A Markdown table (centred columns, padded to the widest cell) of ``rows`` keyed by the first row's keys."""
+    """A Markdown table (centred columns, padded to the widest cell) of ``rows`` keyed by the first row's keys.
+
+    Args:
+        rows: the table's rows; ``None`` or empty gives ``""``.
+
+    Returns:
+        The table, one line per row after the header and the alignment line.
+
+    Example:
+        >>> print(make_markdown_table([{"Step": 1, "Loss": 0.123456}]), end="")
+        | Step | Loss   |
+        |:----:|:------:|
+        | 1    | 0.1235 |
+    """
     if not rows:
         return ""
     widths = {key: len(str(key)) for key in rows[0]}
@@ -134,7 +193,23 @@ def make_markdown_table(rows: list[dict[str, Any]] | None) -> str:
 
 
 def training_hyperparameters(args: Any) -> dict[str, Any]:
-    """The "Training hyperparameters" list of transformers' model card, from ``args``."""
+    """The "Training hyperparameters" list of transformers' model card.
+
+    Args:
+        args: the ``TrainingArguments``; reads ``learning_rate``, ``train_batch_size``, ``eval_batch_size``,
+            ``seed``, ``parallel_mode``, ``world_size``, ``gradient_accumulation_steps``, ``optim``, ``optim_args``,
+            ``adam_beta1``, ``adam_beta2``, ``adam_epsilon``, ``lr_scheduler_type``, ``warmup_steps``, ``max_steps``,
+            ``num_train_epochs``, ``fp16`` and ``label_smoothing_factor``.
+
+    Returns:
+        ``{name: value}`` in transformers' order.
+
+    Example:
+        >>> from ftrain.trainer import TrainingArguments
+        >>> hp = training_hyperparameters(TrainingArguments("out", max_steps=10, report_to="none", use_cpu=True))
+        >>> hp["training_steps"], hp["lr_scheduler_type"]
+        (10, 'linear')
+    """
     hp: dict[str, Any] = {k: getattr(args, k) for k in ("learning_rate", "train_batch_size", "eval_batch_size", "seed")}
     mode = args.parallel_mode
     if mode not in (ParallelMode.NOT_PARALLEL, ParallelMode.NOT_DISTRIBUTED):
@@ -189,22 +264,141 @@ def _framework_versions() -> list[str]:
     return lines
 
 
-def _infer_dataset(trainer: Any) -> tuple[Any, Any, Any]:
-    """transformers' defaults from an HF dataset: ``([builder], [config], [{"config", "split"}])``."""
-    ds = getattr(trainer, "eval_dataset", None)
-    ds = ds if ds is not None else getattr(trainer, "train_dataset", None)
+def _infer_dataset(train_dataset: Any, eval_dataset: Any) -> tuple[Any, Any, Any]:
+    """transformers' defaults from an HF dataset (the evaluation set, else the training set):
+    ``([builder], [config], [{"config", "split"}])``, or ``None`` three times for a local or non-HF dataset."""
+    ds = eval_dataset if eval_dataset is not None else train_dataset
     builder = getattr(ds, "builder_name", None)
     if builder is None or builder in ("csv", "json", "pandas", "parquet", "text", "generator", "arrow"):
         return None, None, None
     return [builder], [ds.config_name], [{"config": ds.config_name, "split": str(ds.split)}]
 
 
-class HubMixin:
-    """``Trainer`` methods for the model card and the Hub. Needs ``args``, ``model``, ``state``, ``control``,
-    ``callback_handler``, ``processing_class``, ``save_model`` and ``is_world_process_zero``."""
+def _model_index(
+    model_name: Any, tasks: Any, dataset: Any, dataset_tags: Any, dataset_args: Any, ds_metadata: Any,
+    metric_tags: dict[str, str], results: Any,
+) -> dict[str, Any]:  # fmt: skip
+    """transformers' ``model-index`` entry: one result per (task, dataset) that has a task, dataset and metrics."""
+    index: dict[str, Any] = {"name": model_name, "results": []}
+    task_list = [t for t in _as_list(tasks) if t in TASK_NAMES]
+    ds_tags, ds_names = _as_list(dataset_tags), _as_list(dataset)
+    ds_args = _as_list(dataset_args) + [None] * max(0, len(ds_tags) - len(_as_list(dataset_args)))
+    ds_meta = _as_list(ds_metadata)
+    if not metric_tags or not task_list or not ds_tags:
+        return index
+    for task in task_list:
+        for i, tag in enumerate(ds_tags):
+            entry = {"name": ds_names[i] if i < len(ds_names) else tag, "type": tag,
+                     **(ds_meta[i] if i < len(ds_meta) else {})}  # fmt: skip
+            if ds_args[i] is not None:
+                entry["args"] = ds_args[i]
+            metrics = [{"name": n, "type": t, "value": results[n]} for t, n in metric_tags.items()]
+            index["results"].append({"task": {"name": TASK_NAMES[task], "type": task}, "dataset": entry,
+                                     "metrics": metrics})  # fmt: skip
+    return index
 
-    hub_model_id: str | None = None
-    push_in_progress: PushInProgress | None = None
+
+def _card_prose(model_name: Any, finetuned_from: Any, dataset: Any, results: Any) -> str:
+    """The card's title and first paragraph: what the model was trained from, on what, and its results."""
+    card = f"\n# {model_name}\n\n"
+    card += "This model was trained from scratch on " if finetuned_from is None else (
+        f"This model is a fine-tuned version of [{finetuned_from}](https://huggingface.co/{finetuned_from}) on "
+    )  # fmt: skip
+    names = _as_list(dataset)
+    if not names:
+        card += "an unknown dataset."
+    elif len(names) == 1:
+        card += f"the {names[0]} dataset."
+    else:
+        card += ", ".join(f"the {d}" for d in names[:-1]) + f" and the {names[-1]} datasets."
+    if results is not None:
+        card += "\nIt achieves the following results on the evaluation set:\n"
+        card += "\n".join(f"- {k}: {_round(v)}" for k, v in results.items())
+    return card + "\n"
+
+
+@dataclasses.dataclass(frozen=True)
+class HubSettings:
+    """The ``TrainingArguments`` fields the Hub client reads, in one place (the model card reads its own through
+    :func:`training_hyperparameters`). Read afresh from ``trainer.args`` at each call: a search trial replaces the
+    arguments, and scripts edit them.
+
+    Attributes:
+        output_dir: ``args.output_dir``, the folder pushed.
+        repo_name: ``args.hub_model_id``, or the name of the absolute ``output_dir`` (the repository created).
+        model_id: ``args.hub_model_id`` itself (``push_to_hub`` names the model card after it).
+        token: ``args.hub_token``.
+        private_repo: ``args.hub_private_repo``.
+        revision: ``args.hub_revision``.
+        strategy: ``args.hub_strategy``.
+        always_push: ``args.hub_always_push``.
+        save_strategy: ``args.save_strategy`` (the commit message says step or epoch).
+        should_save: ``args.should_save`` (whether this process names the model card).
+    """
+
+    output_dir: str
+    repo_name: str
+    model_id: str | None
+    token: str | None
+    private_repo: bool | None
+    revision: str | None
+    strategy: HubStrategy
+    always_push: bool
+    save_strategy: SaveStrategy
+    should_save: bool
+
+    @classmethod
+    def from_args(cls, args: Any) -> HubSettings:
+        """The settings of ``args`` (a :class:`~ftrain.trainer.TrainingArguments`)."""
+        return cls(
+            output_dir=args.output_dir,
+            repo_name=args.hub_model_id or Path(args.output_dir).absolute().name,
+            model_id=args.hub_model_id,
+            token=args.hub_token,
+            private_repo=args.hub_private_repo,
+            revision=args.hub_revision,
+            strategy=HubStrategy(args.hub_strategy),
+            always_push=args.hub_always_push,
+            save_strategy=SaveStrategy(args.save_strategy),
+            should_save=args.should_save,
+        )
+
+
+class HubClient:
+    """The Trainer's Hub component: the repository it pushes to, the pending checkpoint push, the model card.
+
+    It reads the trainer's ``args`` (through :class:`HubSettings`), ``model``, ``state``, ``control``,
+    ``callback_handler``, ``processing_class``, ``train_dataset`` and ``eval_dataset`` at each call, and calls
+    back through the trainer where transformers calls ``self.<method>``: ``is_world_process_zero``,
+    ``init_hf_repo``, ``save_model``, ``create_model_card`` and ``_finish_current_push`` (in ``push_to_hub``).
+
+    Args:
+        trainer: the :class:`~ftrain.trainer.Trainer` it serves.
+
+    Attributes:
+        trainer: the Trainer.
+        hub_model_id: the full id (``user/name``) of the repository, set by :meth:`init_hf_repo`; ``None`` before
+            (the Trainer's ``hub_model_id``).
+        push_in_progress: the uploads of the last checkpoint push, or ``None`` (the Trainer's
+            ``push_in_progress``).
+    """
+
+    def __init__(self, trainer: Any) -> None:
+        self.trainer = trainer
+        self.hub_model_id: str | None = None
+        self.push_in_progress: PushInProgress | None = None
+
+    def serving(self, trainer: Any) -> HubClient:
+        """A client for ``trainer`` (a copy of this one's trainer, e.g. shipped to a ray trial) with the same
+        repository and no pending push (upload futures do not travel)."""
+        client = HubClient(trainer)
+        client.hub_model_id = self.hub_model_id
+        return client
+
+    @property
+    def settings(self) -> HubSettings:
+        """The Hub fields of the trainer's current arguments."""
+        return HubSettings.from_args(self.trainer.args)
 
     # ---- model card -----------------------------------------------------------------------------------------------
 
@@ -224,13 +418,20 @@ class HubMixin:
 
         Tags of an existing card are kept; ``generated_from_trainer`` is always a tag. ``finetuned_from`` defaults
         to the model config's ``_name_or_path`` (unless it is a local folder), ``model_name`` to the name of
-        ``output_dir``, ``tasks`` to the task of the model's class. The license is not inferred (no Hub lookup).
+        ``output_dir``, ``tasks`` to the task of the model's class, the dataset fields to those of an HF
+        evaluation (else training) set. The license is not inferred (no Hub lookup). World process zero only.
+
+        Args:
+            language, license, tags, model_name, finetuned_from, tasks, dataset_tags, dataset, dataset_args:
+                transformers' model card fields (a ``str`` or a list of them where transformers takes both).
         """
-        if not self.is_world_process_zero():
+        trainer = self.trainer
+        if not trainer.is_world_process_zero():
             return
         import yaml
 
-        path = os.path.join(self.args.output_dir, "README.md")
+        output_dir = trainer.args.output_dir
+        path = os.path.join(output_dir, "README.md")
         tags = _as_list(tags)
         if os.path.exists(path):
             from huggingface_hub import ModelCard
@@ -238,20 +439,19 @@ class HubMixin:
             tags += [t for t in (ModelCard.load(path).data.tags or []) if t not in tags]
         if "generated_from_trainer" not in tags:
             tags.append("generated_from_trainer")
-        inferred_tags, inferred_args, ds_metadata = _infer_dataset(self)
+        inferred_tags, inferred_args, ds_metadata = _infer_dataset(trainer.train_dataset, trainer.eval_dataset)
         dataset_tags = inferred_tags if dataset_tags is None else dataset_tags
         dataset_args = inferred_args if dataset_args is None else dataset_args
         dataset = dataset_tags if dataset is None else dataset
-        config = getattr(self.model, "config", None)
-        name_or_path = getattr(config, "_name_or_path", None)
+        name_or_path = getattr(getattr(trainer.model, "config", None), "_name_or_path", None)
         if finetuned_from is None and name_or_path and not os.path.isdir(name_or_path):
             finetuned_from = name_or_path
         if tasks is None:
-            cls = type(self.model).__name__
+            cls = type(trainer.model).__name__
             tasks = next((t for suffix, t in _CLASS_SUFFIX_TO_TASK.items() if cls.endswith(suffix)), None)
         if model_name is None:
-            model_name = Path(self.args.output_dir).name or finetuned_from
-        _, rows, results = parse_log_history(self.state.log_history)
+            model_name = Path(output_dir).name or finetuned_from
+        _, rows, results = parse_log_history(trainer.state.log_history)
         metric_tags = {}
         for key in results or {}:
             tag = "rouge" if key.lower() == "rouge1" else key.lower().replace(" ", "_")
@@ -270,74 +470,42 @@ class HubMixin:
             metadata["datasets"] = _as_list(dataset_tags)
         if metric_tags:
             metadata["metrics"] = list(metric_tags)
-        metadata["model-index"] = [self._model_index(model_name, tasks, dataset, dataset_tags, dataset_args,
-                                                     ds_metadata, metric_tags, results)]  # fmt: skip
+        metadata["model-index"] = [_model_index(model_name, tasks, dataset, dataset_tags, dataset_args, ds_metadata,
+                                                metric_tags, results)]  # fmt: skip
 
-        card = f"---\n{yaml.dump(metadata, sort_keys=False)}---\n{AUTOGENERATED_COMMENT}\n# {model_name}\n\n"
-        card += "This model was trained from scratch on " if finetuned_from is None else (
-            f"This model is a fine-tuned version of [{finetuned_from}](https://huggingface.co/{finetuned_from}) on "
-        )  # fmt: skip
-        names = _as_list(dataset)
-        if not names:
-            card += "an unknown dataset."
-        elif len(names) == 1:
-            card += f"the {names[0]} dataset."
-        else:
-            card += ", ".join(f"the {d}" for d in names[:-1]) + f" and the {names[-1]} datasets."
-        if results is not None:
-            card += "\nIt achieves the following results on the evaluation set:\n"
-            card += "\n".join(f"- {k}: {_round(v)}" for k, v in results.items())
-        card += "\n"
+        card = f"---\n{yaml.dump(metadata, sort_keys=False)}---\n{AUTOGENERATED_COMMENT}"
+        card += _card_prose(model_name, finetuned_from, dataset, results)
         for section in ("Model description", "Intended uses & limitations", "Training and evaluation data"):
             card += f"\n## {section}\n\nMore information needed\n"
         card += "\n## Training procedure\n\n### Training hyperparameters\n"
         card += "\nThe following hyperparameters were used during training:\n"
-        card += "\n".join(f"- {k}: {v}" for k, v in training_hyperparameters(self.args).items()) + "\n"
+        card += "\n".join(f"- {k}: {v}" for k, v in training_hyperparameters(trainer.args).items()) + "\n"
         if rows is not None:
             card += "\n### Training results\n\n" + make_markdown_table(rows) + "\n"
         card += "\n### Framework versions\n\n" + "\n".join(_framework_versions()) + "\n"
-        os.makedirs(self.args.output_dir, exist_ok=True)
+        os.makedirs(output_dir, exist_ok=True)
         with open(path, "w", encoding="utf-8") as f:
             f.write(card)
-
-    @staticmethod
-    def _model_index(
-        model_name: Any, tasks: Any, dataset: Any, dataset_tags: Any, dataset_args: Any, ds_metadata: Any,
-        metric_tags: dict[str, str], results: Any,
-    ) -> dict[str, Any]:  # fmt: skip
-        """transformers' ``model-index`` entry: one result per (task, dataset) that has a task, dataset and
-        metrics."""
-        index: dict[str, Any] = {"name": model_name, "results": []}
-        task_list = [t for t in _as_list(tasks) if t in TASK_NAMES]
-        ds_tags, ds_names = _as_list(dataset_tags), _as_list(dataset)
-        ds_args = _as_list(dataset_args) + [None] * max(0, len(ds_tags) - len(_as_list(dataset_args)))
-        ds_meta = _as_list(ds_metadata)
-        if not metric_tags or not task_list or not ds_tags:
-            return index
-        for task in task_list:
-            for i, tag in enumerate(ds_tags):
-                entry = {"name": ds_names[i] if i < len(ds_names) else tag, "type": tag,
-                         **(ds_meta[i] if i < len(ds_meta) else {})}  # fmt: skip
-                if ds_args[i] is not None:
-                    entry["args"] = ds_args[i]
-                metrics = [{"name": n, "type": t, "value": results[n]} for t, n in metric_tags.items()]
-                index["results"].append({"task": {"name": TASK_NAMES[task], "type": task}, "dataset": entry,
-                                         "metrics": metrics})  # fmt: skip
-        return index
 
     # ---- repository and pushes ------------------------------------------------------------------------------------
 
     def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
         """Creates (``exist_ok``) the Hub repository ``args.hub_model_id`` (default: the name of ``output_dir``)
-        and sets ``self.hub_model_id`` to its full id. World process zero only."""
-        if not self.is_world_process_zero():
+        and sets :attr:`hub_model_id` to its full id. World process zero only.
+
+        Args:
+            token: a token with write access (default ``args.hub_token``).
+            private: create the repository private (default ``args.hub_private_repo``; no effect on an existing
+                one).
+        """
+        if not self.trainer.is_world_process_zero():
             return
         import huggingface_hub
 
-        name = self.args.hub_model_id or Path(self.args.output_dir).absolute().name
-        token = token if token is not None else self.args.hub_token
-        private = private if private is not None else self.args.hub_private_repo
-        url = huggingface_hub.create_repo(name, token=token, private=private, exist_ok=True)
+        settings = self.settings
+        token = token if token is not None else settings.token
+        private = private if private is not None else settings.private_repo
+        url = huggingface_hub.create_repo(settings.repo_name, token=token, private=private, exist_ok=True)
         self.hub_model_id = url.repo_id
         self.push_in_progress = None
 
@@ -350,36 +518,46 @@ class HubMixin:
         private: bool | None = None,
         **kwargs: Any,
     ) -> Any:
-        """Saves the model (and a model card, ``kwargs`` going to :meth:`create_model_card`) into ``output_dir`` and
-        uploads that folder (without ``_*`` and ``checkpoint-*``) to the Hub repository.
+        """Saves the model (``trainer.save_model``) and a model card (``trainer.create_model_card``) into
+        ``output_dir`` and uploads that folder (without ``_*`` and ``checkpoint-*``) to the Hub repository, created
+        first (``trainer.init_hf_repo``) when there is none yet.
+
+        Args:
+            commit_message: the commit's message.
+            blocking: wait for the upload (else it runs in the background).
+            token: a token with write access (default ``args.hub_token``).
+            revision: the branch to commit to (default ``args.hub_revision``).
+            private: create the repository private, when it is created here.
+            **kwargs: for ``trainer.create_model_card``; the model's ``model_tags`` are added to ``tags``.
 
         Returns:
             ``huggingface_hub.upload_folder``'s result (a ``CommitInfo``, or a ``Future`` when not ``blocking``);
             ``None`` off world process zero.
         """
-        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        trainer, settings = self.trainer, self.settings
+        trainer.callback_handler.on_push_begin(trainer.args, trainer.state, trainer.control)
         model_name = kwargs.pop("model_name", None)
-        if model_name is None and self.args.should_save:
-            hub_id = self.args.hub_model_id
-            model_name = Path(self.args.output_dir).name if hub_id is None else hub_id.split("/")[-1]
-        token = token if token is not None else self.args.hub_token
+        if model_name is None and settings.should_save:
+            hub_id = settings.model_id
+            model_name = Path(settings.output_dir).name if hub_id is None else hub_id.split("/")[-1]
+        token = token if token is not None else settings.token
         if self.hub_model_id is None:
-            self.init_hf_repo(token=token, private=private)
-        self.save_model(_internal_call=True)
-        if not self.is_world_process_zero():
+            trainer.init_hf_repo(token=token, private=private)
+        trainer.save_model(_internal_call=True)
+        if not trainer.is_world_process_zero():
             return None
-        model_tags = getattr(self.model, "model_tags", None)
+        model_tags = getattr(trainer.model, "model_tags", None)
         if model_tags is not None:
             kwargs["tags"] = _as_list(kwargs.get("tags"))
             kwargs["tags"] += [t for t in model_tags if t not in kwargs["tags"]]
-        self.create_model_card(model_name=model_name, **kwargs)
-        revision = revision if revision is not None else self.args.hub_revision
-        self._finish_current_push()
+        trainer.create_model_card(model_name=model_name, **kwargs)
+        revision = revision if revision is not None else settings.revision
+        trainer._finish_current_push()
         import huggingface_hub
 
         return huggingface_hub.upload_folder(
             repo_id=self.hub_model_id,
-            folder_path=self.args.output_dir,
+            folder_path=settings.output_dir,
             commit_message=commit_message,
             token=token,
             run_as_future=not blocking,
@@ -387,19 +565,46 @@ class HubMixin:
             revision=revision,
         )
 
-    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+    def push_from_checkpoint(self, checkpoint_folder: str) -> None:
         """On a save: copies the model files of ``checkpoint_folder`` into ``output_dir`` (with the processing class
         and ``training_args.json``) and uploads ``output_dir`` in the background; ``hub_strategy="checkpoint"`` also
         uploads the checkpoint to ``last-checkpoint/``, ``"all_checkpoints"`` to ``checkpoint-N/``. Nothing for
-        ``"end"``, nor while the previous push runs (unless ``hub_always_push``)."""
-        strategy = HubStrategy(self.args.hub_strategy)
-        if not self.is_world_process_zero() or strategy == HubStrategy.END:
+        ``"end"``, off world process zero, nor while the previous push runs (unless ``hub_always_push``).
+
+        Args:
+            checkpoint_folder: the ``checkpoint-N`` folder just written.
+        """
+        trainer, settings = self.trainer, self.settings
+        if not trainer.is_world_process_zero() or settings.strategy == HubStrategy.END:
             return
         pending = self.push_in_progress
-        if not self.args.hub_always_push and pending is not None and not pending.is_done():
+        if not settings.always_push and pending is not None and not pending.is_done():
             return
-        self.callback_handler.on_push_begin(self.args, self.state, self.control)
-        output_dir = self.args.output_dir
+        trainer.callback_handler.on_push_begin(trainer.args, trainer.state, trainer.control)
+        self._stage_checkpoint(checkpoint_folder, settings.output_dir)
+        if settings.save_strategy == SaveStrategy.STEPS:
+            message = f"Training in progress, step {trainer.state.global_step}"
+        else:
+            message = f"Training in progress, epoch {int(trainer.state.epoch or 0)}"
+        import huggingface_hub
+
+        common = dict(repo_id=self.hub_model_id, token=settings.token, run_as_future=True,
+                      revision=settings.revision)  # fmt: skip
+        jobs = [huggingface_hub.upload_folder(folder_path=settings.output_dir, commit_message=message,
+                                              ignore_patterns=list(IGNORE_PATTERNS), **common)]  # fmt: skip
+        if settings.strategy in (HubStrategy.CHECKPOINT, HubStrategy.ALL_CHECKPOINTS):
+            in_repo = "last-checkpoint" if settings.strategy == HubStrategy.CHECKPOINT else Path(checkpoint_folder).name
+            jobs.append(huggingface_hub.upload_folder(folder_path=checkpoint_folder, path_in_repo=in_repo,
+                                                      commit_message=message + ", checkpoint", **common))  # fmt: skip
+        if pending is None or pending.is_done():
+            self.push_in_progress = PushInProgress(jobs)
+        else:
+            pending.jobs.extend(jobs)
+
+    def _stage_checkpoint(self, checkpoint_folder: str, output_dir: str) -> None:
+        """Copies the checkpoint's model files (weights, shards of an index, configs, adapters) into ``output_dir``
+        and writes the processing class and ``training_args.json`` there (transformers avoids re-gathering the
+        weights the same way)."""
         files = list(MODELING_FILES)
         for index_name in INDEX_FILES:
             index_path = os.path.join(checkpoint_folder, index_name)
@@ -411,31 +616,15 @@ class HubMixin:
             source = os.path.join(checkpoint_folder, name)
             if os.path.isfile(source):
                 shutil.copy(source, os.path.join(output_dir, name))
-        if self.processing_class is not None and hasattr(self.processing_class, "save_pretrained"):
-            self.processing_class.save_pretrained(output_dir)
+        processing_class = self.trainer.processing_class
+        if processing_class is not None and hasattr(processing_class, "save_pretrained"):
+            processing_class.save_pretrained(output_dir)
         with open(os.path.join(output_dir, TRAINING_ARGS_NAME), "w", encoding="utf-8") as f:
-            f.write(self.args.to_json_string())
-        if SaveStrategy(self.args.save_strategy) == SaveStrategy.STEPS:
-            message = f"Training in progress, step {self.state.global_step}"
-        else:
-            message = f"Training in progress, epoch {int(self.state.epoch or 0)}"
-        import huggingface_hub
+            f.write(self.trainer.args.to_json_string())
 
-        common = dict(repo_id=self.hub_model_id, token=self.args.hub_token, run_as_future=True,
-                      revision=self.args.hub_revision)  # fmt: skip
-        jobs = [huggingface_hub.upload_folder(folder_path=output_dir, commit_message=message,
-                                              ignore_patterns=list(IGNORE_PATTERNS), **common)]  # fmt: skip
-        if strategy in (HubStrategy.CHECKPOINT, HubStrategy.ALL_CHECKPOINTS):
-            in_repo = "last-checkpoint" if strategy == HubStrategy.CHECKPOINT else Path(checkpoint_folder).name
-            jobs.append(huggingface_hub.upload_folder(folder_path=checkpoint_folder, path_in_repo=in_repo,
-                                                      commit_message=message + ", checkpoint", **common))  # fmt: skip
-        if pending is None or pending.is_done():
-            self.push_in_progress = PushInProgress(jobs)
-        else:
-            pending.jobs.extend(jobs)
-
-    def _finish_current_push(self) -> None:
+    def finish_current_push(self) -> None:
         """Waits for the pending checkpoint push, if any."""
         pending = self.push_in_progress
         if pending is not None and not pending.is_done():
+            logger.info("Waiting for the current checkpoint push to be finished, this might take a couple of minutes.")
             pending.wait_until_done()

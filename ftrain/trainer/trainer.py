@@ -99,8 +99,8 @@ from ftrain.trainer.callbacks import DEFAULT_CALLBACKS, DEFAULT_PROGRESS_CALLBAC
 from ftrain.trainer.checkpoints import TrainerCheckpoints
 from ftrain.trainer.convert import jit_options, logged_learning_rate, make_optimizer, make_schedule
 from ftrain.trainer.evaluation import Evaluator, loss_item_count, make_loss_fn
-from ftrain.trainer.hp_search import HyperparameterSearchMixin
-from ftrain.trainer.hub import HubMixin
+from ftrain.trainer.hp_search import BestRun, HPSearchBackend, HyperparameterSearch
+from ftrain.trainer.hub import HubClient, PushInProgress
 from ftrain.trainer.integrations import get_reporting_integration_callbacks
 from ftrain.trainer.loop import TRAINER_STATE_NAME, TRAINING_ARGS_NAME, TrainingLoop, enable_activation_checkpointing
 from ftrain.trainer.parallel import config_size, parallel_layout
@@ -138,7 +138,7 @@ _TORCH_OPTIMIZER_ADVICE = (
 )
 
 
-class Trainer(HyperparameterSearchMixin, HubMixin):
+class Trainer:
     """Hugging Face's ``Trainer`` API over ftrain's pure core; see the module docstring.
 
     Args:
@@ -222,6 +222,8 @@ class Trainer(HyperparameterSearchMixin, HubMixin):
         self._loop = TrainingLoop(self)
         self._evaluator = Evaluator(self)
         self._checkpoints = TrainerCheckpoints(self)
+        self._hub = HubClient(self)
+        self._search = HyperparameterSearch(self)
 
     def _seed(self) -> None:
         if self.args.full_determinism:
@@ -1302,6 +1304,158 @@ class Trainer(HyperparameterSearchMixin, HubMixin):
     def _load_scaler(self, checkpoint: str | None) -> None:
         """Does nothing; warns about a transformers ``scaler.pt`` (a pickle, never read)."""
         self._checkpoints.load_scaler(checkpoint)
+
+    # ---- the Hub (:class:`~ftrain.trainer.hub.HubClient`) ---------------------------------------------------------
+
+    @property
+    def hub_model_id(self) -> str | None:
+        """The full id of the repository pushed to (set by :meth:`init_hf_repo`), or ``None``."""
+        return self._hub.hub_model_id
+
+    @hub_model_id.setter
+    def hub_model_id(self, value: str | None) -> None:
+        self._hub.hub_model_id = value
+
+    @property
+    def push_in_progress(self) -> PushInProgress | None:
+        """The uploads of the last checkpoint push, or ``None``."""
+        return self._hub.push_in_progress
+
+    @push_in_progress.setter
+    def push_in_progress(self, value: PushInProgress | None) -> None:
+        self._hub.push_in_progress = value
+
+    def create_model_card(
+        self,
+        language: str | None = None,
+        license: str | None = None,
+        tags: str | list[str] | None = None,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        tasks: str | list[str] | None = None,
+        dataset_tags: str | list[str] | None = None,
+        dataset: str | list[str] | None = None,
+        dataset_args: str | list[str] | None = None,
+    ) -> None:
+        """Writes a draft model card, ``output_dir/README.md`` (see :meth:`HubClient.create_model_card`)."""
+        self._hub.create_model_card(language, license, tags, model_name, finetuned_from, tasks, dataset_tags,
+                                    dataset, dataset_args)  # fmt: skip
+
+    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
+        """Creates the Hub repository and sets ``hub_model_id`` (see :meth:`HubClient.init_hf_repo`)."""
+        self._hub.init_hf_repo(token, private)
+
+    def push_to_hub(
+        self,
+        commit_message: str | None = "End of training",
+        blocking: bool = True,
+        token: str | None = None,
+        revision: str | None = None,
+        private: bool | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Saves the model and a model card into ``output_dir`` and uploads it (see :meth:`HubClient.push_to_hub`).
+
+        Returns:
+            ``huggingface_hub.upload_folder``'s result; ``None`` off world process zero.
+        """
+        return self._hub.push_to_hub(commit_message, blocking, token, revision, private, **kwargs)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """Pushes a just-saved checkpoint as ``hub_strategy`` says (see :meth:`HubClient.push_from_checkpoint`)."""
+        self._hub.push_from_checkpoint(checkpoint_folder)
+
+    def _finish_current_push(self) -> None:
+        """Waits for the pending checkpoint push, if any."""
+        self._hub.finish_current_push()
+
+    # ---- hyper-parameter search (:class:`~ftrain.trainer.hp_search.HyperparameterSearch`) -------------------------
+
+    @property
+    def hp_search_backend(self) -> HPSearchBackend | None:
+        """The backend of the running search, ``None`` outside one."""
+        return self._search.backend
+
+    @hp_search_backend.setter
+    def hp_search_backend(self, value: HPSearchBackend | None) -> None:
+        self._search.backend = value
+
+    @property
+    def hp_space(self) -> Callable[[Any], dict[str, Any]] | None:
+        """``trial -> dict`` of the hyper-parameters of the last search."""
+        return self._search.hp_space
+
+    @hp_space.setter
+    def hp_space(self, value: Callable[[Any], dict[str, Any]] | None) -> None:
+        self._search.hp_space = value
+
+    @property
+    def hp_name(self) -> Callable[[Any], str] | None:
+        """``trial -> str``, the trial naming of the last search, or ``None``."""
+        return self._search.hp_name
+
+    @hp_name.setter
+    def hp_name(self, value: Callable[[Any], str] | None) -> None:
+        self._search.hp_name = value
+
+    @property
+    def compute_objective(self) -> Callable[[dict[str, float]], float] | None:
+        """``metrics -> objective`` of the last search."""
+        return self._search.compute_objective
+
+    @compute_objective.setter
+    def compute_objective(self, value: Callable[[dict[str, float]], float] | None) -> None:
+        self._search.compute_objective = value
+
+    @property
+    def objective(self) -> float | list[float] | None:
+        """The running trial's last objective, or ``None``."""
+        return self._search.objective
+
+    @objective.setter
+    def objective(self, value: float | list[float] | None) -> None:
+        self._search.objective = value
+
+    @property
+    def _trial(self) -> Any:
+        """The running trial, or ``None``."""
+        return self._search.trial
+
+    @_trial.setter
+    def _trial(self, value: Any) -> None:
+        self._search.trial = value
+
+    def hyperparameter_search(
+        self,
+        hp_space: Callable[[Any], dict[str, float]] | None = None,
+        compute_objective: Callable[[dict[str, float]], float] | None = None,
+        n_trials: int = 20,
+        direction: str | list[str] = "minimize",
+        backend: str | HPSearchBackend | None = None,
+        hp_name: Callable[[Any], str] | None = None,
+        **kwargs: Any,
+    ) -> BestRun | list[BestRun]:
+        """Runs ``n_trials`` trainings with hyper-parameters drawn from ``hp_space`` and returns the best (see
+        :meth:`HyperparameterSearch.run` for the arguments and errors).
+
+        Returns:
+            ``BestRun(run_id, objective, hyperparameters, run_summary)``, or a list of them for a multi-objective
+            optuna search.
+        """
+        return self._search.run(hp_space, compute_objective, n_trials, direction, backend, hp_name, **kwargs)
+
+    def _hp_search_setup(self, trial: Any) -> None:
+        """Applies ``trial``'s hyper-parameters onto a copy of ``args`` (see :meth:`HyperparameterSearch.setup`)."""
+        self._search.setup(trial)
+
+    def _report_to_hp_search(self, trial: Any, step: int, metrics: dict[str, float]) -> None:
+        """Reports an evaluation's objective to the search (see :meth:`HyperparameterSearch.report`)."""
+        self._search.report(trial, step, metrics)
+
+
+# ---- ray tune ---------------------------------------------------------------------------------------------------
+
+# Arguments hyperparameter_search(backend="ray") sets itself, with where to set them instead.
 
 
 def _as_optimizer_groups(model: nn.Module, weight_decay: float, user_tx: bool) -> list[dict[str, Any]]:

@@ -1,4 +1,4 @@
-"""HFCompatMixin: the rest of transformers' Trainer method index, checked against transformers' own Trainer.
+"""The rest of transformers' Trainer method index, checked against transformers' own Trainer.
 
 Nothing here compares two trainings: weights and optimizer state loaded from a checkpoint are compared bitwise (a
 save/load round trip), and the rest are counts, configuration values and structure, compared exactly.

@@ -1,5 +1,5 @@
-"""HyperparameterSearchMixin, ray tune backend: trials run in ray workers; their objectives are checked against the
-same hyper-parameters retrained here with a plain Trainer.
+"""The Trainer's hyper-parameter search (HyperparameterSearch), ray tune backend: trials run in ray workers; their
+objectives are checked against the same hyper-parameters retrained here with a plain Trainer.
 
 A worker is another process, whose thread count (and so float32 reduction order) need not be this one's, so the
 model is float64 and a reported objective must equal the retrained eval_loss to ``FLOAT64`` (``APPROX64``)."""
@@ -8,7 +8,6 @@ import math
 import os
 import sys
 import threading
-import types
 
 import pytest
 import torch
@@ -26,7 +25,7 @@ from ftrain.trainer import Trainer, TrainingArguments  # noqa: E402
 from ftrain.trainer.hp_search import (  # noqa: E402
     BestRun,
     HPSearchBackend,
-    HyperparameterSearchMixin,
+    HyperparameterSearch,
     default_compute_objective,
     default_hp_space_ray,
 )
@@ -104,11 +103,38 @@ def test_auto_backend_order(monkeypatch):
 def test_report_to_ray(monkeypatch):
     reports = []
     monkeypatch.setattr(tune, "report", lambda metrics, **kw: reports.append((metrics, kw)))
-    trainer = types.SimpleNamespace(hp_search_backend=HPSearchBackend.RAY, compute_objective=default_compute_objective)
+    search = HyperparameterSearch(trainer=None)
+    search.backend, search.compute_objective = HPSearchBackend.RAY, default_compute_objective
     metrics = {"eval_loss": 0.5, "eval_accuracy": 0.25, "epoch": 1.0}
-    HyperparameterSearchMixin._report_to_hp_search(trainer, {"learning_rate": 0.1}, 3, metrics)
-    assert reports == [({**metrics, "objective": 0.25}, {})] and trainer.objective == 0.25
+    search.report({"learning_rate": 0.1}, 3, metrics)
+    assert reports == [({**metrics, "objective": 0.25}, {})] and search.objective == 0.25
     assert "objective" not in metrics  # the caller's dict is left alone
+
+
+def test_shipped_trainer_components_serve_the_copy(tmp_path, monkeypatch):
+    """The copy ray pickles into each trial has its own components: the search (with the search's settings), the Hub
+    client (same repository, no pending push), the loop, the evaluator, the checkpoints. A component still serving the
+    original Trainer would evaluate the original's untrained model and report to its callbacks."""
+    trainer = make(tmp_path, eval_strategy="epoch")
+    trainer.hub_model_id, trainer.push_in_progress = "user/out", object()
+    search = trainer._search
+    search.backend, search.hp_space, search.hp_name = HPSearchBackend.RAY, default_hp_space_ray, str
+    search.compute_objective, search.trial, search.objective = default_compute_objective, {"seed": 3}, 1.0
+    shipped = search.ray_trainer()
+    assert shipped._search is not search and shipped._search.trainer is shipped
+    assert (shipped.hp_search_backend, shipped.hp_space, shipped.hp_name, shipped.compute_objective) == (
+        HPSearchBackend.RAY, default_hp_space_ray, str, default_compute_objective
+    )  # fmt: skip
+    assert shipped._trial is None and shipped.objective is None  # no trial yet in the copy
+    assert shipped._hub.trainer is shipped and shipped.hub_model_id == "user/out" and shipped.push_in_progress is None
+    for name in ("_loop", "_evaluator", "_checkpoints"):  # the other components, built by the Trainer
+        assert getattr(shipped, name).trainer is shipped and getattr(trainer, name).trainer is trainer
+    assert shipped.gather_function.__self__ is shipped and shipped.model is None
+    (callback,) = [cb for cb in shipped.callback_handler.callbacks if isinstance(cb, hp_search._HPSearchCallback)]
+    assert callback.search is shipped._search
+    # the original is left as it was
+    assert trainer._search is search and search.trial == {"seed": 3} and trainer.push_in_progress is not None
+    assert trainer._evaluator.trainer is trainer and trainer.model is not None
 
 
 def test_ray_errors(tmp_path, ray_session):

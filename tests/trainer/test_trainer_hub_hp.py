@@ -1,4 +1,5 @@
-"""HyperparameterSearchMixin (optuna) and HubMixin (model card, repo, pushes; the network is faked)."""
+"""The Trainer's hyper-parameter search (HyperparameterSearch, optuna) and Hub (HubClient: model card, repo, pushes;
+the network is faked), and that both call back through a subclass's overrides."""
 
 import fnmatch
 import os
@@ -22,11 +23,11 @@ from ftrain.trainer import Trainer, TrainingArguments  # noqa: E402
 from ftrain.trainer.hp_search import (  # noqa: E402
     BestRun,
     HPSearchBackend,
-    HyperparameterSearchMixin,
+    HyperparameterSearch,
     default_compute_objective,
     default_hp_space_optuna,
 )
-from ftrain.trainer.hub import make_markdown_table, parse_log_history, training_hyperparameters  # noqa: E402
+from ftrain.trainer.hub import HubClient, make_markdown_table, parse_log_history, training_hyperparameters  # noqa: E402
 from tests.trainer.test_trainer import BASE as TRAINER_BASE  # noqa: E402
 from tests.trainer.test_trainer import rows, tiny_gpt2  # noqa: E402
 from tests.trainer.test_trainer_parity import APPROX64  # noqa: E402
@@ -34,7 +35,7 @@ from tests.trainer.test_trainer_parity import APPROX64  # noqa: E402
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-T = Trainer  # the Trainer inherits HyperparameterSearchMixin and HubMixin
+T = Trainer
 
 
 BASE = {**TRAINER_BASE, "save_strategy": "no"}
@@ -149,15 +150,58 @@ def test_report_to_hp_search():
         def should_prune(self):
             return self.prune
 
+    ended = []
     trainer = types.SimpleNamespace(
-        hp_search_backend=HPSearchBackend.OPTUNA, compute_objective=default_compute_objective, args=None,
-        state=None, control=None, callback_handler=types.SimpleNamespace(on_train_end=lambda *a: None),
+        args="args", state="state", control="control",
+        callback_handler=types.SimpleNamespace(on_train_end=lambda *a: ended.append(a)),
     )  # fmt: skip
+    search = HyperparameterSearch(trainer)
+    search.report(FakeTrial(prune=False), 3, {"eval_loss": 0.5})  # outside a search: nothing
+    assert search.objective is None
+    search.backend, search.compute_objective = HPSearchBackend.OPTUNA, default_compute_objective
     trial = FakeTrial(prune=False)
-    HyperparameterSearchMixin._report_to_hp_search(trainer, trial, 3, {"eval_loss": 0.5, "epoch": 1.0})
-    assert trial.reports == [(0.5, 3)] and trainer.objective == 0.5
+    search.report(trial, 3, {"eval_loss": 0.5, "epoch": 1.0})
+    assert trial.reports == [(0.5, 3)] and search.objective == 0.5 and ended == []
     with pytest.raises(optuna.TrialPruned):
-        HyperparameterSearchMixin._report_to_hp_search(trainer, FakeTrial(prune=True), 4, {"eval_loss": 0.4})
+        search.report(FakeTrial(prune=True), 4, {"eval_loss": 0.4})
+    assert ended == [("args", "state", "control")] and search.objective == 0.4  # on_train_end before the raise
+
+
+def test_search_calls_back_through_trainer_overrides(tmp_path):
+    """hyperparameter_search goes through the Trainer's hooks, so a subclass's _hp_search_setup, call_model_init,
+    evaluate and _report_to_hp_search take part (transformers' run_hp_search_optuna and train() call them)."""
+    calls = []
+
+    class Spy(Trainer):
+        def _hp_search_setup(self, trial):
+            super()._hp_search_setup(trial)
+            calls.append(("setup", trial.number, os.path.basename(self.args.output_dir)))
+
+        def call_model_init(self, trial=None):
+            calls.append(("init",))
+            return super().call_model_init(trial)
+
+        def _report_to_hp_search(self, trial, step, metrics):
+            calls.append(("report", trial.number, step))
+            self.objective = 100.0 - trial.number  # the override decides the objective: later trials look better
+
+        def evaluate(self, *args, **kwargs):
+            calls.append(("evaluate",))
+            return super().evaluate(*args, **kwargs)
+
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), **{**BASE, "eval_strategy": "steps", "eval_steps": 1,
+                                                                   "max_steps": 2})  # fmt: skip
+    trainer = Spy(model_init=tiny_gpt2, args=args, train_dataset=rows(), eval_dataset=rows(8, seed=2))
+    calls.clear()
+    best = trainer.hyperparameter_search(hp_space=lr_space, n_trials=2, backend="optuna",
+                                         sampler=optuna.samplers.TPESampler(seed=0))  # fmt: skip
+    trial_calls = [("init",), ("init",), ("evaluate",), ("report", 0, 1), ("evaluate",), ("report", 0, 2)]
+    assert calls[0] == ("setup", 0, "run-0") and calls[1:7] == trial_calls
+    assert calls[7] == ("setup", 1, "run-1") and calls[8:] == [(c[0], 1, *c[2:]) if c[0] == "report" else c
+                                                               for c in trial_calls]  # fmt: skip
+    assert best.run_id == "1" and best.objective == 99.0  # the overriding objective reached the study
+    assert trainer.objective == 99.0 and trainer._search.objective == 99.0  # the attribute is the component's
+    assert trainer.hp_search_backend is None and trainer._trial is None and trainer.hp_space is lr_space
 
 
 def test_search_errors(tmp_path, monkeypatch):
@@ -345,3 +389,57 @@ def test_push_waits_for_pending_push(tmp_path, hub):
         job.set_result("done")
     trainer._finish_current_push()
     assert trainer.push_in_progress.is_done()
+
+
+def test_push_calls_back_through_trainer_overrides(tmp_path, hub):
+    """The Hub client goes through the Trainer's hooks: push_to_hub calls init_hf_repo, save_model,
+    create_model_card and _finish_current_push, and each checkpoint saved during train() goes through
+    _push_from_checkpoint, so a subclass's overrides take part."""
+    calls = []
+
+    class Spy(Trainer):
+        def init_hf_repo(self, token=None, private=None):
+            calls.append(("init_hf_repo", token, private))
+            super().init_hf_repo(token=token, private=private)
+
+        def save_model(self, output_dir=None, _internal_call=False):
+            calls.append(("save_model", output_dir, _internal_call))
+            super().save_model(output_dir, _internal_call)
+
+        def create_model_card(self, **kwargs):
+            calls.append(("create_model_card", kwargs))  # no card written: the override replaces it
+
+        def _push_from_checkpoint(self, checkpoint_folder):
+            calls.append(("push_from_checkpoint", os.path.basename(checkpoint_folder)))
+            super()._push_from_checkpoint(checkpoint_folder)
+
+        def _finish_current_push(self):
+            pending = self.push_in_progress
+            calls.append(("finish_current_push", None if pending is None else pending.is_done()))
+            super()._finish_current_push()
+
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), **{**BASE, "save_strategy": "steps", "save_steps": 1,
+                             "max_steps": 2, "push_to_hub": True, "hub_strategy": "checkpoint"})  # fmt: skip
+    trainer = Spy(model=tiny_gpt2(), args=args, train_dataset=rows())
+    assert calls == [("init_hf_repo", None, None)] and trainer.hub_model_id == "user/out"
+    assert isinstance(trainer._hub, HubClient) and trainer._hub.hub_model_id == "user/out"  # the component's
+    calls.clear()
+    trainer.train()
+    pushed = [c for c in calls if c[0] == "push_from_checkpoint"]
+    assert pushed == [("push_from_checkpoint", "checkpoint-1"), ("push_from_checkpoint", "checkpoint-2")]
+    messages = [f"Training in progress, step {n}{extra}" for n in (1, 2) for extra in ("", ", checkpoint")]
+    assert [u["commit_message"] for u in hub.uploads] == messages
+    assert trainer.push_in_progress is trainer._hub.push_in_progress and len(trainer.push_in_progress.jobs) == 2
+    calls.clear()
+    trainer.push_to_hub(commit_message="done", tags="demo", language="en")
+    assert calls == [
+        ("save_model", None, True),
+        ("create_model_card", {"model_name": "out", "tags": "demo", "language": "en"}),
+        ("finish_current_push", True),
+    ]
+    assert hub.uploads[-1]["commit_message"] == "done" and not (tmp_path / "out" / "README.md").exists()
+    trainer.hub_model_id = None  # a script may reset it, as on transformers' Trainer: the next push creates the repo
+    trainer.push_to_hub(token="tok", private=True)
+    assert calls[-1] == ("finish_current_push", None)  # init_hf_repo forgot the pushes to the old repository
+    assert calls[3] == ("init_hf_repo", "tok", True) and hub.repos[-1] == ("out", {"token": "tok", "private": True,
+                                                                                    "exist_ok": True})  # fmt: skip
