@@ -5,10 +5,12 @@ so a script written for the Hugging Face ``Trainer`` builds it unchanged (keywor
 parser in :mod:`ftrain.trainer.hf_argparser`, ``to_dict()`` round trips). ``__post_init__`` normalises the
 values the way transformers does (strategy strings to enums, ``eval_steps`` from ``logging_steps``,
 ``report_to="none"`` to ``[]`` ...) and rejects the combinations transformers rejects, plus the settings ftrain
-cannot honour, each with a message naming the field and the fix.
+cannot honour, each with a message naming the field and the fix. The fluent setters (``set_training`` ...) run the
+same validation: a value the constructor refuses raises the same error and leaves the arguments unchanged.
 
-The object is then read in one place: :mod:`ftrain.trainer.convert` turns it into core pieces (the optimizer,
-the schedule, the step counts). The pure core never sees it (DESIGN.md, rule 2).
+The object is then decided in one place: :func:`ftrain.trainer.plan.make_plan` turns it into a frozen
+:class:`~ftrain.trainer.plan.TrainerPlan` when the Trainer is built, and records what happens to every field
+(``DISPOSITIONS``: honoured, refused or ignored). The pure core never sees it (DESIGN.md, rules 2 and 3).
 
 Four transformers 4.x names are still accepted, with a ``FutureWarning``, and folded into their 5.x fields:
 ``evaluation_strategy`` (-> ``eval_strategy``), ``warmup_ratio`` (-> a ratio in ``warmup_steps``),
@@ -30,11 +32,11 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import importlib.util
 import json
 import logging
-import math
 import os
 import sys
 import warnings
@@ -517,7 +519,6 @@ class TrainingArguments:
         self._normalise_values()
         self._derive_defaults()
         self._validate()
-        self._validate_for_ftrain()
         self.mixed_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
         if self.fp16:
             self.mixed_precision = "fp16"
@@ -658,7 +659,13 @@ class TrainingArguments:
             self.dataloader_pin_memory = False
 
     def _validate(self) -> None:
-        """transformers' own rejections (with ftrain's wording)."""
+        """The one validation pass, run by the constructor and by every fluent setter: transformers' rejections
+        (with ftrain's wording), then the settings ftrain cannot honour. It also makes whole ``*_steps`` above 1
+        ints, as transformers does.
+
+        Raises:
+            ValueError: the first invalid value or combination found; the message names the field(s) and the fix.
+        """
         if self.torch_empty_cache_steps is not None and not (
             isinstance(self.torch_empty_cache_steps, int) and self.torch_empty_cache_steps > 0
         ):
@@ -677,12 +684,11 @@ class TrainingArguments:
             raise ValueError("TrainingArguments: fp16 and bf16 are both True; choose one.")
         if self.fp16_full_eval and self.bf16_full_eval:
             raise ValueError("TrainingArguments: fp16_full_eval and bf16_full_eval are both True; choose one.")
-        if self.lr_scheduler_type in METRIC_SCHEDULE_NAMES:
-            if self.eval_strategy == IntervalStrategy.NO:
-                raise ValueError(
-                    f"TrainingArguments: lr_scheduler_type={self.lr_scheduler_type.value!r} lowers the learning "
-                    "rate from evaluation results, so it needs eval_strategy='steps' or 'epoch'."
-                )
+        if self.lr_scheduler_type in METRIC_SCHEDULE_NAMES and self.eval_strategy == IntervalStrategy.NO:
+            raise ValueError(
+                f"TrainingArguments: lr_scheduler_type={self.lr_scheduler_type.value!r} lowers the learning "
+                "rate from evaluation results, so it needs eval_strategy='steps' or 'epoch'."
+            )
         if self.warmup_steps < 0:
             raise ValueError(f"TrainingArguments: warmup_steps must be >= 0, got {self.warmup_steps}.")
         if self.dataloader_num_workers == 0 and self.dataloader_prefetch_factor is not None:
@@ -690,6 +696,8 @@ class TrainingArguments:
                 "TrainingArguments: dataloader_prefetch_factor only applies to worker processes; set "
                 "dataloader_num_workers > 0 or leave dataloader_prefetch_factor unset."
             )
+        self._check_types()
+        self._check_hardware()
 
     def _whole_steps(self, name: str, used: bool) -> float | int | None:
         """``*_steps`` above 1 must be whole numbers (they become ints); below 1 they are ratios."""
@@ -733,8 +741,8 @@ class TrainingArguments:
                 f"eval ratio ({ev}), so every saved step has been evaluated."
             )
 
-    def _validate_for_ftrain(self) -> None:
-        """Checks transformers leaves to later (or never), and settings ftrain cannot honour."""
+    def _check_types(self) -> None:
+        """Checks transformers leaves to later (or never): counts, and the values given as free strings or dicts."""
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -760,6 +768,9 @@ class TrainingArguments:
                 "TrainingArguments: lr_scheduler_kwargs must be a dict or a JSON object string such as "
                 f"'{{\"num_cycles\": 2}}', got {self.lr_scheduler_kwargs!r}."
             )
+
+    def _check_hardware(self) -> None:
+        """Precision settings this machine, or ftrain's pure step, cannot honour."""
         cuda = self._cuda_usable()
         if (self.fp16 or self.fp16_full_eval) and not cuda:
             # transformers 5.24 + accelerate 1.15 accept fp16 on the CPU and silently train in float32 (no autocast,
@@ -777,7 +788,11 @@ class TrainingArguments:
                 "loss scaling needed), or leave both off."
             )
         if self.bf16 and cuda and not torch.cuda.is_bf16_supported():
-            raise ValueError("TrainingArguments: bf16=True but this GPU has no bfloat16 support; use fp16=True.")
+            raise ValueError(
+                "TrainingArguments: bf16=True but this GPU has no bfloat16 support (that needs an Ampere or newer "
+                "GPU). Leave bf16 off to train in float32: fp16=True, transformers' advice here, is not implemented "
+                "by ftrain yet."
+            )
         if self.tf32 and not (cuda and torch.cuda.get_device_capability()[0] >= 8):
             raise ValueError(
                 "TrainingArguments: tf32=True needs an Ampere or newer CUDA GPU (and use_cpu=False); remove it."
@@ -891,10 +906,10 @@ class TrainingArguments:
 
     def get_warmup_steps(self, num_training_steps: int) -> int:
         """Warmup length for a run of ``num_training_steps``: ``int(warmup_steps)`` if it is >= 1, else
-        ``ceil(num_training_steps * warmup_steps)``."""
-        if self.warmup_steps >= 1:
-            return int(self.warmup_steps)
-        return math.ceil(num_training_steps * self.warmup_steps)
+        ``ceil(num_training_steps * warmup_steps)`` (:func:`ftrain.trainer.plan.resolve_warmup`)."""
+        from ftrain.trainer.plan import resolve_warmup  # plan.py imports this module
+
+        return resolve_warmup(self.warmup_steps, num_training_steps)
 
     # ------------------------------------------------------------------------------------------------------
     # Serialisation.
@@ -946,7 +961,27 @@ class TrainingArguments:
     __repr__ = __str__
 
     # ------------------------------------------------------------------------------------------------------
-    # Fluent setters (transformers' signatures; each returns ``self``).
+    # Fluent setters (transformers' signatures; each returns ``self``). Each one validates like the constructor
+    # (:meth:`_set`): a value the constructor refuses raises the constructor's error and changes nothing.
+
+    def _set(self, **changes: Any) -> TrainingArguments:
+        """Stores a setter's ``changes`` once the result passes the constructor's checks; on an error nothing changes.
+
+        A copy with the changes is normalised, given its derived defaults and validated as ``__post_init__`` does;
+        the values themselves are then stored as given, as transformers' setters store them.
+
+        Raises:
+            ValueError: the constructor's error for the changed arguments.
+        """
+        candidate = copy.copy(self)
+        for name, value in changes.items():
+            setattr(candidate, name, value)
+        candidate._normalise_values()
+        candidate._derive_defaults()
+        candidate._validate()
+        for name, value in changes.items():
+            setattr(self, name, value)
+        return self
 
     def set_training(
         self,
@@ -962,23 +997,28 @@ class TrainingArguments:
     ) -> TrainingArguments:
         """Sets the main training settings and ``do_train=True``.
 
+        Raises:
+            ValueError: a value the constructor refuses (e.g. ``batch_size=0``); the arguments are then unchanged.
+
         Example:
             >>> TrainingArguments("out").set_training(learning_rate=1e-4, batch_size=32).per_device_train_batch_size
             32
         """
-        self.do_train = True
-        self.learning_rate = learning_rate
-        self.per_device_train_batch_size = batch_size
-        self.weight_decay = weight_decay
-        self.num_train_epochs = num_epochs
-        self.max_steps = max_steps
-        self.gradient_accumulation_steps = gradient_accumulation_steps
-        self.seed = seed
         if gradient_checkpointing is not None:
             warnings.warn("`gradient_checkpointing` is deprecated; use `activation_checkpointing`.", FutureWarning, 2)
             activation_checkpointing = gradient_checkpointing
-        self.activation_checkpointing = self.gradient_checkpointing = activation_checkpointing
-        return self
+        return self._set(
+            do_train=True,
+            learning_rate=learning_rate,
+            per_device_train_batch_size=batch_size,
+            weight_decay=weight_decay,
+            num_train_epochs=num_epochs,
+            max_steps=max_steps,
+            gradient_accumulation_steps=gradient_accumulation_steps,
+            seed=seed,
+            activation_checkpointing=activation_checkpointing,
+            gradient_checkpointing=activation_checkpointing,
+        )
 
     def set_evaluate(
         self,
@@ -992,25 +1032,29 @@ class TrainingArguments:
         """Sets the evaluation settings; ``do_eval`` follows the strategy.
 
         Raises:
-            ValueError: ``strategy="steps"`` with ``steps=0``.
+            ValueError: ``strategy="steps"`` with ``steps=0``, or a value the constructor refuses; the arguments are
+                then unchanged.
         """
-        self.eval_strategy = IntervalStrategy(strategy)
-        if self.eval_strategy == IntervalStrategy.STEPS and steps == 0:
+        eval_strategy = IntervalStrategy(strategy)
+        if eval_strategy == IntervalStrategy.STEPS and steps == 0:
             raise ValueError("set_evaluate: strategy='steps' needs steps > 0.")
-        self.do_eval = self.eval_strategy != IntervalStrategy.NO
-        self.eval_steps = steps
-        self.per_device_eval_batch_size = batch_size
-        self.eval_accumulation_steps = accumulation_steps
-        self.eval_delay = delay
-        self.prediction_loss_only = loss_only
-        return self
+        return self._set(
+            eval_strategy=eval_strategy,
+            do_eval=eval_strategy != IntervalStrategy.NO,
+            eval_steps=steps,
+            per_device_eval_batch_size=batch_size,
+            eval_accumulation_steps=accumulation_steps,
+            eval_delay=delay,
+            prediction_loss_only=loss_only,
+        )
 
     def set_testing(self, batch_size: int = 8, loss_only: bool = False) -> TrainingArguments:
-        """Sets the prediction settings and ``do_predict=True``."""
-        self.do_predict = True
-        self.per_device_eval_batch_size = batch_size
-        self.prediction_loss_only = loss_only
-        return self
+        """Sets the prediction settings and ``do_predict=True``.
+
+        Raises:
+            ValueError: a value the constructor refuses; the arguments are then unchanged.
+        """
+        return self._set(do_predict=True, per_device_eval_batch_size=batch_size, prediction_loss_only=loss_only)
 
     def set_save(
         self,
@@ -1022,15 +1066,15 @@ class TrainingArguments:
         """Sets the checkpoint settings.
 
         Raises:
-            ValueError: ``strategy="steps"`` with ``steps=0``.
+            ValueError: ``strategy="steps"`` with ``steps=0``, or a value the constructor refuses; the arguments are
+                then unchanged.
         """
-        self.save_strategy = SaveStrategy(strategy)
-        if self.save_strategy == SaveStrategy.STEPS and steps == 0:
+        save_strategy = SaveStrategy(strategy)
+        if save_strategy == SaveStrategy.STEPS and steps == 0:
             raise ValueError("set_save: strategy='steps' needs steps > 0.")
-        self.save_steps = steps
-        self.save_total_limit = total_limit
-        self.save_on_each_node = on_each_node
-        return self
+        return self._set(
+            save_strategy=save_strategy, save_steps=steps, save_total_limit=total_limit, save_on_each_node=on_each_node
+        )
 
     def set_logging(
         self,
@@ -1046,19 +1090,22 @@ class TrainingArguments:
         """Sets the logging settings (``report_to`` is stored as given, as transformers does).
 
         Raises:
-            ValueError: ``strategy="steps"`` with ``steps=0``.
+            ValueError: ``strategy="steps"`` with ``steps=0``, or a value the constructor refuses; the arguments are
+                then unchanged.
         """
-        self.logging_strategy = IntervalStrategy(strategy)
-        if self.logging_strategy == IntervalStrategy.STEPS and steps == 0:
+        logging_strategy = IntervalStrategy(strategy)
+        if logging_strategy == IntervalStrategy.STEPS and steps == 0:
             raise ValueError("set_logging: strategy='steps' needs steps > 0.")
-        self.logging_steps = steps
-        self.report_to = report_to
-        self.log_level = level
-        self.logging_first_step = first_step
-        self.logging_nan_inf_filter = nan_inf_filter
-        self.log_on_each_node = on_each_node
-        self.log_level_replica = replica_level
-        return self
+        return self._set(
+            logging_strategy=logging_strategy,
+            logging_steps=steps,
+            report_to=report_to,
+            log_level=level,
+            logging_first_step=first_step,
+            logging_nan_inf_filter=nan_inf_filter,
+            log_on_each_node=on_each_node,
+            log_level_replica=replica_level,
+        )
 
     def set_push_to_hub(
         self,
@@ -1069,15 +1116,20 @@ class TrainingArguments:
         always_push: bool = False,
         revision: str | None = None,
     ) -> TrainingArguments:
-        """Sets the Hub settings and ``push_to_hub=True``."""
-        self.push_to_hub = True
-        self.hub_model_id = model_id
-        self.hub_strategy = HubStrategy(strategy)
-        self.hub_token = token
-        self.hub_private_repo = private_repo
-        self.hub_always_push = always_push
-        self.hub_revision = revision
-        return self
+        """Sets the Hub settings and ``push_to_hub=True``.
+
+        Raises:
+            ValueError: an unknown strategy, or a value the constructor refuses; the arguments are then unchanged.
+        """
+        return self._set(
+            push_to_hub=True,
+            hub_model_id=model_id,
+            hub_strategy=HubStrategy(strategy),
+            hub_token=token,
+            hub_private_repo=private_repo,
+            hub_always_push=always_push,
+            hub_revision=revision,
+        )
 
     def set_optimizer(
         self,
@@ -1091,18 +1143,23 @@ class TrainingArguments:
     ) -> TrainingArguments:
         """Sets the optimizer and its hyper-parameters.
 
+        Raises:
+            ValueError: an unknown optimizer name, or a value the constructor refuses; the arguments are then
+                unchanged.
+
         Example:
             >>> TrainingArguments("out").set_optimizer(name="sgd", args="momentum=0.9").optim_args
             'momentum=0.9'
         """
-        self.optim = OptimizerNames(name)
-        self.learning_rate = learning_rate
-        self.weight_decay = weight_decay
-        self.adam_beta1 = beta1
-        self.adam_beta2 = beta2
-        self.adam_epsilon = epsilon
-        self.optim_args = args
-        return self
+        return self._set(
+            optim=OptimizerNames(name),
+            learning_rate=learning_rate,
+            weight_decay=weight_decay,
+            adam_beta1=beta1,
+            adam_beta2=beta2,
+            adam_epsilon=epsilon,
+            optim_args=args,
+        )
 
     def set_lr_scheduler(
         self,
@@ -1111,12 +1168,18 @@ class TrainingArguments:
         max_steps: int = -1,
         warmup_steps: float = 0,
     ) -> TrainingArguments:
-        """Sets the schedule, the training length and the warmup."""
-        self.lr_scheduler_type = SchedulerType(name)
-        self.num_train_epochs = num_epochs
-        self.max_steps = max_steps
-        self.warmup_steps = warmup_steps
-        return self
+        """Sets the schedule, the training length and the warmup.
+
+        Raises:
+            ValueError: an unknown schedule, or a value the constructor refuses (e.g. ``reduce_lr_on_plateau``
+                without an evaluation strategy); the arguments are then unchanged.
+        """
+        return self._set(
+            lr_scheduler_type=SchedulerType(name),
+            num_train_epochs=num_epochs,
+            max_steps=max_steps,
+            warmup_steps=warmup_steps,
+        )
 
     def set_dataloader(
         self,
@@ -1133,17 +1196,23 @@ class TrainingArguments:
         ignore_data_skip: bool = False,
         sampler_seed: int | None = None,
     ) -> TrainingArguments:
-        """Sets the data-loader settings (``sampler_seed`` is ``data_seed``)."""
-        self.per_device_train_batch_size = train_batch_size
-        self.per_device_eval_batch_size = eval_batch_size
-        self.dataloader_drop_last = drop_last
-        self.dataloader_num_workers = num_workers
-        self.dataloader_pin_memory = pin_memory
-        self.dataloader_persistent_workers = persistent_workers
-        self.dataloader_prefetch_factor = prefetch_factor
-        self.dataloader_multiprocessing_context = multiprocessing_context
-        self.dataloader_in_order = in_order
-        self.auto_find_batch_size = auto_find_batch_size
-        self.ignore_data_skip = ignore_data_skip
-        self.data_seed = sampler_seed
-        return self
+        """Sets the data-loader settings (``sampler_seed`` is ``data_seed``).
+
+        Raises:
+            ValueError: a value the constructor refuses (e.g. ``prefetch_factor`` without workers); the arguments
+                are then unchanged.
+        """
+        return self._set(
+            per_device_train_batch_size=train_batch_size,
+            per_device_eval_batch_size=eval_batch_size,
+            dataloader_drop_last=drop_last,
+            dataloader_num_workers=num_workers,
+            dataloader_pin_memory=pin_memory,
+            dataloader_persistent_workers=persistent_workers,
+            dataloader_prefetch_factor=prefetch_factor,
+            dataloader_multiprocessing_context=multiprocessing_context,
+            dataloader_in_order=in_order,
+            auto_find_batch_size=auto_find_batch_size,
+            ignore_data_skip=ignore_data_skip,
+            data_seed=sampler_seed,
+        )

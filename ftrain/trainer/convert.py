@@ -1,7 +1,10 @@
 """``TrainingArguments`` -> core pieces: the optimizer, the learning-rate schedule and the step counts.
 
-This is the one place the Trainer shell reads the optimizer and schedule fields of ``TrainingArguments``. It only
-chooses and parameterises pieces of :mod:`ftrain.optim` and :mod:`ftrain.schedules`; the maths lives there.
+The functions here take the Trainer plan's :class:`~ftrain.trainer.plan.OptimPolicy` (``plan.optim``) or, as in
+transformers, the ``TrainingArguments`` themselves (read into that policy by
+:func:`~ftrain.trainer.plan.optim_policy`). They only choose and parameterise pieces of :mod:`ftrain.optim` and
+:mod:`ftrain.schedules`; the maths lives there. The step arithmetic (:func:`compute_steps`, :class:`TrainingSteps`)
+and :func:`jit_options` live in :mod:`ftrain.trainer.plan`; they are importable from here too.
 
 What :func:`make_optimizer` builds matches ``transformers.Trainer.create_optimizer_and_scheduler``:
 
@@ -30,11 +33,8 @@ Example:
 
 from __future__ import annotations
 
-import math
-import sys
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
@@ -46,6 +46,17 @@ from ftrain import tree as _tree
 from ftrain.optim.base import GradientTransformation, OptState, Schedule
 from ftrain.schedules import ReduceOnPlateauState, get_schedule, reduce_on_plateau
 from ftrain.trainer.args import OptimizerNames, SchedulerType
+from ftrain.trainer.plan import (
+    Intervals,
+    OptimPolicy,
+    TrainingLength,
+    TrainingSteps,
+    jit_options,
+    optim_policy,
+    resolve_warmup,
+    total_train_batch_size,
+    training_steps,
+)
 
 __all__ = [
     "SUPPORTED_OPTIMIZERS",
@@ -184,6 +195,11 @@ def _optimizer_name(value: Any) -> str:
         ) from None
 
 
+def _policy(args: Any) -> OptimPolicy:
+    """``args`` as an :class:`OptimPolicy` (it may be one already)."""
+    return args if isinstance(args, OptimPolicy) else optim_policy(args)
+
+
 def get_optimizer_cls_and_kwargs(args: Any, model: nn.Module | None = None) -> tuple[Callable[..., Any], dict]:
     """The optimizer ``args.optim`` names, as transformers' ``Trainer.get_optimizer_cls_and_kwargs`` gives it:
     a factory (an :mod:`ftrain.optim` alias) and its keyword arguments.
@@ -194,7 +210,7 @@ def get_optimizer_cls_and_kwargs(args: Any, model: nn.Module | None = None) -> t
     it per parameter group, and :func:`make_optimizer` does the same.
 
     Args:
-        args: a ``TrainingArguments`` (ftrain's or transformers').
+        args: a ``TrainingArguments`` (ftrain's or transformers'), or a plan's ``OptimPolicy``.
         model: unused (transformers needs it for GaLore-like optimizers, which ftrain does not build).
 
     Returns:
@@ -211,7 +227,8 @@ def get_optimizer_cls_and_kwargs(args: Any, model: nn.Module | None = None) -> t
         >>> factory.__name__, kwargs
         ('rmsprop', {'learning_rate': 5e-05, 'decay': 0.9, 'centered': True})
     """
-    name = _optimizer_name(args.optim)
+    policy = _policy(args)
+    name = _optimizer_name(policy.name)
     if name in _UNSUPPORTED:
         reason, instead = _UNSUPPORTED[name]
         raise ValueError(
@@ -219,8 +236,8 @@ def get_optimizer_cls_and_kwargs(args: Any, model: nn.Module | None = None) -> t
             f"from ftrain.optim. Use optim={instead!r} (--optim {instead}), or give the Trainer your own "
             "ftrain.optim GradientTransformation."
         )
-    kwargs: dict[str, Any] = {"learning_rate": args.learning_rate}
-    raw = parse_optim_args(args.optim_args)
+    kwargs: dict[str, Any] = {"learning_rate": policy.learning_rate}
+    raw = parse_optim_args(policy.optim_args)
     if name in _OPTIM_ARG_SPECS:
         typed = _typed_optim_args(name, raw)
         if "weight_decay" in typed:
@@ -233,13 +250,13 @@ def get_optimizer_cls_and_kwargs(args: Any, model: nn.Module | None = None) -> t
         kwargs.update(typed)
     elif raw:
         raise ValueError(
-            f"optim_args={args.optim_args!r}: optim={name!r} takes no optim_args (transformers would ignore "
+            f"optim_args={policy.optim_args!r}: optim={name!r} takes no optim_args (transformers would ignore "
             "them); its settings are learning_rate, adam_beta1, adam_beta2, adam_epsilon and weight_decay."
         )
     if name in ("adamw_torch", "adamw_torch_fused"):
-        kwargs.update(b1=args.adam_beta1, b2=args.adam_beta2, eps=args.adam_epsilon)
+        kwargs.update(b1=policy.beta1, b2=policy.beta2, eps=policy.epsilon)
     elif name == "lion_32bit":
-        kwargs.update(b1=args.adam_beta1, b2=args.adam_beta2)
+        kwargs.update(b1=policy.beta1, b2=policy.beta2)
     elif name == "adafactor":
         kwargs.update(scale_parameter=False, relative_step=False)
     return _FACTORIES[name], kwargs
@@ -255,7 +272,7 @@ def make_optimizer(args: Any, model: nn.Module, *, num_training_steps: int) -> G
     (``ftrain.module.split_module``).
 
     Args:
-        args: a ``TrainingArguments``.
+        args: a ``TrainingArguments``, or a plan's ``OptimPolicy`` (``plan.optim``).
         model: the model whose trainable parameters the optimizer updates (used for the decay groups).
         num_training_steps: the total number of optimizer steps (``max_steps`` after the step arithmetic).
 
@@ -266,20 +283,21 @@ def make_optimizer(args: Any, model: nn.Module, *, num_training_steps: int) -> G
         ValueError: an unsupported optimizer or schedule, bad ``optim_args`` / ``lr_scheduler_kwargs``, or a
             model without trainable parameters.
     """
-    factory, kwargs = get_optimizer_cls_and_kwargs(args, model)
+    policy = _policy(args)
+    factory, kwargs = get_optimizer_cls_and_kwargs(policy, model)
     decays = optim.hf_decay_mask(model)
     if not decays:
         raise ValueError(
             f"make_optimizer: {type(model).__name__} has no parameter with requires_grad=True, so there is "
             "nothing to train; unfreeze some parameters."
         )
-    kwargs["learning_rate"] = make_schedule(args, num_training_steps)
+    kwargs["learning_rate"] = make_schedule(policy, num_training_steps)
     parts = []
-    if args.max_grad_norm is not None and args.max_grad_norm > 0:
-        parts.append(optim.clip_by_global_norm(args.max_grad_norm))
-    parts.append(optim.make_optimizer(factory, **kwargs, weight_decay=args.weight_decay, decay_mask=decays))
-    if SchedulerType(args.lr_scheduler_type) == SchedulerType.REDUCE_ON_PLATEAU:
-        parts.append(_plateau(args))
+    if policy.max_grad_norm is not None and policy.max_grad_norm > 0:
+        parts.append(optim.clip_by_global_norm(policy.max_grad_norm))
+    parts.append(optim.make_optimizer(factory, **kwargs, weight_decay=policy.weight_decay, decay_mask=decays))
+    if SchedulerType(policy.schedule) == SchedulerType.REDUCE_ON_PLATEAU:
+        parts.append(_plateau(policy))
     return optim.chain(*parts)
 
 
@@ -289,13 +307,14 @@ def make_optimizer(args: Any, model: nn.Module, *, num_training_steps: int) -> G
 
 def make_schedule(args: Any, num_training_steps: int) -> Schedule:
     """``step -> learning rate`` for ``args.lr_scheduler_type``, ``args.get_warmup_steps(num_training_steps)``
-    and ``args.lr_scheduler_kwargs`` (:func:`ftrain.schedules.get_schedule`, transformers' ``get_scheduler``).
+    and ``args.lr_scheduler_kwargs`` (:func:`ftrain.schedules.get_schedule`, transformers' ``get_scheduler``); the
+    warmup is resolved by :func:`~ftrain.trainer.plan.resolve_warmup`, the formula of ``get_warmup_steps``.
 
     For ``reduce_lr_on_plateau`` it is the constant ``learning_rate``; the reduction is a separate
     transformation that :func:`make_optimizer` adds.
 
     Args:
-        args: a ``TrainingArguments``.
+        args: a ``TrainingArguments``, or a plan's ``OptimPolicy`` (``plan.optim``).
         num_training_steps: the total number of optimizer steps.
 
     Returns:
@@ -312,41 +331,42 @@ def make_schedule(args: Any, num_training_steps: int) -> Schedule:
         >>> [float(sched(torch.tensor(k))) for k in range(4)]
         [0.0, 0.5, 1.0, 0.5]
     """
-    name = SchedulerType(args.lr_scheduler_type).value
+    policy = _policy(args)
+    name = SchedulerType(policy.schedule).value
     if name == "greedy":
         raise ValueError(
             "lr_scheduler_type='greedy' is not implemented in ftrain; use 'reduce_lr_on_plateau' (also driven by "
             "the evaluation metric) or a step schedule such as 'cosine'."
         )
     if name == "reduce_lr_on_plateau":
-        return get_schedule("constant", args.learning_rate)
+        return get_schedule("constant", policy.learning_rate)
     return get_schedule(
         name,
-        args.learning_rate,
-        num_warmup_steps=args.get_warmup_steps(num_training_steps),
+        policy.learning_rate,
+        num_warmup_steps=resolve_warmup(policy.warmup_steps, num_training_steps),
         num_training_steps=num_training_steps,
-        **dict(args.lr_scheduler_kwargs or {}),
+        **policy.schedule_kwargs,
     )
 
 
 _PLATEAU_KEYS = ("mode", "factor", "patience", "threshold", "threshold_mode", "cooldown", "min_lr", "eps")
 
 
-def _plateau(args: Any) -> GradientTransformation:
+def _plateau(policy: OptimPolicy) -> GradientTransformation:
     """``torch.optim.lr_scheduler.ReduceLROnPlateau(**lr_scheduler_kwargs)`` as a scale on the updates
     (``min_lr`` and ``eps`` are learning rates there; here they are fractions of ``learning_rate``)."""
-    kw = dict(args.lr_scheduler_kwargs or {})
+    kw = dict(policy.schedule_kwargs)
     unknown = sorted(set(kw) - set(_PLATEAU_KEYS))
     if unknown:
         raise ValueError(
             f"lr_scheduler_kwargs: {unknown} are not arguments of reduce_lr_on_plateau; it takes {list(_PLATEAU_KEYS)}."
         )
-    if not args.learning_rate > 0:
+    if not policy.learning_rate > 0:
         raise ValueError("lr_scheduler_type='reduce_lr_on_plateau' needs learning_rate > 0.")
     min_lr, eps = kw.pop("min_lr", 0.0), kw.pop("eps", 1e-8)
     if not isinstance(min_lr, (int, float)):
         raise ValueError(f"lr_scheduler_kwargs: min_lr must be one number (one learning rate), got {min_lr!r}.")
-    return reduce_on_plateau(**kw, min_scale=min_lr / args.learning_rate, eps=eps / args.learning_rate)
+    return reduce_on_plateau(**kw, min_scale=min_lr / policy.learning_rate, eps=eps / policy.learning_rate)
 
 
 def logged_learning_rate(opt_state: OptState) -> torch.Tensor | None:
@@ -369,84 +389,16 @@ def logged_learning_rate(opt_state: OptState) -> torch.Tensor | None:
     return lr
 
 
-def jit_options(args: Any) -> dict[str, Any]:
-    """The :func:`ftrain.jit` keyword arguments the Trainer compiles its train step with (``torch_compile``).
-
-    - ``donate=True``: the Trainer owns its ``TrainState`` and never reads a state after stepping it, so the step
-      may write the new state into the old one's tensors (in place, as ``torch.optim`` does: one copy of params
-      and optimizer state in memory, no fresh allocations per step);
-    - ``deterministic`` and ``fallback_random``: ``args.full_determinism`` (transformers turns deterministic
-      algorithms on only then); with it the compiled step also draws eager's random numbers (dropout, NEFTune), so
-      a compiled run reproduces the eager one;
-    - ``mode`` and ``backend``: ``args.torch_compile_mode`` and ``args.torch_compile_backend`` (``"inductor"``).
-
-    Args:
-        args: the ``TrainingArguments``.
-
-    Returns:
-        The keyword arguments for ``ftrain.jit(step, **jit_options(args))``.
-
-    Example:
-        >>> from ftrain.trainer.args import TrainingArguments
-        >>> jit_options(TrainingArguments("out", torch_compile=True))
-        {'donate': True, 'deterministic': False, 'fallback_random': False, 'mode': None, 'backend': 'inductor'}
-    """
-    backend = args.torch_compile_backend or "inductor"
-    return dict(
-        donate=True,
-        deterministic=bool(args.full_determinism),
-        fallback_random=bool(args.full_determinism) and backend == "inductor",  # an Inductor option
-        mode=args.torch_compile_mode,
-        backend=backend,
-    )
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Step arithmetic.
 
 
-@dataclass(frozen=True)
-class TrainingSteps:
-    """How long training runs, in transformers' units (a step is one optimizer update).
-
-    Attributes:
-        max_steps: optimizer steps in the whole run (the schedule's ``num_training_steps``).
-        num_train_epochs: epochs the loop starts (``sys.maxsize`` for a loader without a length).
-        num_update_steps_per_epoch: optimizer steps per full epoch.
-        steps_in_epoch: micro-batches per epoch.
-        total_train_batch_size: samples per optimizer step over all data-parallel ranks.
-        warmup_steps: warmup length in optimizer steps.
-        logging_steps, eval_steps, save_steps: the intervals in steps (ratios resolved against ``max_steps``);
-            ``eval_steps`` is ``None`` when unset.
-    """
-
-    max_steps: int
-    num_train_epochs: int
-    num_update_steps_per_epoch: int
-    steps_in_epoch: int
-    total_train_batch_size: int
-    warmup_steps: int
-    logging_steps: int
-    eval_steps: int | None
-    save_steps: int
-
-
-def _interval(value: float | None, max_steps: int) -> int | None:
-    if value is None:
-        return None
-    return math.ceil(max_steps * value) if value < 1 else int(value)
-
-
 def compute_steps(args: Any, len_dataloader: int | None, *, world_size: int | None = None) -> TrainingSteps:
-    """transformers' step arithmetic (``Trainer.set_initial_training_values`` and ``TrainerState.compute_steps``).
-
-    With a loader length: ``updates_per_epoch = max(ceil(len / GA), 1)``; if ``max_steps <= 0`` the run is
-    ``ceil(num_train_epochs * updates_per_epoch)`` steps over ``ceil(num_train_epochs)`` epochs, else
-    ``max_steps`` steps over ``ceil(max_steps / updates_per_epoch)`` epochs. Without one, ``max_steps`` must be
-    positive and the data is re-iterated as needed.
+    """transformers' step arithmetic for ``args`` (:func:`ftrain.trainer.plan.training_steps`; the Trainer uses
+    ``TrainerPlan.steps``, the same function over its plan).
 
     Args:
-        args: a ``TrainingArguments``.
+        args: a ``TrainingArguments`` (ftrain's or transformers').
         len_dataloader: micro-batches per epoch on this rank, or ``None`` if the loader has no length.
         world_size: data-parallel processes (default: ``args.world_size``).
 
@@ -465,32 +417,11 @@ def compute_steps(args: Any, len_dataloader: int | None, *, world_size: int | No
     """
     ga = args.gradient_accumulation_steps
     world = args.world_size if world_size is None else world_size
-    if len_dataloader == 0:
-        raise ValueError("compute_steps: the training dataloader is empty; check the dataset and the batch size.")
-    if len_dataloader is not None:
-        per_epoch = max(math.ceil(len_dataloader / ga), 1)
-        if args.max_steps > 0:
-            max_steps = args.max_steps
-            epochs = math.ceil(max_steps / per_epoch)
-        else:
-            max_steps = math.ceil(args.num_train_epochs * per_epoch)
-            epochs = math.ceil(args.num_train_epochs)
-        steps_in_epoch = len_dataloader
-    elif args.max_steps > 0:
-        max_steps, epochs, per_epoch = args.max_steps, sys.maxsize, args.max_steps
-        steps_in_epoch = args.max_steps * ga
-    else:
-        raise ValueError(
-            f"compute_steps: the training data has no length, so max_steps must be set > 0 (it is {args.max_steps})."
-        )
-    return TrainingSteps(
-        max_steps=max_steps,
-        num_train_epochs=epochs,
-        num_update_steps_per_epoch=per_epoch,
-        steps_in_epoch=steps_in_epoch,
-        total_train_batch_size=args.train_batch_size * ga * world,
-        warmup_steps=args.get_warmup_steps(max_steps),
-        logging_steps=_interval(args.logging_steps, max_steps),
-        eval_steps=_interval(args.eval_steps, max_steps),
-        save_steps=_interval(args.save_steps, max_steps),
+    return training_steps(
+        len_dataloader,
+        TrainingLength(num_train_epochs=args.num_train_epochs, max_steps=args.max_steps),
+        gradient_accumulation_steps=ga,
+        total_train_batch_size=total_train_batch_size(args.train_batch_size, ga, world),
+        warmup_steps=args.warmup_steps,
+        intervals=Intervals(args.logging_steps, args.eval_steps, args.save_steps),
     )

@@ -22,10 +22,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 from collections.abc import Iterable
 from typing import Any, Protocol, runtime_checkable
+
+from ftrain.trainer.plan import resolve_interval
 
 __all__ = ["ExportableState", "TrainerControl", "TrainerState", "export_callback_states", "hp_params"]
 
@@ -198,18 +199,25 @@ class TrainerState:
     def compute_steps(self, args: Any, max_steps: int) -> None:
         """Sets ``logging_steps``, ``eval_steps`` and ``save_steps`` from ``args``; a value below 1 is a ratio.
 
-        A ratio ``r`` becomes ``ceil(max_steps * r)`` updates; ``None`` keeps the current value.
+        A ratio ``r`` becomes ``ceil(max_steps * r)`` updates (:func:`ftrain.trainer.plan.resolve_interval`);
+        ``None`` keeps the current value.
 
         Args:
-            args: Training arguments (only ``logging_steps``, ``eval_steps``, ``save_steps`` are read).
+            args: Training arguments, or the Trainer plan's ``intervals`` (only ``logging_steps``, ``eval_steps``,
+                ``save_steps`` are read).
             max_steps: Total optimizer updates of the run.
+
+        Example:
+            >>> from ftrain.trainer.plan import Intervals
+            >>> state = TrainerState()
+            >>> state.compute_steps(Intervals(logging_steps=0.1, eval_steps=None, save_steps=30), max_steps=95)
+            >>> state.logging_steps, state.eval_steps, state.save_steps
+            (10, 500, 30)
         """
         for kind in ("logging", "eval", "save"):
             num_steps = getattr(args, f"{kind}_steps")
             if num_steps is not None:
-                if num_steps < 1:
-                    num_steps = math.ceil(max_steps * num_steps)
-                setattr(self, f"{kind}_steps", num_steps)
+                setattr(self, f"{kind}_steps", resolve_interval(num_steps, max_steps))
 
     def init_training_references(self, trainer: Any, max_steps: int, num_train_epochs: int, trial: Any) -> None:
         """Records the run's size, the process ranks and the search trial, at the start of training.

@@ -55,7 +55,8 @@ INTENTIONAL_BEHAVIOUR_DIFFERENCES = {
     "n_gpu": "1 on a GPU, 0 on the CPU: ftrain never uses nn.DataParallel over several GPUs in one process",
     "fp16 on CPU": "refused when the args are built (transformers silently trains in float32)",
     "bf16 on CPU": "allowed without use_cpu=True (transformers asks for use_cpu=True)",
-    "tf32": "validated but not applied on construction (the Trainer applies it); no global side effect",
+    "tf32": "validated, not applied on construction (no global side effect): plan.apply_process_settings applies it",
+    "fluent setters": "validate like the constructor and change nothing on an error (transformers' do not validate)",
     "fsdp / deepspeed / parallelism_config": "stored as given; the distributed layer validates and uses them",
     "stricter checks": "batch sizes and gradient_accumulation_steps >= 1, eval_accumulation_steps >= 1, "
     "include_num_input_tokens_seen / train_sampling_strategy / log levels / lr_scheduler_kwargs type checked",
@@ -458,8 +459,66 @@ def test_fluent_setters_match_transformers(HFArgs, tmp_path, method, kwargs):
 
 def test_setters_reject_zero_steps():
     for method in ("set_evaluate", "set_save", "set_logging"):
+        args = TrainingArguments()
+        before = args.to_dict()
         with pytest.raises(ValueError, match="strategy='steps' needs steps > 0"):
-            getattr(TrainingArguments(), method)(strategy="steps", steps=0)
+            getattr(args, method)(strategy="steps", steps=0)
+        assert args.to_dict() == before
+
+
+_BEST_BY_STEPS = {"load_best_model_at_end": True, "eval_strategy": "steps", "eval_steps": 100, "save_steps": 500}
+# (arguments, setter, its keyword arguments, the constructor keyword arguments that say the same)
+SETTER_REFUSALS = [
+    ({}, "set_training", {"batch_size": 0}, {"per_device_train_batch_size": 0}),
+    ({}, "set_training", {"gradient_accumulation_steps": 0}, {"gradient_accumulation_steps": 0}),
+    ({}, "set_evaluate", {"batch_size": 0}, {"per_device_eval_batch_size": 0}),
+    ({}, "set_evaluate", {"strategy": "steps", "steps": 2.5}, {"eval_strategy": "steps", "eval_steps": 2.5}),
+    ({}, "set_evaluate", {"accumulation_steps": 0}, {"eval_accumulation_steps": 0}),
+    ({}, "set_testing", {"batch_size": -1}, {"per_device_eval_batch_size": -1}),
+    ({}, "set_save", {"steps": 10.5}, {"save_steps": 10.5}),
+    (_BEST_BY_STEPS, "set_save", {"strategy": "epoch"}, {"save_strategy": "epoch"}),
+    (_BEST_BY_STEPS, "set_save", {"steps": 250}, {"save_steps": 250}),
+    ({}, "set_logging", {"level": "loud"}, {"log_level": "loud"}),
+    ({}, "set_logging", {"steps": 12.5}, {"logging_steps": 12.5}),
+    ({}, "set_lr_scheduler", {"name": "reduce_lr_on_plateau"}, {"lr_scheduler_type": "reduce_lr_on_plateau"}),
+    ({}, "set_lr_scheduler", {"warmup_steps": -1}, {"warmup_steps": -1}),
+    ({}, "set_dataloader", {"prefetch_factor": 2}, {"dataloader_prefetch_factor": 2}),
+    ({}, "set_dataloader", {"train_batch_size": 0}, {"per_device_train_batch_size": 0}),
+    ({}, "set_optimizer", {"name": "adam_extreme"}, {"optim": "adam_extreme"}),
+    ({}, "set_push_to_hub", {"model_id": "me/m", "strategy": "sometimes"}, {"hub_strategy": "sometimes"}),
+]
+
+
+@pytest.mark.parametrize(
+    "base, method, kwargs, same_as", SETTER_REFUSALS, ids=[f"{m}-{sorted(k)}" for _, m, k, _ in SETTER_REFUSALS]
+)
+def test_setters_validate_like_the_constructor_and_change_nothing_on_error(base, method, kwargs, same_as):
+    with pytest.raises(ValueError) as constructor_error:
+        TrainingArguments(**{**base, **same_as})
+    args = TrainingArguments(**base)
+    before, text = args.to_dict(), repr(args)
+    with pytest.raises(ValueError) as setter_error:
+        getattr(args, method)(**kwargs)
+    assert str(setter_error.value) == str(constructor_error.value)
+    assert args.to_dict() == before and repr(args) == text
+
+
+def test_setters_store_values_the_constructor_accepts():
+    args = TrainingArguments(eval_strategy="epoch").set_lr_scheduler(name="reduce_lr_on_plateau", warmup_steps=3)
+    assert (args.lr_scheduler_type, args.warmup_steps) == (SchedulerType.REDUCE_ON_PLATEAU, 3)
+    args = TrainingArguments(**_BEST_BY_STEPS).set_save(strategy="steps", steps=300)
+    assert args.save_steps == 300
+    assert TrainingArguments().set_dataloader(num_workers=2, prefetch_factor=4).dataloader_prefetch_factor == 4
+
+
+def test_bf16_on_a_gpu_without_bfloat16_gives_advice_ftrain_can_follow(monkeypatch):
+    monkeypatch.setattr(TrainingArguments, "_cuda_usable", lambda self: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    with pytest.raises(ValueError, match="no bfloat16 support") as error:
+        TrainingArguments(bf16=True)
+    assert "Leave bf16 off" in str(error.value) and "use fp16=True" not in str(error.value)
+    with pytest.raises(ValueError, match="fp16=True .* is not implemented"):
+        TrainingArguments(fp16=True)  # what the old advice led to
 
 
 # ----------------------------------------------------------------------------------------------------------

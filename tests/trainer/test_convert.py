@@ -450,3 +450,24 @@ def test_compute_steps_refuses_an_empty_loader():
     steps = compute_steps(TrainingArguments(max_steps=5, gradient_accumulation_steps=3), None, world_size=1)
     assert (steps.num_update_steps_per_epoch, steps.steps_in_epoch) == (5, 15)
     assert steps.num_train_epochs > 10**9 and math.isfinite(steps.max_steps)
+
+
+def test_compute_steps_is_the_plans_arithmetic():
+    from ftrain.trainer import plan as plan_module
+    from ftrain.trainer.convert import TrainingSteps, jit_options
+    from ftrain.trainer.plan import make_plan
+
+    assert TrainingSteps is plan_module.TrainingSteps and jit_options is plan_module.jit_options
+    cases = ({}, {"max_steps": 7, "gradient_accumulation_steps": 3}, {"num_train_epochs": 0.5, "save_steps": 0.2})
+    for kwargs in cases:
+        args = TrainingArguments(per_device_train_batch_size=2, use_cpu=True, **kwargs)
+        for length in (None, 1, 10) if "max_steps" in kwargs else (1, 10):
+            assert compute_steps(args, length, world_size=3) == make_plan(args).steps(length, world_size=3)
+
+
+@pytest.mark.parametrize("name", SUPPORTED_OPTIMIZERS)
+def test_optimizer_from_the_plan_policy_is_the_one_from_the_arguments(name):
+    from ftrain.trainer.plan import make_plan
+
+    args = TrainingArguments(optim=name, learning_rate=0.2, adam_beta1=0.8, adam_epsilon=1e-6, use_cpu=True)
+    assert get_optimizer_cls_and_kwargs(make_plan(args).optim) == get_optimizer_cls_and_kwargs(args)
