@@ -514,6 +514,16 @@ class TrainingArguments:
     # ------------------------------------------------------------------------------------------------------
     # Normalisation and validation.
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Sets a field and counts the change in ``revision`` (a Trainer rebuilds its plan when it moves)."""
+        object.__setattr__(self, name, value)
+        object.__setattr__(self, "_revision", self.__dict__.get("_revision", 0) + 1)
+
+    @property
+    def revision(self) -> int:
+        """How many times a field has been set (construction included): a cheap "have the arguments changed?"."""
+        return self.__dict__.get("_revision", 0)
+
     def __post_init__(self) -> None:
         self._fold_legacy_fields()
         self._normalise_values()

@@ -151,16 +151,8 @@ class TrainerCheckpoints:
         return self._manager
 
     def _options(self) -> CheckpointManagerOptions:
-        limit = self.trainer.args.save_total_limit
-        rotation = {}
-        if limit is not None and limit > 0:
-            rotation = {"max_to_keep": limit, "retention": "total", "should_keep_fn": self._keeps}
-        return CheckpointManagerOptions(
-            step_prefix=CHECKPOINT_NAMING.prefix,
-            step_digits=CHECKPOINT_NAMING.digits,
-            backend="dcp" if self.trainer.mesh is not None else "safetensors",
-            **rotation,
-        )
+        return self.trainer.plan.save.checkpoint_options(sharded=self.trainer.mesh is not None,
+                                                         should_keep_fn=self._keeps)  # fmt: skip
 
     def _keeps(self, step: int) -> bool:
         """The manager's ``should_keep_fn``: True for the folder named like ``state.best_model_checkpoint``, which
@@ -187,7 +179,7 @@ class TrainerCheckpoints:
         """
         if resume_from_checkpoint is False or resume_from_checkpoint is None:
             return None
-        output_dir = self.trainer.args.output_dir
+        output_dir = self.trainer.plan.save.output_dir
         if resume_from_checkpoint is True:
             found = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
             if found is None:
@@ -218,7 +210,7 @@ class TrainerCheckpoints:
         trainer.state = TrainerState(**manager.restore_extra(step)["trainer_state"])
         if trainer.state.best_model_checkpoint and not os.path.isdir(trainer.state.best_model_checkpoint):
             trainer.state.best_model_checkpoint = None
-        if trainer.args.restore_callback_states_from_checkpoint:
+        if trainer.plan.save.restore_callback_states:
             stored = trainer.state.stateful_callbacks
             trainer.control = restore_callback_states(trainer.callback_handler, trainer.control, stored)
         return restored
@@ -246,20 +238,20 @@ class TrainerCheckpoints:
         Every process calls it. A folder of the same step is replaced, as transformers overwrites it.
         """
         trainer = self.trainer
-        args, state = trainer.args, trainer.state
+        save, state = trainer.plan.save, trainer.state
         step = state.global_step
-        manager = self.manager(args.output_dir)
+        manager = self.manager(save.output_dir)
         folder = manager.step_path(step)
         if step in manager.all_steps() or folder.is_dir():
             manager.delete(step, include_uncommitted=True)  # every rank forgets it; rank 0 deletes the folder
         _barrier()
         best = state.best_global_step
         if best and (best == step or manager.step_path(best).exists()):
-            state.best_model_checkpoint = os.path.join(args.output_dir, CHECKPOINT_NAMING.name(best))
+            state.best_model_checkpoint = os.path.join(save.output_dir, CHECKPOINT_NAMING.name(best))
         self._refresh_stateful_callbacks()
         trainer.store_flos()  # trainer_state.json holds the flops up to this step, as transformers
-        if args.save_only_model:
-            if args.should_save:
+        if save.only_model:
+            if save.should_save:
                 folder.mkdir(parents=True)
         else:  # every rank: with a sharded state each writes its shards (DCP)
             extra = {"trainer_state": dataclasses.asdict(state)}
@@ -278,9 +270,9 @@ class TrainerCheckpoints:
         """
         trainer = self.trainer
         trainer.save_model(str(folder), _internal_call=True)
-        if trainer.args.should_save:
+        if trainer.plan.save.should_save:
             trainer.state.save_to_json(Path(folder) / TRAINER_STATE_NAME)
-            if trainer.args.push_to_hub:
+            if trainer.plan.hub.push_to_hub:
                 trainer._push_from_checkpoint(str(folder))
 
     def _refresh_stateful_callbacks(self) -> None:
@@ -293,7 +285,7 @@ class TrainerCheckpoints:
 
     def checkpoint_dirs(self) -> list[tuple[int, str]]:
         """``(step, path)`` of every ``checkpoint-N`` folder of ``output_dir``, committed or not, by step."""
-        out = self.trainer.args.output_dir
+        out = self.trainer.plan.save.output_dir
         if not os.path.isdir(out):
             return []
         return [(step, os.path.join(out, path.name)) for step, path in list_step_dirs(out, CHECKPOINT_NAMING)]
@@ -308,16 +300,16 @@ class TrainerCheckpoints:
         """transformers' rotation (``save_total_limit``) over every ``checkpoint-N`` folder of ``output_dir``,
         including those the manager does not list: ``CheckpointManager.apply_retention``. Every process calls it
         (they list, wait for each other, then rank 0 deletes)."""
-        limit = self.trainer.args.save_total_limit
+        limit = self.trainer.plan.save.total_limit
         if limit is None or limit <= 0:
             return
-        self.manager(self.trainer.args.output_dir).apply_retention(include_uncommitted=True)
+        self.manager(self.trainer.plan.save.output_dir).apply_retention(include_uncommitted=True)
 
     def keep_only_best(self) -> None:
         """At the end of training with ``save_total_limit == 1`` and a best checkpoint, deletes every other
         ``checkpoint-N`` folder, as transformers (the saving process does it)."""
-        args, best = self.trainer.args, self.trainer.state.best_model_checkpoint
-        if not (args.should_save and best and args.save_total_limit == 1):
+        save, best = self.trainer.plan.save, self.trainer.state.best_model_checkpoint
+        if not (save.should_save and best and save.total_limit == 1):
             return
         for step, path in self.checkpoint_dirs():
             if os.path.abspath(path) != os.path.abspath(best):
@@ -335,7 +327,7 @@ class TrainerCheckpoints:
         the newest, moves to the second-to-last place, so rotation (which deletes from the front) keeps it and the
         newest stays last.
         """
-        output_dir = self.trainer.args.output_dir if output_dir is None else output_dir
+        output_dir = self.trainer.plan.save.output_dir if output_dir is None else output_dir
         if not os.path.isdir(output_dir):
             return []
         if use_mtime:
@@ -478,8 +470,8 @@ class TrainerCheckpoints:
 
     def rng_file(self, folder: str) -> str:
         """``folder/rng_state.json``, or ``rng_state_{rank}.json`` with several processes (transformers' naming)."""
-        args = self.trainer.args
-        name = RNG_STATE_NAME if args.world_size <= 1 else f"rng_state_{args.process_index}.json"
+        process = self.trainer.plan.process
+        name = RNG_STATE_NAME if process.world_size <= 1 else f"rng_state_{process.process_index}.json"
         return os.path.join(folder, name)
 
     def save_rng_state(self, output_dir: str) -> None:

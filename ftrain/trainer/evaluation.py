@@ -198,14 +198,14 @@ class Evaluator:
         metric_key_prefix: str = "eval",
     ) -> EvalLoopOutput:
         """The default ``Trainer.evaluation_loop``; see its docstring."""
-        trainer, args = self.trainer, self.trainer.args
-        loss_only = args.prediction_loss_only if prediction_loss_only is None else prediction_loss_only
+        trainer, args, plan = self.trainer, self.trainer.args, self.trainer.plan
+        loss_only = plan.eval.prediction_loss_only if prediction_loss_only is None else prediction_loss_only
         ignore_keys = self._ignore_keys(ignore_keys)
         model = trainer._model_for_inference()
-        batch_metrics = args.batch_eval_metrics
+        batch_metrics = plan.eval.batch_eval_metrics
         keep = not batch_metrics or description == "Prediction"
         main_input = getattr(trainer.model, "main_input_name", "input_ids")
-        want_inputs, want_losses = "inputs" in args.include_for_metrics, "loss" in args.include_for_metrics
+        want_inputs, want_losses = plan.eval.include_inputs, plan.eval.include_loss
         total_sum = total_count = None
         preds, labels, inputs, losses = [], [], [], []
         metrics: dict[str, Any] | None = None
@@ -271,7 +271,7 @@ class Evaluator:
         (the trainer's ``_nested_gather``, dim 1 padded with -100 to the longest across ranks), without the padding
         rows."""
         mask = torch.ones(rows, dtype=torch.bool) if valid is None else valid.to(torch.bool)
-        device = self.trainer.args.device
+        device = self.trainer.plan.process.device
         gathered = self.trainer._nested_gather(_pad_across_ranks([mask.to(device), *tensors], device))
         keep = gathered[0].cpu()
         return (int(keep.sum()), *(_select_rows(t, keep) for t in gathered[1:]))
@@ -304,7 +304,8 @@ class Evaluator:
 
     def _add_speed_metrics(self, output: Any, metric_key_prefix: str, start: float) -> None:
         """``{prefix}_runtime``, ``_samples_per_second`` and ``_steps_per_second`` into ``output.metrics``."""
-        batch_size = self.trainer.args.eval_batch_size * self.trainer.args.world_size
+        plan = self.trainer.plan
+        batch_size = plan.data.eval_batch_size * plan.process.world_size
         num_steps = math.ceil(output.num_samples / batch_size)
         output.metrics.update(
             speed_metrics(metric_key_prefix, start, num_samples=output.num_samples, num_steps=num_steps)

@@ -287,7 +287,7 @@ class HyperparameterSearch:
             raise RuntimeError(
                 "To use hyperparameter search, you need to pass your model through a model_init function."
             )
-        if trainer.args.world_size > 1:
+        if trainer.plan.process.world_size > 1:
             raise NotImplementedError("ftrain's hyperparameter search runs on a single process.")
         self.backend = backend
         self.hp_space = _DEFAULT_HP_SPACE[backend] if hp_space is None else hp_space
@@ -383,7 +383,7 @@ class HyperparameterSearch:
             )
         mode = direction[:3]
         resources = kwargs.pop("resources_per_trial", {"cpu": 1, "gpu": 0})
-        _check_ray_scheduler(kwargs.get("scheduler"), self.trainer.args)
+        _check_ray_scheduler(kwargs.get("scheduler"), self.trainer.plan.eval)
         tune_config, run_config = _ray_configs(kwargs, mode=mode, num_samples=n_trials)
         space = _ray_param_space(self.hp_space)
         shipped = self.ray_trainer()
@@ -592,7 +592,7 @@ def _ray_objective(config: dict[str, Any], trainer: Any) -> None:
         _ray_report({**metrics, "objective": search.objective, "done": True})
 
 
-def _check_ray_scheduler(scheduler: Any, args: Any) -> None:
+def _check_ray_scheduler(scheduler: Any, evaluation: Any) -> None:
     """Refuses the ray schedulers this search cannot feed (transformers' check, plus population based training).
 
     Raises:
@@ -612,7 +612,7 @@ def _check_ray_scheduler(scheduler: Any, args: Any) -> None:
             "trial's output_dir). Use ASHAScheduler, MedianStoppingRule or no scheduler."
         )
     needs_eval = isinstance(scheduler, ASHAScheduler | MedianStoppingRule | HyperBandForBOHB)
-    if needs_eval and (not args.do_eval or args.eval_strategy == IntervalStrategy.NO):
+    if needs_eval and (not evaluation.do_eval or evaluation.strategy == IntervalStrategy.NO):
         raise RuntimeError(
             f"You are using {name} as a scheduler but you haven't enabled evaluation during training, so your trials "
             f"report no intermediate results for it to stop them on. Pass eval_strategy='steps' (or 'epoch') in the "

@@ -6,20 +6,15 @@ writes ``output_dir/README.md`` with transformers' sections (YAML metadata, desc
 hyperparameters, a results table from ``log_history``, framework versions). ``init_hf_repo``, ``push_to_hub`` and
 ``_push_from_checkpoint`` go through ``huggingface_hub.create_repo`` / ``upload_folder``.
 
-The Trainer's methods of those names delegate to the component (the ``Trainer``'s methods), and the component calls back
+The Trainer's methods of those names delegate to the component, and the component calls back
 through the Trainer wherever transformers calls ``self.<method>`` (``init_hf_repo``, ``save_model``,
 ``create_model_card``, ``_finish_current_push``, ``is_world_process_zero``), so a subclass's overrides take part.
-
-Example:
-    >>> from ftrain.trainer import TrainingArguments
-    >>> settings = HubSettings.from_args(TrainingArguments("runs/demo", hub_strategy="checkpoint", report_to="none"))
-    >>> settings.repo_name, settings.strategy, settings.always_push
-    ('demo', <HubStrategy.CHECKPOINT: 'checkpoint'>, False)
+It reads its settings from the Trainer's plan (``plan.hub``, ``plan.save``); only the model card reads
+``TrainingArguments`` itself (its hyperparameter table is a view of them, as in transformers).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -31,7 +26,7 @@ from ftrain.trainer.args import HubStrategy, ParallelMode, SaveStrategy
 from ftrain.trainer.checkpoints import TRAINING_ARGS_NAME
 from ftrain.trainer.utils import PREFIX_CHECKPOINT_DIR
 
-__all__ = ["HubClient", "HubSettings", "PushInProgress", "make_markdown_table", "parse_log_history"]
+__all__ = ["HubClient", "PushInProgress", "make_markdown_table", "parse_log_history"]
 
 logger = logging.getLogger(__name__)
 
@@ -317,57 +312,10 @@ def _card_prose(model_name: Any, finetuned_from: Any, dataset: Any, results: Any
     return card + "\n"
 
 
-@dataclasses.dataclass(frozen=True)
-class HubSettings:
-    """The ``TrainingArguments`` fields the Hub client reads, in one place (the model card reads its own through
-    :func:`training_hyperparameters`). Read afresh from ``trainer.args`` at each call: a search trial replaces the
-    arguments, and scripts edit them.
-
-    Attributes:
-        output_dir: ``args.output_dir``, the folder pushed.
-        repo_name: ``args.hub_model_id``, or the name of the absolute ``output_dir`` (the repository created).
-        model_id: ``args.hub_model_id`` itself (``push_to_hub`` names the model card after it).
-        token: ``args.hub_token``.
-        private_repo: ``args.hub_private_repo``.
-        revision: ``args.hub_revision``.
-        strategy: ``args.hub_strategy``.
-        always_push: ``args.hub_always_push``.
-        save_strategy: ``args.save_strategy`` (the commit message says step or epoch).
-        should_save: ``args.should_save`` (whether this process names the model card).
-    """
-
-    output_dir: str
-    repo_name: str
-    model_id: str | None
-    token: str | None
-    private_repo: bool | None
-    revision: str | None
-    strategy: HubStrategy
-    always_push: bool
-    save_strategy: SaveStrategy
-    should_save: bool
-
-    @classmethod
-    def from_args(cls, args: Any) -> HubSettings:
-        """The settings of ``args`` (a :class:`~ftrain.trainer.TrainingArguments`)."""
-        return cls(
-            output_dir=args.output_dir,
-            repo_name=args.hub_model_id or Path(args.output_dir).absolute().name,
-            model_id=args.hub_model_id,
-            token=args.hub_token,
-            private_repo=args.hub_private_repo,
-            revision=args.hub_revision,
-            strategy=HubStrategy(args.hub_strategy),
-            always_push=args.hub_always_push,
-            save_strategy=SaveStrategy(args.save_strategy),
-            should_save=args.should_save,
-        )
-
-
 class HubClient:
     """The Trainer's Hub component: the repository it pushes to, the pending checkpoint push, the model card.
 
-    It reads the trainer's ``args`` (through :class:`HubSettings`), ``model``, ``state``, ``control``,
+    It reads the trainer's ``plan`` (``hub``, ``save``), ``model``, ``state``, ``control``,
     ``callback_handler``, ``processing_class``, ``train_dataset`` and ``eval_dataset`` at each call, and calls
     back through the trainer where transformers calls ``self.<method>``: ``is_world_process_zero``,
     ``init_hf_repo``, ``save_model``, ``create_model_card`` and ``_finish_current_push`` (in ``push_to_hub``).
@@ -396,9 +344,10 @@ class HubClient:
         return client
 
     @property
-    def settings(self) -> HubSettings:
-        """The Hub fields of the trainer's current arguments."""
-        return HubSettings.from_args(self.trainer.args)
+    def repo_name(self) -> str:
+        """The repository :meth:`init_hf_repo` creates: ``hub_model_id``, else the name of ``output_dir``."""
+        plan = self.trainer.plan
+        return plan.hub.model_id or Path(plan.save.output_dir).absolute().name
 
     # ---- model card -----------------------------------------------------------------------------------------------
 
@@ -430,7 +379,7 @@ class HubClient:
             return
         import yaml
 
-        output_dir = trainer.args.output_dir
+        output_dir = trainer.plan.save.output_dir
         path = os.path.join(output_dir, "README.md")
         tags = _as_list(tags)
         if os.path.exists(path):
@@ -502,10 +451,10 @@ class HubClient:
             return
         import huggingface_hub
 
-        settings = self.settings
-        token = token if token is not None else settings.token
-        private = private if private is not None else settings.private_repo
-        url = huggingface_hub.create_repo(settings.repo_name, token=token, private=private, exist_ok=True)
+        hub = self.trainer.plan.hub
+        token = token if token is not None else hub.token
+        private = private if private is not None else hub.private_repo
+        url = huggingface_hub.create_repo(self.repo_name, token=token, private=private, exist_ok=True)
         self.hub_model_id = url.repo_id
         self.push_in_progress = None
 
@@ -534,13 +483,14 @@ class HubClient:
             ``huggingface_hub.upload_folder``'s result (a ``CommitInfo``, or a ``Future`` when not ``blocking``);
             ``None`` off world process zero.
         """
-        trainer, settings = self.trainer, self.settings
+        trainer = self.trainer
+        hub, save = trainer.plan.hub, trainer.plan.save
         trainer.callback_handler.on_push_begin(trainer.args, trainer.state, trainer.control)
         model_name = kwargs.pop("model_name", None)
-        if model_name is None and settings.should_save:
-            hub_id = settings.model_id
-            model_name = Path(settings.output_dir).name if hub_id is None else hub_id.split("/")[-1]
-        token = token if token is not None else settings.token
+        if model_name is None and save.should_save:
+            hub_id = hub.model_id
+            model_name = Path(save.output_dir).name if hub_id is None else hub_id.split("/")[-1]
+        token = token if token is not None else hub.token
         if self.hub_model_id is None:
             trainer.init_hf_repo(token=token, private=private)
         trainer.save_model(_internal_call=True)
@@ -551,13 +501,13 @@ class HubClient:
             kwargs["tags"] = _as_list(kwargs.get("tags"))
             kwargs["tags"] += [t for t in model_tags if t not in kwargs["tags"]]
         trainer.create_model_card(model_name=model_name, **kwargs)
-        revision = revision if revision is not None else settings.revision
+        revision = revision if revision is not None else hub.revision
         trainer._finish_current_push()
         import huggingface_hub
 
         return huggingface_hub.upload_folder(
             repo_id=self.hub_model_id,
-            folder_path=settings.output_dir,
+            folder_path=save.output_dir,
             commit_message=commit_message,
             token=token,
             run_as_future=not blocking,
@@ -574,26 +524,27 @@ class HubClient:
         Args:
             checkpoint_folder: the ``checkpoint-N`` folder just written.
         """
-        trainer, settings = self.trainer, self.settings
-        if not trainer.is_world_process_zero() or settings.strategy == HubStrategy.END:
+        trainer = self.trainer
+        hub, save = trainer.plan.hub, trainer.plan.save
+        if not trainer.is_world_process_zero() or hub.strategy == HubStrategy.END:
             return
         pending = self.push_in_progress
-        if not settings.always_push and pending is not None and not pending.is_done():
+        if not hub.always_push and pending is not None and not pending.is_done():
             return
         trainer.callback_handler.on_push_begin(trainer.args, trainer.state, trainer.control)
-        self._stage_checkpoint(checkpoint_folder, settings.output_dir)
-        if settings.save_strategy == SaveStrategy.STEPS:
+        self._stage_checkpoint(checkpoint_folder, save.output_dir)
+        if save.strategy == SaveStrategy.STEPS:
             message = f"Training in progress, step {trainer.state.global_step}"
         else:
             message = f"Training in progress, epoch {int(trainer.state.epoch or 0)}"
         import huggingface_hub
 
-        common = dict(repo_id=self.hub_model_id, token=settings.token, run_as_future=True,
-                      revision=settings.revision)  # fmt: skip
-        jobs = [huggingface_hub.upload_folder(folder_path=settings.output_dir, commit_message=message,
+        common = dict(repo_id=self.hub_model_id, token=hub.token, run_as_future=True,
+                      revision=hub.revision)  # fmt: skip
+        jobs = [huggingface_hub.upload_folder(folder_path=save.output_dir, commit_message=message,
                                               ignore_patterns=list(IGNORE_PATTERNS), **common)]  # fmt: skip
-        if settings.strategy in (HubStrategy.CHECKPOINT, HubStrategy.ALL_CHECKPOINTS):
-            in_repo = "last-checkpoint" if settings.strategy == HubStrategy.CHECKPOINT else Path(checkpoint_folder).name
+        if hub.strategy in (HubStrategy.CHECKPOINT, HubStrategy.ALL_CHECKPOINTS):
+            in_repo = "last-checkpoint" if hub.strategy == HubStrategy.CHECKPOINT else Path(checkpoint_folder).name
             jobs.append(huggingface_hub.upload_folder(folder_path=checkpoint_folder, path_in_repo=in_repo,
                                                       commit_message=message + ", checkpoint", **common))  # fmt: skip
         if pending is None or pending.is_done():

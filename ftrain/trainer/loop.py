@@ -38,7 +38,8 @@ from ftrain.schedules import ReduceOnPlateauState, plateau_update
 from ftrain.state import TrainState
 from ftrain.trainer.args import SaveStrategy
 from ftrain.trainer.checkpoints import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
-from ftrain.trainer.convert import compute_steps, logged_learning_rate
+from ftrain.trainer.convert import logged_learning_rate
+from ftrain.trainer.plan import ActivationCheckpointing
 from ftrain.trainer.trainer_state import TrainerState
 from ftrain.trainer.utils import TrainOutput, speed_metrics
 
@@ -93,24 +94,24 @@ def _get_attr(module: torch.nn.Module, name: str) -> Any:
     return module
 
 
-def enable_activation_checkpointing(skeleton: Any, activation_checkpointing_kwargs: dict[str, Any] | None) -> None:
+def enable_activation_checkpointing(skeleton: Any, options: ActivationCheckpointing) -> None:
     """transformers' activation checkpointing, enabled on the step's meta skeleton (never the user's model).
 
-    ``every_n_layers`` and ``offload`` are taken out of ``activation_checkpointing_kwargs`` as transformers does;
-    the rest goes to ``torch.utils.checkpoint.checkpoint`` (``use_reentrant=False`` by default). Each layer's
+    ``options`` is the plan's split of ``activation_checkpointing_kwargs``: ``every_n_layers`` and ``offload`` as
+    transformers takes them out, the rest for ``torch.utils.checkpoint.checkpoint`` (``use_reentrant=False`` by
+    default). Each layer's
     checkpoint function is wrapped to re-bind the tensors the functional forward gave the layer: the recompute
     runs during the step's backward, after ``functional_call`` has put the meta tensors back.
 
     Raises:
         ValueError: a model without ``activation_checkpointing_enable`` / ``gradient_checkpointing_enable``.
     """
-    kwargs = dict(activation_checkpointing_kwargs or {})
-    every_n_layers, offload = kwargs.pop("every_n_layers", 1), kwargs.pop("offload", False)
+    kwargs, every_n_layers, offload = options.checkpoint_kwargs, options.every_n_layers, options.offload
     enable = getattr(skeleton, "activation_checkpointing_enable", None)
     if enable is not None:
-        enable(activation_checkpointing_kwargs=kwargs or None, every_n_layers=every_n_layers, offload=offload)
+        enable(activation_checkpointing_kwargs=kwargs, every_n_layers=every_n_layers, offload=offload)
     elif hasattr(skeleton, "gradient_checkpointing_enable"):
-        skeleton.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs or None)
+        skeleton.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     else:
         raise ValueError(
             f"activation_checkpointing=True needs a model with activation_checkpointing_enable() (a transformers "
@@ -195,16 +196,17 @@ class TrainingLoop:
         """The default ``Trainer._inner_training_loop``: set up, fire ``on_train_begin``, run the epochs, finish."""
         trainer, args = self.trainer, self.trainer.args
         stream = trainer.get_train_dataloader()
-        steps = compute_steps(args, stream.layout.microbatches_per_epoch)
+        plan = trainer.plan
+        steps = plan.steps(stream.layout.microbatches_per_epoch)
         self.setup(stream, steps.max_steps, checkpoint)
         trainer.state.init_training_references(trainer, steps.max_steps, steps.num_train_epochs, None)
-        trainer.state.train_batch_size = args.train_batch_size
-        trainer.state.compute_steps(args, steps.max_steps)
+        trainer.state.train_batch_size = trainer.plan.data.train_batch_size
+        trainer.state.compute_steps(plan.intervals, steps.max_steps)
         state = trainer.state
         self.run = RunTotals(time.time(), state.global_step, state.num_input_tokens_seen,
                              last_logged_step=state.global_step)  # fmt: skip
         trainer.control = trainer.callback_handler.on_train_begin(args, state, trainer.control)
-        if args.eval_on_start:
+        if trainer.plan.eval.on_start:
             trainer._evaluate(ignore_keys_for_eval, skip_scheduler=True)
         for epoch in range(trainer.state.global_step // len(stream), steps.num_train_epochs):
             trainer.control = trainer.callback_handler.on_epoch_begin(args, trainer.state, trainer.control)
@@ -220,10 +222,10 @@ class TrainingLoop:
         trainer.current_flos = 0.0
         trainer.callback_handler.train_dataloader = stream
         trainer.create_optimizer_and_scheduler(num_training_steps=max_steps)
-        state = trainer._distribute(TrainState.create(trainer.model, trainer.optimizer, key=trainer.args.seed))
+        state = trainer._distribute(TrainState.create(trainer.model, trainer.optimizer, key=trainer.plan.seeding.seed))
         if checkpoint is not None:
             state = trainer._restore_checkpoint(checkpoint, state)
-        if trainer.args.activation_checkpointing:
+        if trainer.plan.step.activation_checkpointing is not None:
             trainer._enable_activation_checkpointing(state.skeleton)
         # NEFTune's hook goes on the skeleton here, outside the step: torch.compile cannot trace registering a hook,
         # and the hook itself adds noise only in training mode, so evaluation through this skeleton sees none.
@@ -315,7 +317,7 @@ class TrainingLoop:
         whole step's loss non-finite and the whole step is replaced (identical when ``gradient_accumulation_steps``
         is 1)."""
         run = self.run
-        if self.trainer.args.logging_nan_inf_filter:
+        if self.trainer.plan.log.nan_inf_filter:
             window = 1 + self.trainer.state.global_step - run.last_logged_step
             step_loss = torch.where(torch.isfinite(step_loss), step_loss, run.tr_loss / window)
         run.tr_loss = run.tr_loss + step_loss
@@ -325,7 +327,7 @@ class TrainingLoop:
         (``include_num_input_tokens_seen``): every element of the main input, or with ``"non_padding"`` the
         ``attention_mask`` sum (else the tokens that are not the tokenizer's pad id)."""
         trainer = self.trainer
-        mode = trainer.args.include_num_input_tokens_seen
+        mode = trainer.plan.log.num_input_tokens
         if mode == "no":
             return
         name = getattr(trainer.model, "main_input_name", "input_ids")
@@ -350,7 +352,7 @@ class TrainingLoop:
                 tokens = ids[rows].numel()
             seen += int(tokens)
         if trainer.mesh is not None:  # every rank's rows, as transformers gathers them
-            total = torch.tensor(seen, dtype=torch.int64, device=trainer.args.device)
+            total = torch.tensor(seen, dtype=torch.int64, device=trainer.plan.process.device)
             torch.distributed.all_reduce(total)
             seen = int(total)
         trainer.state.num_input_tokens_seen += seen
@@ -365,7 +367,7 @@ class TrainingLoop:
         if trainer.control.should_evaluate:
             metrics = trainer._evaluate(ignore_keys_for_eval)
             is_new_best = trainer._determine_best_metric(metrics)
-            if trainer.args.save_strategy == SaveStrategy.BEST:
+            if trainer.plan.save.strategy == SaveStrategy.BEST:
                 trainer.control.should_save = is_new_best
         if trainer.control.should_save:
             trainer._save_checkpoint()
@@ -403,7 +405,7 @@ class TrainingLoop:
         metrics = trainer.evaluate(ignore_keys=ignore_keys_for_eval)
         if skip_scheduler or not self._has_plateau():
             return metrics
-        key = _metric_key(trainer.args.metric_for_best_model, metrics)
+        key = _metric_key(trainer.plan.eval.metric_key, metrics)
         opt_state = plateau_update(trainer._train_state.opt_state, float(metrics[key]))
         trainer._train_state = trainer._train_state.replace(opt_state=opt_state)
         return metrics
@@ -419,16 +421,16 @@ class TrainingLoop:
         """The default ``Trainer._determine_best_metric``: updates ``best_metric`` / ``best_global_step`` from
         ``metric_for_best_model``; True on a new best."""
         trainer, state = self.trainer, self.trainer.state
-        name = trainer.args.metric_for_best_model
+        name = trainer.plan.eval.metric_key
         if name is None:
             return False
         key = _metric_key(name, metrics)
-        value, greater = metrics[key], trainer.args.greater_is_better
+        value, greater = metrics[key], trainer.plan.eval.greater_is_better
         if state.best_metric is None:
             state.best_metric = float("-inf") if greater else float("inf")
         if (value > state.best_metric) if greater else (value < state.best_metric):
             state.best_metric = value
-            if trainer.args.save_strategy in (SaveStrategy.STEPS, SaveStrategy.EPOCH, SaveStrategy.BEST):
+            if trainer.plan.save.strategy in (SaveStrategy.STEPS, SaveStrategy.EPOCH, SaveStrategy.BEST):
                 state.best_global_step = state.global_step
             return True
         return False
@@ -452,7 +454,7 @@ class TrainingLoop:
         if self.neftune_handle is not None:
             trainer._deactivate_neftune(trainer._train_state.skeleton, self.neftune_handle)
             self.neftune_handle = None
-        if trainer.args.load_best_model_at_end and trainer.state.best_model_checkpoint is not None:
+        if trainer.plan.save.load_best_model_at_end and trainer.state.best_model_checkpoint is not None:
             trainer._load_best_model()
         self.sync_model()
         trainer._checkpoints.keep_only_best()  # save_total_limit == 1: only the best folder survives the end

@@ -34,6 +34,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -927,7 +928,8 @@ def _parallel_policy(args: TrainingArguments, accum: int, process: ProcessFacts)
     given = args.parallelism_config
     parallel = layout if layout is not None else given
     if hasattr(parallel, "resolve"):  # ftrain's ParallelConfig: dp_shard=-1 takes what the world size leaves
-        parallel = parallel.resolve(process.world_size)
+        with contextlib.suppress(ValueError):  # sizes this world cannot hold: the layout refuses them when used
+            parallel = parallel.resolve(process.world_size)
     return ParallelPolicy(
         layout=layout,
         tp_size=1 if given is None else config_size(given, "tp", "tp_size"),

@@ -1,10 +1,18 @@
 """``Trainer``: a thin stateful shell that speaks Hugging Face's ``Trainer`` API over ftrain's pure core.
 
-``Trainer.train()`` converts ``TrainingArguments`` into core pieces once — the optimizer and schedule
-(:func:`~ftrain.trainer.convert.make_optimizer`), a :class:`~ftrain.data.BatchStream` over the training set, a
-:class:`~ftrain.TrainState`, a ``train_step`` (:func:`ftrain.make_train_step`, compiled with :func:`ftrain.jit`
-when ``torch_compile``) and a :class:`~ftrain.checkpoint.CheckpointManager` — then loops, fires callbacks, logs,
-evaluates and saves (:mod:`ftrain.trainer.loop`). The shell holds no training math (DESIGN.md rule 2).
+**Structure.** ``TrainingArguments`` are decided once into a frozen :class:`~ftrain.trainer.plan.TrainerPlan`
+(``trainer.plan``; made again only when the arguments change), which the shell reads instead of ``args`` — callbacks
+and the model card still see ``args``, as in transformers. The work is done by components with declared state:
+:class:`~ftrain.trainer.loop.TrainingLoop`, :class:`~ftrain.trainer.evaluation.Evaluator`,
+:class:`~ftrain.trainer.checkpoints.TrainerCheckpoints` (every read and write of ``checkpoint-N``, through
+:class:`~ftrain.checkpoint.CheckpointManager` only), :class:`~ftrain.trainer.hub.HubClient` and
+:class:`~ftrain.trainer.hp_search.HyperparameterSearch`. ``Trainer``'s methods keep transformers' names and
+signatures and delegate to them; the components call back through those methods wherever transformers calls
+``self.<hook>``, so a subclass's overrides take part. ``train()`` builds the core pieces once — the optimizer and
+schedule (:func:`~ftrain.trainer.convert.make_optimizer`), a :class:`~ftrain.data.BatchStream`, a
+:class:`~ftrain.TrainState` and a ``train_step`` (:func:`ftrain.make_train_step`, compiled with :func:`ftrain.jit`
+when ``torch_compile``) — then loops, fires callbacks, logs, evaluates and saves. The shell holds no training
+math (DESIGN.md rule 2).
 
 Differences from transformers, on purpose:
 
@@ -75,7 +83,6 @@ import json
 import logging
 import math
 import os
-import sys
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -97,13 +104,13 @@ from ftrain.trainer import convert as _convert
 from ftrain.trainer.args import IntervalStrategy, TrainingArguments
 from ftrain.trainer.callbacks import DEFAULT_CALLBACKS, DEFAULT_PROGRESS_CALLBACK, CallbackHandler, PrinterCallback
 from ftrain.trainer.checkpoints import TrainerCheckpoints
-from ftrain.trainer.convert import jit_options, logged_learning_rate, make_optimizer, make_schedule
+from ftrain.trainer.convert import logged_learning_rate, make_optimizer, make_schedule
 from ftrain.trainer.evaluation import Evaluator, loss_item_count, make_loss_fn
 from ftrain.trainer.hp_search import BestRun, HPSearchBackend, HyperparameterSearch
 from ftrain.trainer.hub import HubClient, PushInProgress
 from ftrain.trainer.integrations import get_reporting_integration_callbacks
 from ftrain.trainer.loop import TRAINER_STATE_NAME, TRAINING_ARGS_NAME, TrainingLoop, enable_activation_checkpointing
-from ftrain.trainer.parallel import config_size, parallel_layout
+from ftrain.trainer.plan import TrainerPlan, apply_process_settings, make_plan
 from ftrain.trainer.trainer_state import TrainerControl, TrainerState
 from ftrain.trainer.utils import (
     PREFIX_CHECKPOINT_DIR,
@@ -179,7 +186,9 @@ class Trainer:
         optimizer_cls_and_kwargs: tuple[Any, dict[str, Any]] | None = None,
         preprocess_logits_for_metrics: Any = None,
     ) -> None:
+        self._plan: tuple[Any, int, TrainerPlan] | None = None  # (the args, their revision, the plan)
         self.args = TrainingArguments(output_dir="tmp_trainer") if args is None else _as_ftrain_args(args)
+        apply_process_settings(self.plan)  # TF32 and the process's log level, as transformers' arguments do
         self._train_state = self._train_step = None  # the pure state and step, built by train()
         self._model_stale, self.is_in_train = False, False
         self.current_flos, self._flos_params, self._signature_columns = 0.0, None, None
@@ -194,7 +203,7 @@ class Trainer:
         self.data_collator = data_collator if data_collator is not None else self._default_collator()
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
         self.compute_loss_func, self.compute_metrics = compute_loss_func, compute_metrics
-        if self.args.batch_eval_metrics and compute_metrics is not None:
+        if self.plan.eval.batch_eval_metrics and compute_metrics is not None:
             if "compute_result" not in inspect.signature(compute_metrics).parameters:
                 raise ValueError(
                     "With `batch_eval_metrics=True`, `compute_metrics` must take a boolean `compute_result` argument: "
@@ -202,19 +211,30 @@ class Trainer:
                     "return the summary metrics."
                 )
         self.preprocess_logits_for_metrics = preprocess_logits_for_metrics
-        self.neftune_noise_alpha = self.args.neftune_noise_alpha
+        self.neftune_noise_alpha = self.plan.step.neftune_noise_alpha
         self.optimizer, self.lr_scheduler = optimizers
         self.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs
         self._user_optimizer = self.optimizer
-        self.label_names = self.args.label_names if self.args.label_names is not None else find_labels(self.model)
+        names = self.plan.data.label_names
+        self.label_names = list(names) if names is not None else find_labels(self.model)
         self.state, self.control = TrainerState(), TrainerControl()
         self.callback_handler = CallbackHandler(self._default_callbacks(callbacks), self.model, processing_class,
                                                 self.optimizer, self.lr_scheduler)  # fmt: skip
         self.control = self.callback_handler.on_init_end(self.args, self.state, self.control)
-        if self.args.push_to_hub:
+        if self.plan.hub.push_to_hub:
             self.init_hf_repo()
 
     # ---- construction ---------------------------------------------------------------------------------------------
+
+    @property
+    def plan(self) -> TrainerPlan:
+        """Every decision taken from ``self.args`` (:func:`~ftrain.trainer.plan.make_plan`): the shell reads this,
+        not ``args``. Made when the Trainer is built and again only when the arguments change (a search trial
+        assigns new ones; a script may set a field), so it always describes the arguments callbacks receive."""
+        args = self.args
+        if self._plan is None or self._plan[0] is not args or self._plan[1] != args.revision:
+            self._plan = (args, args.revision, make_plan(args))
+        return self._plan[2]
 
     def _build_components(self) -> None:
         """The Trainer's pieces, each with its own declared state; the methods with transformers' names delegate to
@@ -226,10 +246,11 @@ class Trainer:
         self._search = HyperparameterSearch(self)
 
     def _seed(self) -> None:
-        if self.args.full_determinism:
-            enable_full_determinism(self.args.seed)
+        seeding = self.plan.seeding
+        if seeding.full_determinism:
+            enable_full_determinism(seeding.seed)
         else:
-            set_seed(self.args.seed)
+            set_seed(seeding.seed)
 
     def _validate(self, model: Any, train_dataset: Any, eval_dataset: Any, optimizers: Any, cls_kwargs: Any) -> None:
         """transformers' constructor checks, plus ftrain's (torch optimizers)."""
@@ -238,13 +259,13 @@ class Trainer:
                 "Trainer requires either a `model` or a `model_init` argument, not both and not neither"
                 + (" (both were given)." if model is not None else ".")
             )
-        if self.args.eval_strategy != IntervalStrategy.NO and eval_dataset is None:
+        if self.plan.eval.strategy != IntervalStrategy.NO and eval_dataset is None:
             raise ValueError(
-                f"You have set `args.eval_strategy` to {self.args.eval_strategy.value!r} but you didn't pass an "
+                f"You have set `args.eval_strategy` to {self.plan.eval.strategy.value!r} but you didn't pass an "
                 "`eval_dataset` to `Trainer`. Either set `args.eval_strategy` to `no` or pass an `eval_dataset`."
             )
         self._validate_optimizers(optimizers, cls_kwargs)
-        if self.args.torch_compile and self.args.activation_checkpointing:
+        if self.plan.step.torch_compile and self.plan.step.activation_checkpointing is not None:
             raise ValueError(
                 "Trainer: torch_compile=True cannot be combined with activation_checkpointing=True. ftrain compiles "
                 "the whole step (forward, torch.autograd.grad, optimizer) as one graph, and torch.compile cannot "
@@ -290,8 +311,8 @@ class Trainer:
         return default_collate
 
     def _default_callbacks(self, callbacks: list[Any] | None) -> list[Any]:
-        progress = PrinterCallback if self.args.disable_tqdm else DEFAULT_PROGRESS_CALLBACK
-        integrations = get_reporting_integration_callbacks(self.args.report_to)
+        progress = PrinterCallback if self.plan.log.disable_tqdm else DEFAULT_PROGRESS_CALLBACK
+        integrations = get_reporting_integration_callbacks(list(self.plan.log.report_to))
         return [*DEFAULT_CALLBACKS, *integrations, progress, *(callbacks or [])]
 
     # ---- callbacks ------------------------------------------------------------------------------------------------
@@ -313,19 +334,19 @@ class Trainer:
     def create_optimizer(self, num_training_steps: int | None = None) -> GradientTransformation:
         """The ``ftrain.optim`` transformation (clipping, optimizer, schedule) for ``args``; cached."""
         if self.optimizer is None:
-            steps = num_training_steps if num_training_steps is not None else max(self.args.max_steps, 1)
+            steps = num_training_steps if num_training_steps is not None else max(self.plan.length.max_steps, 1)
             if self.optimizer_cls_and_kwargs is not None:
                 factory, kwargs = self.optimizer_cls_and_kwargs
-                kwargs = {"learning_rate": make_schedule(self.args, steps), **kwargs}
+                kwargs = {"learning_rate": make_schedule(self.plan.optim, steps), **kwargs}
                 self.optimizer = factory(**kwargs)
             else:
-                self.optimizer = make_optimizer(self.args, self.model, num_training_steps=steps)
+                self.optimizer = make_optimizer(self.plan.optim, self.model, num_training_steps=steps)
         return self.optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
         """The learning-rate schedule ``step -> lr`` (informational: the optimizer already contains it)."""
         if self.lr_scheduler is None:
-            self.lr_scheduler = make_schedule(self.args, num_training_steps)
+            self.lr_scheduler = make_schedule(self.plan.optim, num_training_steps)
         return self.lr_scheduler
 
     def create_optimizer_and_scheduler(self, num_training_steps: int) -> None:
@@ -337,7 +358,7 @@ class Trainer:
         self.callback_handler.optimizer, self.callback_handler.lr_scheduler = self.optimizer, self.lr_scheduler
 
     def _loss_with_outputs(self, model: Any, batch: Any) -> tuple[Loss, Any]:
-        fn = make_loss_fn(self.model, label_smoothing=self.args.label_smoothing_factor,
+        fn = make_loss_fn(self.model, label_smoothing=self.plan.step.label_smoothing_factor,
                           compute_loss_func=self.compute_loss_func)  # fmt: skip
         return fn(model, batch)
 
@@ -349,7 +370,7 @@ class Trainer:
         for a custom ``compute_loss`` (a microbatch mean), else by the microbatch's item count, which is passed as
         ``num_items_in_batch``. (NEFTune's hook sits on the state's skeleton, see ``_setup_training``.)
         """
-        kwargs = dict(label_smoothing=self.args.label_smoothing_factor, compute_loss_func=self.compute_loss_func)
+        kwargs = dict(label_smoothing=self.plan.step.label_smoothing_factor, compute_loss_func=self.compute_loss_func)
         custom_loss = self.overrides("compute_loss")
         default = None if custom_loss or self.overrides("training_step") else make_loss_fn(self.model, **kwargs)
 
@@ -368,9 +389,9 @@ class Trainer:
         return loss_fn
 
     def _make_train_step(self) -> Any:
-        step = make_train_step(self._make_loss_fn(), accum_steps=self.args.gradient_accumulation_steps)
-        if self.args.torch_compile:
-            return jit(step, **jit_options(self.args))
+        step = make_train_step(self._make_loss_fn(), accum_steps=self.plan.data.gradient_accumulation_steps)
+        if self.plan.step.torch_compile:
+            return jit(step, **self.plan.step.jit_options)
         return step
 
     def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> torch.Tensor:
@@ -400,8 +421,9 @@ class Trainer:
 
     def autocast_smart_context_manager(self, cache_enabled: bool | None = True) -> contextlib.AbstractContextManager:
         """``torch.autocast(device_type, dtype=torch.bfloat16)`` when ``args.bf16``, else a ``nullcontext``."""
-        if self.args.bf16:
-            return torch.autocast(self.args.device.type, dtype=torch.bfloat16, cache_enabled=cache_enabled)
+        dtype = self.plan.step.autocast_dtype
+        if dtype is not None:
+            return torch.autocast(self.plan.process.device.type, dtype=dtype, cache_enabled=cache_enabled)
         return contextlib.nullcontext()
 
     def overrides(self, hook: str) -> bool:
@@ -495,24 +517,24 @@ class Trainer:
     # ---- data -----------------------------------------------------------------------------------------------------
 
     def _stream(self, dataset: Any, batch_size: int, *, train: bool) -> BatchStream:
-        args = self.args
-        columns = signature_columns(self.model, label_names=args.label_names) if args.remove_unused_columns else None
-        strategy = args.train_sampling_strategy if train else "sequential"
-        seed = args.data_seed if args.data_seed is not None else args.seed
+        data = self.plan.data
+        columns = signature_columns(self.model, label_names=data.label_names) if data.remove_unused_columns else None
+        strategy = data.sampling_strategy if train else "sequential"
+        by_length = strategy == "group_by_length"
         rank, world = self._data_parallel()
         return BatchStream(
             dataset,
             batch_size * world,
-            seed=seed,
+            seed=data.seed,
             shuffle=strategy not in ("sequential", "group_by_length") if train else False,
-            drop_last=args.dataloader_drop_last,
+            drop_last=data.drop_last,
             collate_fn=self.data_collator,
-            accum_steps=args.gradient_accumulation_steps if train else 1,
+            accum_steps=data.gradient_accumulation_steps if train else 1,
             rank=rank,
             world_size=world,
-            num_workers=args.dataloader_num_workers,
-            group_by_length=strategy == "group_by_length",
-            lengths=args.length_column_name if strategy == "group_by_length" and _has_column(dataset, args) else None,
+            num_workers=data.num_workers,
+            group_by_length=by_length,
+            lengths=data.length_column_name if by_length and _has_column(dataset, data.length_column_name) else None,
             columns=columns,
             label_keys=tuple(self.label_names) or ("labels",),
         )
@@ -530,7 +552,7 @@ class Trainer:
         of ``per_device_train_batch_size × world_size`` examples per optimizer step)."""
         if self.train_dataset is None:
             raise ValueError("Trainer: training requires a train_dataset.")
-        return self._stream(self.train_dataset, self.args.per_device_train_batch_size, train=True)
+        return self._stream(self.train_dataset, self.plan.data.per_device_train_batch_size, train=True)
 
     def get_eval_dataloader(self, eval_dataset: Any = None) -> BatchStream:
         """The evaluation stream (in order); a ``str`` names one of ``self.eval_dataset``'s entries."""
@@ -539,13 +561,13 @@ class Trainer:
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is None:
             raise ValueError("Trainer: evaluation requires an eval_dataset.")
-        stream = self._stream(dataset, self.args.per_device_eval_batch_size, train=False)
+        stream = self._stream(dataset, self.plan.data.per_device_eval_batch_size, train=False)
         self.callback_handler.eval_dataloader = stream
         return stream
 
     def get_test_dataloader(self, test_dataset: Any) -> BatchStream:
         """The prediction stream over ``test_dataset`` (in order)."""
-        return self._stream(test_dataset, self.args.per_device_eval_batch_size, train=False)
+        return self._stream(test_dataset, self.plan.data.per_device_eval_batch_size, train=False)
 
     def num_examples(self, dataloader: Any) -> int:
         """Examples in the stream's source."""
@@ -562,9 +584,9 @@ class Trainer:
         """Writes ``model.safetensors`` + ``config.json`` (``from_pretrained`` loads them), the processing class and
         ``training_args.json`` into ``output_dir`` (default ``args.output_dir``). With several processes every rank
         calls it (the sharded weights are gathered) and ``args.should_save`` (rank 0) writes the full model."""
-        output_dir = self.args.output_dir if output_dir is None else output_dir
+        output_dir = self.plan.save.output_dir if output_dir is None else output_dir
         self._sync_model()  # a collective when the state is sharded: before the rank check
-        if not self.args.should_save:
+        if not self.plan.save.should_save:
             return
         from ftrain.checkpoint import export_pretrained
 
@@ -577,8 +599,8 @@ class Trainer:
     def save_state(self) -> None:
         """Writes ``trainer_state.json`` into ``args.output_dir``."""
         if self.is_world_process_zero():
-            os.makedirs(self.args.output_dir, exist_ok=True)
-            self.state.save_to_json(os.path.join(self.args.output_dir, TRAINER_STATE_NAME))
+            os.makedirs(self.plan.save.output_dir, exist_ok=True)
+            self.state.save_to_json(os.path.join(self.plan.save.output_dir, TRAINER_STATE_NAME))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Adds ``epoch`` (and ``num_input_tokens_seen`` when counted, with ``train_tokens_per_second`` of this
@@ -586,7 +608,7 @@ class Trainer:
         and fires ``on_log``."""
         if self.state.epoch is not None:
             logs["epoch"] = self.state.epoch
-        if self.args.include_num_input_tokens_seen != "no":
+        if self.plan.log.num_input_tokens != "no":
             logs["num_input_tokens_seen"] = self.state.num_input_tokens_seen
             if start_time is not None:
                 tokens = self.state.num_input_tokens_seen - (self._loop.run.initial_tokens if self._loop.run else 0)
@@ -607,12 +629,13 @@ class Trainer:
         """Writes ``{split}_results.json`` (and merges into ``all_results.json`` when ``combined``)."""
         if not self.is_world_process_zero():
             return
-        os.makedirs(self.args.output_dir, exist_ok=True)
-        path = os.path.join(self.args.output_dir, f"{split}_results.json")
+        output_dir = self.plan.save.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        path = os.path.join(output_dir, f"{split}_results.json")
         with open(path, "w") as f:
             json.dump(metrics, f, indent=4, sort_keys=True)
         if combined:
-            all_path = os.path.join(self.args.output_dir, "all_results.json")
+            all_path = os.path.join(output_dir, "all_results.json")
             merged = json.load(open(all_path)) if os.path.exists(all_path) else {}
             merged.update(metrics)
             with open(all_path, "w") as f:
@@ -622,11 +645,11 @@ class Trainer:
 
     def is_world_process_zero(self) -> bool:
         """True on the global main process."""
-        return self.args.process_index == 0
+        return self.plan.process.process_index == 0
 
     def is_local_process_zero(self) -> bool:
         """True on each node's main process."""
-        return self.args.local_process_index == 0
+        return self.plan.process.local_process_index == 0
 
     def get_num_trainable_parameters(self) -> int:
         """Number of parameters with ``requires_grad``."""
@@ -638,7 +661,7 @@ class Trainer:
             lr = logged_learning_rate(self._train_state.opt_state)
             if lr is not None:
                 return [float(lr)]
-        return [float(make_schedule(self.args, max(self.args.max_steps, 1))(torch.tensor(0)))]
+        return [float(make_schedule(self.plan.optim, max(self.plan.length.max_steps, 1))(torch.tensor(0)))]
 
     def get_decay_parameter_names(self, model: nn.Module | None = None) -> list[str]:
         """Names of the parameters that get weight decay (transformers' rule: not biases, not norm weights)."""
@@ -685,7 +708,7 @@ class Trainer:
     def _enable_activation_checkpointing(self, skeleton: Any) -> None:
         """transformers' activation checkpointing on the step's meta skeleton
         (:func:`~ftrain.trainer.loop.enable_activation_checkpointing` with ``activation_checkpointing_kwargs``)."""
-        enable_activation_checkpointing(skeleton, self.args.activation_checkpointing_kwargs)
+        enable_activation_checkpointing(skeleton, self.plan.step.activation_checkpointing)
 
     def _run_epoch(self, stream: Any, epoch: int, ignore_keys_for_eval: list[str] | None) -> None:
         """One pass over the epoch from the current global step; transformers' ``_run_epoch``."""
@@ -787,22 +810,21 @@ class Trainer:
             )
         if num_steps is not None:
             args.gradient_accumulation_steps = self._num_steps_taken = int(num_steps)  # transformers does, too
-        self.device, self.world_size, self.process_index = args.device, args.world_size, args.process_index
+        plan = self.plan
+        process = plan.process
+        self.device, self.world_size, self.process_index = process.device, process.world_size, process.process_index
         self.is_deepspeed_enabled = self.is_fsdp_xla_enabled = False
         # Several processes: the layout, and the mesh (starting the process group from torchrun's environment).
-        self.parallel_config = parallel_layout(args)
+        self.parallel_config = plan.parallel.layout
         self.mesh = None
         if self.parallel_config is not None:
             from ftrain.distributed import build_mesh
 
             self.mesh = build_mesh(self.parallel_config, self.device.type)
-        parallel = self.parallel_config if self.parallel_config is not None else args.parallelism_config
-        if hasattr(parallel, "resolve"):  # ftrain's ParallelConfig: dp_shard=-1 takes what the world size leaves
-            parallel = parallel.resolve(args.world_size)
-        self.is_fsdp_enabled = parallel is not None and config_size(parallel, "dp_shard", "dp_shard_size") > 1
+        self.is_fsdp_enabled = plan.parallel.fsdp_enabled
         self.is_tp_enabled = self.get_tp_size() > 1
         self.gather_function = self._nested_gather
-        self._train_batch_size = args.train_batch_size
+        self._train_batch_size = plan.data.train_batch_size
 
     @property
     def tokenizer(self) -> Any:
@@ -871,7 +893,7 @@ class Trainer:
         Raises:
             ValueError: no column matches the signature (it names both lists and how to fix it).
         """
-        if not self.args.remove_unused_columns:
+        if not self.plan.data.remove_unused_columns:
             return dataset
         self._set_signature_columns_if_needed()
         return remove_unused_columns(dataset, self._signature_columns, model_name=type(self.model).__name__,
@@ -880,7 +902,7 @@ class Trainer:
     def _get_collator_with_removed_columns(self, data_collator: Callable, description: str | None = None) -> Callable:
         """``data_collator`` preceded by the column filter (dict examples keep the signature keys; others pass
         through), when ``args.remove_unused_columns``; else ``data_collator`` itself."""
-        if not self.args.remove_unused_columns:
+        if not self.plan.data.remove_unused_columns:
             return data_collator
         self._set_signature_columns_if_needed()
         keep = make_column_filter(self._signature_columns, model_name=type(self.model).__name__)
@@ -967,7 +989,7 @@ class Trainer:
         """
         if self.optimizer is None:
             raise ValueError("Trainer optimizer is None, please make sure you have setup the optimizer before.")
-        groups = _as_optimizer_groups(self.model, self.args.weight_decay, self._user_optimizer is not None)
+        groups = _as_optimizer_groups(self.model, self.plan.optim.weight_decay, self._user_optimizer is not None)
         if param is None:
             return [group["params"] for group in groups]
         name = param
@@ -989,22 +1011,20 @@ class Trainer:
         model_tp = getattr(self.model, "_tp_size", None)
         if model_tp is not None:
             return int(model_tp)
-        parallel = self.args.parallelism_config
-        return 1 if parallel is None else config_size(parallel, "tp", "tp_size")
+        return self.plan.parallel.tp_size
 
     def _cp_size(self) -> int:
-        parallel = self.args.parallelism_config
-        return 1 if parallel is None else config_size(parallel, "cp", "cp_size")
+        return self.plan.parallel.cp_size
 
     def _sp_size(self) -> int:
-        parallel = self.args.parallelism_config
-        return 1 if parallel is None else config_size(parallel, "sp_size")
+        return self.plan.parallel.sp_size
 
     def get_total_train_batch_size(self, args: Any) -> int:
         """Examples per optimizer step over all processes: ``train_batch_size × gradient_accumulation_steps ×
         dp_world_size``, with ``dp_world_size = world_size // (tp × cp × sp)`` (transformers' formula)."""
-        dp_world_size = args.world_size // self.get_tp_size() // self._cp_size() // self._sp_size()
-        return args.train_batch_size * args.gradient_accumulation_steps * dp_world_size
+        plan = self.plan if args is self.args else make_plan(args)
+        return plan.total_train_batch_size(tp_size=self.get_tp_size(), cp_size=plan.parallel.cp_size,
+                                           sp_size=plan.parallel.sp_size)  # fmt: skip
 
     def set_initial_training_values(
         self, args: Any, dataloader: Any, total_train_batch_size: int | None = None
@@ -1024,21 +1044,10 @@ class Trainer:
             length = layout.microbatches_per_epoch if layout is not None else len(dataloader)
         except TypeError:
             length = None
+        plan = self.plan if args is self.args else make_plan(args)
         total = self.get_total_train_batch_size(args) if total_train_batch_size is None else total_train_batch_size
-        if not length:
-            if args.max_steps <= 0:
-                raise ValueError(
-                    "args.max_steps must be set to a positive value if dataloader does not have a length, was "
-                    f"{args.max_steps}"
-                )
-            steps = args.max_steps
-            return (sys.maxsize, steps, total * steps, total * steps, total, steps * args.gradient_accumulation_steps,
-                    steps)  # fmt: skip
-        counts = _convert.compute_steps(args, length)
-        examples = self.num_examples(dataloader) if hasattr(dataloader, "source") else len(dataloader.dataset)
-        samples = counts.max_steps * total if args.max_steps > 0 else examples * args.num_train_epochs
-        return (counts.num_train_epochs, counts.num_update_steps_per_epoch, examples, samples, total, length,
-                counts.max_steps)  # fmt: skip
+        examples = lambda: self.num_examples(dataloader) if hasattr(dataloader, "source") else len(dataloader.dataset)
+        return plan.initial_training_values(length, num_examples=examples, total_train_batch_size=total)
 
     # ---- batches --------------------------------------------------------------------------------------------------
 
@@ -1064,9 +1073,9 @@ class Trainer:
                 break
         if not batches or not isinstance(batches[0], Mapping) or "labels" not in batches[0]:
             return batches, None
-        kwargs = dict(label_smoothing=self.args.label_smoothing_factor, compute_loss_func=self.compute_loss_func)
+        kwargs = dict(label_smoothing=self.plan.step.label_smoothing_factor, compute_loss_func=self.compute_loss_func)
         count = sum(loss_item_count(self.model, b, **kwargs).to(device) for b in batches)
-        if self.args.average_tokens_across_devices and torch.distributed.is_available():
+        if self.plan.step.average_tokens_across_devices and torch.distributed.is_available():
             if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
                 torch.distributed.all_reduce(count)
         return batches, count / (self.get_tp_size() * self._cp_size() * self._sp_size())
@@ -1079,7 +1088,7 @@ class Trainer:
         if isinstance(data, (tuple, list)):
             return type(data)(self._prepare_input(v) for v in data)
         if isinstance(data, torch.Tensor):
-            return data.to(device=self.args.device)
+            return data.to(device=self.plan.process.device)
         return data
 
     def _prepare_inputs(self, inputs: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -1223,7 +1232,7 @@ class Trainer:
         flos = self.current_flos
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             if torch.distributed.get_world_size() > 1:
-                total = torch.tensor(float(flos), dtype=torch.float64, device=self.args.device)
+                total = torch.tensor(float(flos), dtype=torch.float64, device=self.plan.process.device)
                 torch.distributed.all_reduce(total)
                 flos = total.item()
         self.state.total_flos += flos
@@ -1543,6 +1552,6 @@ def _is_default(field: Any, value: Any) -> bool:
     return False
 
 
-def _has_column(dataset: Any, args: TrainingArguments) -> bool:
+def _has_column(dataset: Any, name: str) -> bool:
     names = getattr(dataset, "column_names", None)
-    return bool(names) and args.length_column_name in names
+    return bool(names) and name in names
