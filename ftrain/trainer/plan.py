@@ -450,25 +450,21 @@ class LogPolicy:
     """When and where the trainer logs.
 
     Attributes:
-        strategy, steps, first_step: ``logging_strategy``, ``logging_steps`` (as given), ``logging_first_step``.
+        steps: ``logging_steps`` as given (resolved against ``max_steps`` by :attr:`TrainerPlan.intervals`).
         nan_inf_filter: replace a NaN / inf step loss in the logged average.
         num_input_tokens: ``include_num_input_tokens_seen``: ``"all"``, ``"non_padding"`` or ``"no"``.
         report_to: the integrations, as given (``("all",)`` and ``("none",)`` included).
         disable_tqdm: print the logs instead of drawing progress bars.
-        logging_dir: the TensorBoard directory (4.x field), or ``None``.
         should_log: this process logs (local rank 0 with ``log_on_each_node``, else global rank 0).
         process_log_level: the ``logging`` level of this process (``log_level``, or ``log_level_replica`` on
             processes that do not log); ``None`` for ``"passive"``.
     """
 
-    strategy: IntervalStrategy
     steps: float
-    first_step: bool
     nan_inf_filter: bool
     num_input_tokens: str
     report_to: tuple[str, ...]
     disable_tqdm: bool
-    logging_dir: str | None
     should_log: bool
     process_log_level: int | None
 
@@ -478,7 +474,7 @@ class EvalPolicy:
     """When and how the trainer evaluates, and how it picks the best model.
 
     Attributes:
-        strategy, steps, delay: ``eval_strategy``, ``eval_steps`` (as given), ``eval_delay``.
+        strategy, steps: ``eval_strategy`` and ``eval_steps`` as given.
         do_eval: the script evaluates (set when ``eval_strategy`` is not ``"no"``).
         on_start: evaluate once before training.
         prediction_loss_only, batch_eval_metrics: as the arguments.
@@ -486,13 +482,10 @@ class EvalPolicy:
         metric_key: ``metric_for_best_model`` with the ``eval_`` prefix (as evaluation metrics are named), or
             ``None``.
         greater_is_better: whether a larger metric is better.
-        do_concat_batches: ``eval_do_concat_batches`` (not acted on yet: see ``DISPOSITIONS``).
-        full_eval_dtype: the dtype ``bf16_full_eval`` / ``fp16_full_eval`` ask to evaluate in (not acted on yet).
     """
 
     strategy: IntervalStrategy
     steps: float | None
-    delay: float | None
     do_eval: bool
     on_start: bool
     prediction_loss_only: bool
@@ -501,8 +494,6 @@ class EvalPolicy:
     include_loss: bool
     metric_key: str | None
     greater_is_better: bool | None
-    do_concat_batches: bool
-    full_eval_dtype: torch.dtype | None
 
 
 @dataclass(frozen=True)
@@ -862,14 +853,11 @@ def _log_policy(args: TrainingArguments, process: ProcessFacts) -> LogPolicy:
     should_log = (process.local_process_index if args.log_on_each_node else process.process_index) == 0
     level = _LOG_LEVELS[args.log_level if should_log else args.log_level_replica]
     return LogPolicy(
-        strategy=IntervalStrategy(args.logging_strategy),
         steps=args.logging_steps,
-        first_step=args.logging_first_step,
         nan_inf_filter=args.logging_nan_inf_filter,
         num_input_tokens=args.include_num_input_tokens_seen,
         report_to=_report_to(args.report_to),
         disable_tqdm=args.disable_tqdm,
-        logging_dir=args.logging_dir,
         should_log=should_log,
         process_log_level=None if level == -1 else level,
     )
@@ -880,7 +868,6 @@ def _eval_policy(args: TrainingArguments) -> EvalPolicy:
     return EvalPolicy(
         strategy=IntervalStrategy(args.eval_strategy),
         steps=args.eval_steps,
-        delay=args.eval_delay,
         do_eval=args.do_eval,
         on_start=args.eval_on_start,
         prediction_loss_only=args.prediction_loss_only,
@@ -889,8 +876,6 @@ def _eval_policy(args: TrainingArguments) -> EvalPolicy:
         include_loss="loss" in include,
         metric_key=None if name is None else name if name.startswith("eval_") else f"eval_{name}",
         greater_is_better=args.greater_is_better,
-        do_concat_batches=args.eval_do_concat_batches,
-        full_eval_dtype=torch.bfloat16 if args.bf16_full_eval else torch.float16 if args.fp16_full_eval else None,
     )
 
 
@@ -978,6 +963,8 @@ class Disposition:
             ``refused_with`` raises a ``ValueError`` containing ``message`` when the arguments are built) or
             ``"ignored"`` (accepted and not acted on; ``why`` says why).
         where: the plan attributes that carry an honoured field (``"data.seed"``).
+        by: for a field acted on by a callback, which reads it from ``args`` as transformers' does (the callback's
+            class name in :mod:`ftrain.trainer.callbacks` or :mod:`ftrain.trainer.integrations`).
         why: a note on an honoured field, or the reason a field is ignored.
         refused_with: for a refused field, the ``TrainingArguments`` keyword arguments that are refused.
         message: for a refused field, a part of the error message.
@@ -985,13 +972,14 @@ class Disposition:
 
     kind: Literal["honoured", "refused", "ignored"]
     where: tuple[str, ...] = ()
+    by: str = ""
     why: str = ""
     refused_with: Mapping[str, Any] | None = None
     message: str = ""
 
 
-def _honoured(*where: str, why: str = "") -> Disposition:
-    return Disposition("honoured", where=where, why=why)
+def _honoured(*where: str, by: str = "", why: str = "") -> Disposition:
+    return Disposition("honoured", where=where, by=by, why=why)
 
 
 def _ignored(why: str) -> Disposition:
@@ -1040,11 +1028,11 @@ DISPOSITIONS: dict[str, Disposition] = {
         "float16 needs dynamic loss scaling, which the pure step does not implement (and a CUDA GPU)",
     ),
     "bf16_full_eval": _ignored(
-        "carried as eval.full_eval_dtype, but the Evaluator does not cast the model: evaluation runs in the "
+        "the Evaluator does not cast the model: evaluation runs in the "
         "training dtype (it fills only DeepSpeed's 'auto' bf16.enabled)"
     ),
     "fp16_full_eval": _ignored(
-        "refused without a CUDA GPU; on a GPU carried as eval.full_eval_dtype, but the Evaluator does not cast "
+        "refused without a CUDA GPU; on a GPU the Evaluator does not cast "
         "the model (it fills only DeepSpeed's 'auto' fp16.enabled)"
     ),
     "tf32": _honoured("step.tf32", why="applied by apply_process_settings; True needs an Ampere or newer GPU"),
@@ -1065,9 +1053,9 @@ DISPOSITIONS: dict[str, Disposition] = {
     "torch_empty_cache_steps": _ignored("ftrain never calls torch.cuda.empty_cache (the step reuses its buffers)"),
     "auto_find_batch_size": _ignored("no retry with a smaller batch after an out-of-memory error"),
     # --- logging ---
-    "logging_strategy": _honoured("log.strategy"),
+    "logging_strategy": _honoured(by="DefaultFlowCallback"),
     "logging_steps": _honoured("log.steps"),
-    "logging_first_step": _honoured("log.first_step"),
+    "logging_first_step": _honoured(by="DefaultFlowCallback"),
     "log_on_each_node": _honoured("log.should_log", "log.process_log_level"),
     "logging_nan_inf_filter": _honoured("log.nan_inf_filter"),
     "include_num_input_tokens_seen": _honoured("log.num_input_tokens"),
@@ -1083,13 +1071,11 @@ DISPOSITIONS: dict[str, Disposition] = {
     # --- evaluation ---
     "eval_strategy": _honoured("eval.strategy"),
     "eval_steps": _honoured("eval.steps"),
-    "eval_delay": _honoured("eval.delay"),
+    "eval_delay": _honoured(by="DefaultFlowCallback"),
     "per_device_eval_batch_size": _honoured("data.per_device_eval_batch_size", "data.eval_batch_size"),
     "prediction_loss_only": _honoured("eval.prediction_loss_only"),
     "eval_on_start": _honoured("eval.on_start"),
-    "eval_do_concat_batches": _ignored(
-        "carried as eval.do_concat_batches, but the Evaluator always concatenates the batches' predictions"
-    ),
+    "eval_do_concat_batches": _ignored("the Evaluator always concatenates the batches' predictions"),
     "eval_use_gather_object": _ignored("the Evaluator gathers tensors only; Python objects are not gathered"),
     "eval_accumulation_steps": _ignored(
         "every batch's outputs move to the CPU as they are computed (what transformers does every N steps)"
@@ -1168,7 +1154,7 @@ DISPOSITIONS: dict[str, Disposition] = {
     "evaluation_strategy": _honoured("eval.strategy"),
     "warmup_ratio": _honoured("optim.warmup_steps"),
     "group_by_length": _honoured("data.sampling_strategy"),
-    "logging_dir": _honoured("log.logging_dir", why="the TensorBoard callback's directory"),
+    "logging_dir": _honoured(by="TensorBoardCallback"),
     "overwrite_output_dir": _ignored("kept for scripts; the Trainer never checks output_dir for old runs"),
     "save_safetensors": _refused(
         {"save_safetensors": False}, "ftrain writes safetensors only", "pickled checkpoints are never written"

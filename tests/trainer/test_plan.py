@@ -9,6 +9,7 @@ released on a stand-in holding the attributes they read, or are derived by hand 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import math
 import operator
@@ -23,6 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from ftrain.trainer import callbacks, integrations
 from ftrain.trainer.args import IntervalStrategy, SaveStrategy, TrainingArguments
 from ftrain.trainer.convert import make_optimizer, make_schedule
 from ftrain.trainer.plan import (
@@ -65,7 +67,10 @@ def test_honoured_fields_name_plan_attributes_that_exist():
     for name, disposition in DISPOSITIONS.items():
         if disposition.kind != "honoured":
             continue
-        assert disposition.where, f"{name} is honoured but names no plan entry"
+        assert disposition.where or disposition.by, f"{name} is honoured but names no plan entry or callback"
+        if disposition.by:  # a callback that reads the field from args, as transformers' does
+            cls = getattr(callbacks, disposition.by, None) or getattr(integrations, disposition.by)
+            assert name in inspect.getsource(cls), f"{disposition.by} does not read {name}"
         for path in disposition.where:
             try:
                 operator.attrgetter(path)(plan)
@@ -341,10 +346,9 @@ def test_step_policy():
 def test_eval_policy():
     plan = make_plan(TrainingArguments(include_for_metrics=["loss"], eval_strategy="epoch", eval_delay=2))
     assert plan.eval.include_loss and not plan.eval.include_inputs
-    assert (plan.eval.strategy, plan.eval.delay, plan.eval.metric_key) == (IntervalStrategy.EPOCH, 2, None)
+    assert (plan.eval.strategy, plan.eval.metric_key) == (IntervalStrategy.EPOCH, None)
     plateau = make_plan(TrainingArguments(lr_scheduler_type="reduce_lr_on_plateau", eval_strategy="epoch")).eval
     assert (plateau.metric_key, plateau.greater_is_better) == ("eval_loss", False)
-    assert make_plan(TrainingArguments(bf16_full_eval=True)).eval.full_eval_dtype is torch.bfloat16
 
 
 def test_save_policy_and_checkpoint_options():
