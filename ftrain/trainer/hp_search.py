@@ -401,14 +401,12 @@ class HyperparameterSearch:
         """A shallow copy of the Trainer for ray to pickle into each trial; the Trainer itself is left unchanged.
 
         The copy has no model (``model_init`` rebuilds it) and no state of a past ``train()``; methods stored as
-        attributes (``gather_function``) are bound to the copy; its components (the objects whose ``trainer`` is the
-        Trainer: this search, the Hub client, the loop, the evaluator, the checkpoints...) are rebuilt to serve the
-        copy, fresh (no run totals, checkpoint manager or gathered state), except that the search and the Hub client
-        keep their settings (:meth:`serving`); an absolute ``output_dir`` (ray workers
+        attributes (``gather_function``) are bound to the copy; its components are rebuilt to serve the copy
+        (``Trainer._build_components``: no run totals, checkpoint manager or gathered state), except that the search
+        and the Hub client keep their settings (:meth:`serving`); an absolute ``output_dir`` (ray workers
         run in the trial's folder); a fresh TensorBoard callback in place of one holding a writer (writers do not
         pickle), and the search callback bound to the copy's search.
         """
-        from ftrain.trainer.hub import HubClient
         from ftrain.trainer.integrations import TensorBoardCallback
 
         trainer = self.trainer
@@ -416,11 +414,8 @@ class HyperparameterSearch:
         for name, value in vars(trainer).items():
             if isinstance(value, types.MethodType) and value.__self__ is trainer:  # e.g. gather_function
                 setattr(shipped, name, types.MethodType(value.__func__, shipped))
-            elif isinstance(value, HubClient):
-                setattr(shipped, name, value.serving(shipped))
-            elif getattr(value, "trainer", None) is trainer and not isinstance(value, HyperparameterSearch):
-                setattr(shipped, name, type(value)(shipped))  # another component (evaluator, checkpoints...): anew
-        shipped._search = self.serving(shipped)
+        shipped._build_components()  # fresh components serving the copy
+        shipped._hub, shipped._search = trainer._hub.serving(shipped), self.serving(shipped)
         shipped.model = shipped._train_state = shipped._train_step = None
         shipped.args = copy.deepcopy(trainer.args)
         shipped.args.output_dir = os.path.abspath(shipped.args.output_dir)
