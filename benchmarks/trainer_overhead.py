@@ -42,8 +42,9 @@ from ftrain.jit import jit
 from ftrain.state import TrainState
 from ftrain.step import make_train_step
 from ftrain.trainer import Trainer, TrainerCallback, TrainingArguments
-from ftrain.trainer.convert import jit_options, make_optimizer
+from ftrain.trainer.convert import make_optimizer
 from ftrain.trainer.evaluation import make_loss_fn
+from ftrain.trainer.plan import jit_options
 
 MODEL = dict(n_layer=4, n_embd=128, n_head=4, vocab_size=1024, n_positions=128)
 SEQ, BATCH, LOGGING_STEPS = 128, 8, 10

@@ -1,10 +1,11 @@
-"""``TrainingArguments`` -> core pieces: the optimizer, the learning-rate schedule and the step counts.
+"""``TrainingArguments`` -> core pieces: the optimizer and the learning-rate schedule.
 
 The functions here take the Trainer plan's :class:`~ftrain.trainer.plan.OptimPolicy` (``plan.optim``) or, as in
 transformers, the ``TrainingArguments`` themselves (read into that policy by
 :func:`~ftrain.trainer.plan.optim_policy`). They only choose and parameterise pieces of :mod:`ftrain.optim` and
-:mod:`ftrain.schedules`; the maths lives there. The step arithmetic (:func:`compute_steps`, :class:`TrainingSteps`)
-and :func:`jit_options` live in :mod:`ftrain.trainer.plan`; they are importable from here too.
+:mod:`ftrain.schedules`; the maths lives there. The step arithmetic
+(:meth:`~ftrain.trainer.plan.TrainerPlan.steps`) and the compile options (:func:`~ftrain.trainer.plan.jit_options`)
+are the plan's.
 
 What :func:`make_optimizer` builds matches ``transformers.Trainer.create_optimizer_and_scheduler``:
 
@@ -47,23 +48,14 @@ from ftrain.optim.base import GradientTransformation, OptState, Schedule
 from ftrain.schedules import ReduceOnPlateauState, get_schedule, reduce_on_plateau
 from ftrain.trainer.args import OptimizerNames, SchedulerType
 from ftrain.trainer.plan import (
-    Intervals,
     OptimPolicy,
-    TrainingLength,
-    TrainingSteps,
-    jit_options,
     optim_policy,
     resolve_warmup,
-    total_train_batch_size,
-    training_steps,
 )
 
 __all__ = [
     "SUPPORTED_OPTIMIZERS",
-    "TrainingSteps",
-    "compute_steps",
     "get_optimizer_cls_and_kwargs",
-    "jit_options",
     "logged_learning_rate",
     "make_optimizer",
     "make_schedule",
@@ -387,41 +379,3 @@ def logged_learning_rate(opt_state: OptState) -> torch.Tensor | None:
         if is_plateau(leaf):
             lr = lr * leaf.scale.to(lr.dtype)
     return lr
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Step arithmetic.
-
-
-def compute_steps(args: Any, len_dataloader: int | None, *, world_size: int | None = None) -> TrainingSteps:
-    """transformers' step arithmetic for ``args`` (:func:`ftrain.trainer.plan.training_steps`; the Trainer uses
-    ``TrainerPlan.steps``, the same function over its plan).
-
-    Args:
-        args: a ``TrainingArguments`` (ftrain's or transformers').
-        len_dataloader: micro-batches per epoch on this rank, or ``None`` if the loader has no length.
-        world_size: data-parallel processes (default: ``args.world_size``).
-
-    Returns:
-        The counts.
-
-    Raises:
-        ValueError: no loader length and ``max_steps <= 0``, or an empty loader.
-
-    Example:
-        >>> from ftrain.trainer.args import TrainingArguments
-        >>> s = compute_steps(TrainingArguments("out", num_train_epochs=2.5, gradient_accumulation_steps=4,
-        ...                                     logging_steps=0.1), len_dataloader=10, world_size=1)
-        >>> s.num_update_steps_per_epoch, s.max_steps, s.num_train_epochs, s.logging_steps
-        (3, 8, 3, 1)
-    """
-    ga = args.gradient_accumulation_steps
-    world = args.world_size if world_size is None else world_size
-    return training_steps(
-        len_dataloader,
-        TrainingLength(num_train_epochs=args.num_train_epochs, max_steps=args.max_steps),
-        gradient_accumulation_steps=ga,
-        total_train_batch_size=total_train_batch_size(args.train_batch_size, ga, world),
-        warmup_steps=args.warmup_steps,
-        intervals=Intervals(args.logging_steps, args.eval_steps, args.save_steps),
-    )

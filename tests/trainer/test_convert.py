@@ -1,4 +1,4 @@
-"""make_optimizer / make_schedule / compute_steps against transformers' Trainer, step by step.
+"""make_optimizer / make_schedule / the plan's step arithmetic against transformers' Trainer, step by step.
 
 The reference optimizer and scheduler come from ``transformers.Trainer.create_optimizer_and_scheduler``. With
 accelerate installed a real ``Trainer`` runs it; without accelerate (which a ``Trainer`` needs to be built) the
@@ -29,13 +29,13 @@ from ftrain.schedules import plateau_update
 from ftrain.trainer.args import TrainingArguments
 from ftrain.trainer.convert import (
     SUPPORTED_OPTIMIZERS,
-    compute_steps,
     get_optimizer_cls_and_kwargs,
     logged_learning_rate,
     make_optimizer,
     make_schedule,
     parse_optim_args,
 )
+from ftrain.trainer.plan import make_plan
 
 transformers = pytest.importorskip("transformers")
 HAS_ACCELERATE = importlib.util.find_spec("accelerate") is not None
@@ -407,7 +407,7 @@ class _Loader:
     logging=st.sampled_from([1, 10, 0.1, 0.25]),
     eval_steps=st.sampled_from([None, 5, 0.3]),
 )
-def test_compute_steps_matches_transformers(length, ga, epochs, max_steps, logging, eval_steps):
+def test_plan_steps_match_transformers(length, ga, epochs, max_steps, logging, eval_steps):
     args = TrainingArguments(
         gradient_accumulation_steps=ga,
         num_train_epochs=epochs,
@@ -424,9 +424,9 @@ def test_compute_steps_matches_transformers(length, ga, epochs, max_steps, loggi
     )
     if length is None and max_steps <= 0:
         with pytest.raises(ValueError, match="max_steps must be set > 0"):
-            compute_steps(args, length, world_size=2)
+            make_plan(args).steps(length, world_size=2)
         return
-    ours = compute_steps(args, length, world_size=2)
+    ours = make_plan(args).steps(length, world_size=2)
     epochs_hf, per_epoch, _, _, total_bs, steps_in_epoch, max_hf = transformers.Trainer.set_initial_training_values(
         fake, args, _Loader(length)
     )
@@ -444,25 +444,12 @@ def test_compute_steps_matches_transformers(length, ga, epochs, max_steps, loggi
     assert ours.warmup_steps == args.get_warmup_steps(max_hf)
 
 
-def test_compute_steps_refuses_an_empty_loader():
+def test_plan_steps_refuse_an_empty_loader():
     with pytest.raises(ValueError, match="the training dataloader is empty"):
-        compute_steps(TrainingArguments(), 0)
-    steps = compute_steps(TrainingArguments(max_steps=5, gradient_accumulation_steps=3), None, world_size=1)
+        make_plan(TrainingArguments()).steps(0)
+    steps = make_plan(TrainingArguments(max_steps=5, gradient_accumulation_steps=3)).steps(None, world_size=1)
     assert (steps.num_update_steps_per_epoch, steps.steps_in_epoch) == (5, 15)
     assert steps.num_train_epochs > 10**9 and math.isfinite(steps.max_steps)
-
-
-def test_compute_steps_is_the_plans_arithmetic():
-    from ftrain.trainer import plan as plan_module
-    from ftrain.trainer.convert import TrainingSteps, jit_options
-    from ftrain.trainer.plan import make_plan
-
-    assert TrainingSteps is plan_module.TrainingSteps and jit_options is plan_module.jit_options
-    cases = ({}, {"max_steps": 7, "gradient_accumulation_steps": 3}, {"num_train_epochs": 0.5, "save_steps": 0.2})
-    for kwargs in cases:
-        args = TrainingArguments(per_device_train_batch_size=2, use_cpu=True, **kwargs)
-        for length in (None, 1, 10) if "max_steps" in kwargs else (1, 10):
-            assert compute_steps(args, length, world_size=3) == make_plan(args).steps(length, world_size=3)
 
 
 @pytest.mark.parametrize("name", SUPPORTED_OPTIMIZERS)
