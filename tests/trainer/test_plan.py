@@ -36,6 +36,7 @@ from ftrain.trainer.plan import (
     resolve_interval,
 )
 from ftrain.trainer.trainer_state import TrainerState
+from tests.trainer.test_convert import LR  # the schedule's float64 tolerance
 
 transformers = pytest.importorskip("transformers")
 
@@ -415,7 +416,7 @@ def test_convert_builds_the_same_optimizer_from_the_plan():
         expected.append(theirs.get_last_lr()[0])
         theirs.optimizer.step()
         theirs.step()
-    assert [float(make_schedule(policy, 6)(torch.tensor(k))) for k in range(6)] == pytest.approx(expected, abs=1e-7)
+    assert [float(make_schedule(policy, 6)(torch.tensor(k))) for k in range(6)] == pytest.approx(expected, **LR)
     torch.manual_seed(0)
     model = nn.Linear(3, 2)
     params = {k: v.detach().clone() for k, v in model.named_parameters()}
