@@ -121,7 +121,7 @@ class TrainerCheckpoints:
     Args:
         trainer: the Trainer it serves. Read at each call, never cached: ``args``, ``state``, ``control``,
             ``mesh``, ``_train_state``, ``model``, ``callback_handler``; called back: ``save_model``,
-            ``store_flos``, ``_export_state``, ``_write_hf_views``, ``_push_from_checkpoint``,
+            ``store_flos``, ``_write_hf_views``, ``_push_from_checkpoint``,
             ``_rotate_checkpoints``.
 
     Attributes:
@@ -256,17 +256,16 @@ class TrainerCheckpoints:
         else:  # every rank: with a sharded state each writes its shards (DCP)
             extra = {"trainer_state": dataclasses.asdict(state)}
             manager.save(step, trainer._train_state, extra=extra, force=True)
-        trainer._write_hf_views(folder, trainer._export_state())  # a collective when sharded
+        trainer._write_hf_views(folder)  # save_model gathers a sharded state's weights: every rank calls it
         _barrier()  # the views exist before any rank lists checkpoints to rotate
         trainer._rotate_checkpoints()
 
-    def write_hf_views(self, folder: Path, exported: TrainState) -> None:
+    def write_hf_views(self, folder: Path) -> None:
         """transformers' files in ``folder``: the trainer's ``save_model`` (weights + config, processing class,
         ``training_args.json``), then, on the saving process, ``trainer_state.json`` and the hub push.
 
         Every process calls it, as transformers calls ``save_model``: gathering a sharded state's weights is a
-        collective. ``exported`` is the state with full weights, ``trainer._export_state()``, which the default
-        ``save_model`` writes (it finds the gathered weights cached).
+        collective.
         """
         trainer = self.trainer
         trainer.save_model(str(folder), _internal_call=True)

@@ -757,9 +757,9 @@ class Trainer:
         """Writes ``output_dir/checkpoint-{global_step}`` (the state, then transformers' views), then rotates."""
         self._checkpoints.save_checkpoint()
 
-    def _write_hf_views(self, folder: Path, exported: TrainState) -> None:
+    def _write_hf_views(self, folder: Path) -> None:
         """transformers' files in a committed ``folder``: ``save_model``, ``trainer_state.json``, the hub push."""
-        self._checkpoints.write_hf_views(folder, exported)
+        self._checkpoints.write_hf_views(folder)
 
     def _checkpoint_dirs(self) -> list[tuple[int, str]]:
         """``(step, path)`` of every ``checkpoint-N`` folder of ``output_dir``, committed or not, by step."""
