@@ -337,6 +337,8 @@ class DataPolicy:
         sampling_strategy: ``train_sampling_strategy`` (``random``, ``sequential``, ``group_by_length``,
             ``batch_rebalance``).
         drop_last, num_workers: ``dataloader_drop_last``, ``dataloader_num_workers``.
+        pin_memory, prefetch_factor, multiprocessing_context: the ``dataloader_*`` loader options (``pin_memory``
+            acts only where an accelerator is available).
         remove_unused_columns: drop the columns the model's ``forward`` does not take.
         label_names: batch keys holding labels, or ``None`` (found from the model).
         length_column_name: the column of precomputed lengths for ``group_by_length``.
@@ -351,6 +353,9 @@ class DataPolicy:
     sampling_strategy: str
     drop_last: bool
     num_workers: int
+    pin_memory: bool
+    prefetch_factor: int | None
+    multiprocessing_context: Any
     remove_unused_columns: bool
     label_names: tuple[str, ...] | None
     length_column_name: str
@@ -820,6 +825,9 @@ def _data_policy(args: TrainingArguments, accum: int) -> DataPolicy:
         sampling_strategy=args.train_sampling_strategy,
         drop_last=args.dataloader_drop_last,
         num_workers=args.dataloader_num_workers,
+        pin_memory=args.dataloader_pin_memory,
+        prefetch_factor=args.dataloader_prefetch_factor,
+        multiprocessing_context=args.dataloader_multiprocessing_context,
         remove_unused_columns=args.remove_unused_columns,
         label_names=None if args.label_names is None else tuple(args.label_names),
         length_column_name=args.length_column_name,
@@ -992,7 +1000,6 @@ def _refused(refused_with: dict[str, Any], message: str, why: str) -> Dispositio
 
 _NOT_A_DDP_WRAPPER = "ftrain does not wrap the model in DistributedDataParallel: the pure step reduces the gradients"
 _SCRIPTS_ONLY = "read by training scripts, not by the Trainer (as in transformers)"
-_NOT_PASSED_TO_LOADER = "the Trainer's BatchStream is built without it (torch's default applies)"
 
 #: Every ``TrainingArguments`` field (transformers 5.x and ftrain's 4.x extras) -> its :class:`Disposition`.
 DISPOSITIONS: dict[str, Disposition] = {
@@ -1121,10 +1128,10 @@ DISPOSITIONS: dict[str, Disposition] = {
     ),
     "dataloader_drop_last": _honoured("data.drop_last"),
     "dataloader_num_workers": _honoured("data.num_workers"),
-    "dataloader_pin_memory": _ignored(_NOT_PASSED_TO_LOADER),
-    "dataloader_persistent_workers": _ignored(_NOT_PASSED_TO_LOADER),
-    "dataloader_prefetch_factor": _ignored(_NOT_PASSED_TO_LOADER),
-    "dataloader_multiprocessing_context": _ignored(_NOT_PASSED_TO_LOADER),
+    "dataloader_pin_memory": _honoured("data.pin_memory", why="pins only where an accelerator is available"),
+    "dataloader_persistent_workers": _ignored("BatchStream starts its workers for each epoch's pass"),
+    "dataloader_prefetch_factor": _honoured("data.prefetch_factor"),
+    "dataloader_multiprocessing_context": _honoured("data.multiprocessing_context"),
     "dataloader_in_order": _ignored("BatchStream always yields batches in order"),
     "remove_unused_columns": _honoured("data.remove_unused_columns"),
     "label_names": _honoured("data.label_names"),

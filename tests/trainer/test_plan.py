@@ -314,6 +314,18 @@ def test_data_policy():
     assert make_plan(TrainingArguments(label_names=None)).data.label_names is None
 
 
+def test_loader_options_reach_the_trainers_streams(tmp_path):
+    from ftrain.trainer import Trainer
+
+    args = TrainingArguments(str(tmp_path), report_to="none", dataloader_num_workers=1, dataloader_prefetch_factor=3,
+                             dataloader_multiprocessing_context="spawn", dataloader_pin_memory=False)  # fmt: skip
+    trainer = Trainer(torch.nn.Linear(2, 1), args, train_dataset=[{"input": [1.0, 2.0]}] * 4)
+    for stream in (trainer.get_train_dataloader(), trainer.get_test_dataloader([{"input": [1.0, 2.0]}])):
+        assert (stream.num_workers, stream.prefetch_factor, stream.multiprocessing_context) == (1, 3, "spawn")
+        assert stream.pin_memory is False
+    assert Trainer(torch.nn.Linear(2, 1), TrainingArguments(str(tmp_path), report_to="none")).plan.data.pin_memory
+
+
 def test_accumulation_taken_over_from_accelerator_config():
     config = {"gradient_accumulation_kwargs": {"num_steps": 4}}
     plan = make_plan(TrainingArguments(accelerator_config=config, per_device_train_batch_size=2, use_cpu=True))
