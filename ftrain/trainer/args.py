@@ -690,6 +690,13 @@ class TrainingArguments:
         self.save_steps = self._whole_steps("save_steps", self.save_strategy == SaveStrategy.STEPS)
         if self.load_best_model_at_end and self.save_strategy != SaveStrategy.BEST:
             self._check_best_model_strategies()
+        if self.torch_compile and self.activation_checkpointing:
+            raise ValueError(
+                "TrainingArguments: torch_compile=True cannot be combined with activation_checkpointing=True. ftrain "
+                "compiles the whole step (forward, torch.autograd.grad, optimizer) as one graph, and torch.compile "
+                "cannot rematerialise checkpointed layers in such a graph when they draw random numbers (dropout) or "
+                "when there is more than one backward (gradient_accumulation_steps > 1). Turn one of them off."
+            )
         if self.fp16 and self.bf16:
             raise ValueError("TrainingArguments: fp16 and bf16 are both True; choose one.")
         if self.fp16_full_eval and self.bf16_full_eval:

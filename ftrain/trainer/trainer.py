@@ -166,8 +166,7 @@ class Trainer:
         preprocess_logits_for_metrics: ``f(logits, labels) -> logits`` applied per evaluation batch.
 
     Raises:
-        ValueError / TypeError: transformers' invalid combinations (see ``_validate``), torch optimizers, and
-            ``torch_compile`` with ``activation_checkpointing``.
+        ValueError / TypeError: transformers' invalid combinations (see ``_validate``) and torch optimizers.
     """
 
     def __init__(
@@ -265,13 +264,6 @@ class Trainer:
                 "`eval_dataset` to `Trainer`. Either set `args.eval_strategy` to `no` or pass an `eval_dataset`."
             )
         self._validate_optimizers(optimizers, cls_kwargs)
-        if self.plan.step.torch_compile and self.plan.step.activation_checkpointing is not None:
-            raise ValueError(
-                "Trainer: torch_compile=True cannot be combined with activation_checkpointing=True. ftrain compiles "
-                "the whole step (forward, torch.autograd.grad, optimizer) as one graph, and torch.compile cannot "
-                "rematerialise checkpointed layers in such a graph when they draw random numbers (dropout) or when "
-                "there is more than one backward (gradient_accumulation_steps > 1). Turn one of them off."
-            )
 
     def _validate_optimizers(self, optimizers: Any, cls_kwargs: Any) -> None:
         tx, scheduler = optimizers if optimizers is not None else (None, None)
