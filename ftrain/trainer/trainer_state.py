@@ -229,7 +229,7 @@ class TrainerState:
             num_train_epochs: Epochs planned.
             trial: The hyper-parameter search trial, or ``None``.
         """
-        hp_name, current_trial = getattr(trainer, "hp_name", None), getattr(trainer, "_trial", None)
+        hp_name, current_trial = trainer.hp_name, trainer._trial  # as transformers: every Trainer has both
         if hp_name is not None and current_trial is not None:
             self.trial_name = hp_name(current_trial)
         self.trial_params = None if trial is None else hp_params(trial)
