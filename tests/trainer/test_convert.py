@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import math
 import types
 import warnings
 
@@ -384,77 +383,8 @@ def test_clipping_comes_first_and_only_when_enabled():
         assert len(state) == n_parts
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Step arithmetic
-
-
-class _Loader:
-    def __init__(self, n: int | None) -> None:
-        self.n = n
-
-    def __len__(self) -> int:
-        if self.n is None:
-            raise TypeError("no length")
-        return self.n
-
-
-@settings(max_examples=150, deadline=None)
-@given(
-    length=st.one_of(st.none(), st.integers(1, 50)),
-    ga=st.integers(1, 8),
-    epochs=st.sampled_from([0.5, 1.0, 2.5, 3.0]),
-    max_steps=st.sampled_from([-1, 1, 7, 40]),
-    logging=st.sampled_from([1, 10, 0.1, 0.25]),
-    eval_steps=st.sampled_from([None, 5, 0.3]),
-)
-def test_plan_steps_match_transformers(length, ga, epochs, max_steps, logging, eval_steps):
-    args = TrainingArguments(
-        gradient_accumulation_steps=ga,
-        num_train_epochs=epochs,
-        max_steps=max_steps,
-        logging_steps=logging,
-        eval_steps=eval_steps,
-        per_device_train_batch_size=4,
-        use_cpu=True,
-    )
-    fake = types.SimpleNamespace(
-        get_total_train_batch_size=lambda a: a.train_batch_size * a.gradient_accumulation_steps * 2,
-        get_sp_size=lambda: 1,
-        num_examples=lambda dl: len(dl) * 4,
-    )
-    if length is None and max_steps <= 0:
-        with pytest.raises(ValueError, match="max_steps must be set > 0"):
-            make_plan(args).steps(length, world_size=2)
-        return
-    ours = make_plan(args).steps(length, world_size=2)
-    epochs_hf, per_epoch, _, _, total_bs, steps_in_epoch, max_hf = transformers.Trainer.set_initial_training_values(
-        fake, args, _Loader(length)
-    )
-    assert (ours.num_train_epochs, ours.num_update_steps_per_epoch, ours.total_train_batch_size) == (
-        epochs_hf,
-        per_epoch,
-        total_bs,
-    )
-    assert (ours.steps_in_epoch, ours.max_steps) == (steps_in_epoch, max_hf)
-    state = transformers.TrainerState()
-    state.compute_steps(args, max_hf)
-    assert (ours.logging_steps, ours.save_steps) == (state.logging_steps, state.save_steps)
-    if eval_steps is not None:
-        assert ours.eval_steps == state.eval_steps
-    assert ours.warmup_steps == args.get_warmup_steps(max_hf)
-
-
-def test_plan_steps_refuse_an_empty_loader():
-    with pytest.raises(ValueError, match="the training dataloader is empty"):
-        make_plan(TrainingArguments()).steps(0)
-    steps = make_plan(TrainingArguments(max_steps=5, gradient_accumulation_steps=3)).steps(None, world_size=1)
-    assert (steps.num_update_steps_per_epoch, steps.steps_in_epoch) == (5, 15)
-    assert steps.num_train_epochs > 10**9 and math.isfinite(steps.max_steps)
-
-
 @pytest.mark.parametrize("name", SUPPORTED_OPTIMIZERS)
 def test_optimizer_from_the_plan_policy_is_the_one_from_the_arguments(name):
-    from ftrain.trainer.plan import make_plan
 
     args = TrainingArguments(optim=name, learning_rate=0.2, adam_beta1=0.8, adam_epsilon=1e-6, use_cpu=True)
     assert get_optimizer_cls_and_kwargs(make_plan(args).optim) == get_optimizer_cls_and_kwargs(args)

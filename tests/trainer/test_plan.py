@@ -178,6 +178,14 @@ def test_steps_match_transformers(length, ga, epochs, max_steps, logging, eval_s
     assert steps.warmup_steps == transformers.TrainingArguments.get_warmup_steps(args, max_hf)
 
 
+def test_plan_steps_refuse_an_empty_loader():
+    with pytest.raises(ValueError, match="the training dataloader is empty"):
+        make_plan(TrainingArguments()).steps(0)
+    steps = make_plan(TrainingArguments(max_steps=5, gradient_accumulation_steps=3)).steps(None, world_size=1)
+    assert (steps.num_update_steps_per_epoch, steps.steps_in_epoch) == (5, 15)
+    assert steps.num_train_epochs > 10**9 and math.isfinite(steps.max_steps)
+
+
 @pytest.mark.parametrize("tp, cp, sp", [(1, 1, 1), (2, 1, 1), (2, 2, 1), (1, 1, 4)])
 def test_total_train_batch_size_matches_transformers(tp, cp, sp):
     args = TrainingArguments(per_device_train_batch_size=3, gradient_accumulation_steps=5, use_cpu=True)
