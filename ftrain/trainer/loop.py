@@ -35,12 +35,12 @@ import torch
 from ftrain import tree as _tree
 from ftrain.metrics import to_host
 from ftrain.schedules import ReduceOnPlateauState, plateau_update
-from ftrain.trainer.torch_optim import advance_scheduler
 from ftrain.state import TrainState
 from ftrain.trainer.args import SaveStrategy
 from ftrain.trainer.checkpoints import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
 from ftrain.trainer.convert import logged_learning_rate
 from ftrain.trainer.plan import ActivationCheckpointing
+from ftrain.trainer.torch_optim import advance_scheduler
 from ftrain.trainer.trainer_state import TrainerState
 from ftrain.trainer.utils import TrainOutput, speed_metrics
 

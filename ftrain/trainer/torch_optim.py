@@ -1,7 +1,8 @@
 """``torch.optim`` objects in and out of ftrain's pure optimizers.
 
 transformers' users hand the ``Trainer`` torch objects (``optimizers=(torch.optim.AdamW(...), get_scheduler(...))``,
-``optimizer_cls_and_kwargs=(torch.optim.AdamW, {...})``) and read torch objects back (``trainer.optimizer.param_groups``,
+``optimizer_cls_and_kwargs=(torch.optim.AdamW, {...})``) and read torch objects back
+(``trainer.optimizer.param_groups``,
 ``trainer.lr_scheduler.get_last_lr()``, ``optimizer=`` in callbacks). ftrain trains with a pure
 :class:`~ftrain.optim.base.GradientTransformation` whose state lives in the :class:`~ftrain.TrainState`. This module
 joins the two:
@@ -86,12 +87,22 @@ _TRANSLATIONS: dict[type, tuple[Callable[..., GradientTransformation], dict[str,
     ),
     torch.optim.RMSprop: (
         optim.rmsprop,
-        {"alpha": "decay", "eps": "eps", "weight_decay": "weight_decay", "momentum": "momentum", "centered": "centered"},
+        {
+            "alpha": "decay",
+            "eps": "eps",
+            "weight_decay": "weight_decay",
+            "momentum": "momentum",
+            "centered": "centered",
+        },
     ),
     torch.optim.Adagrad: (
         optim.adagrad,
-        {"lr_decay": "lr_decay", "weight_decay": "weight_decay", "initial_accumulator_value": "initial_accumulator_value",
-         "eps": "eps"},  # fmt: skip
+        {
+            "lr_decay": "lr_decay",
+            "weight_decay": "weight_decay",
+            "initial_accumulator_value": "initial_accumulator_value",
+            "eps": "eps",
+        },  # fmt: skip
     ),
 }
 _ADAFACTOR_KEYS = {k: k for k in ("eps", "clip_threshold", "decay_rate", "beta1", "weight_decay", "scale_parameter",
@@ -241,7 +252,10 @@ def describe_torch_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module)
 def _mask_form(spec: TorchOptimizerSpec, lrs: Sequence[ScalarOrSchedule]) -> GradientTransformation | None:
     """transformers' two groups (same settings, weight decay ``wd`` and 0) as one optimizer with a decay mask —
     the layout :func:`ftrain.trainer.convert.make_optimizer` builds — or ``None`` when the groups are otherwise."""
-    if len(spec.groups) != 2 or lrs[0] is not lrs[1]:
+    if len(spec.groups) != 2:
+        return None
+    numbers = all(isinstance(lr, float | int) for lr in lrs)
+    if not (lrs[0] is lrs[1] or (numbers and lrs[0] == lrs[1])):
         return None
     (f0, k0), (f1, k1) = (ftrain_optimizer_kwargs(spec.cls, g.hyperparams) for g in spec.groups)
     wd0, wd1 = k0.pop("weight_decay", 0.0), k1.pop("weight_decay", 0.0)
@@ -663,7 +677,8 @@ def bind_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer, view: torch
     ``view`` instead of ``optimizer``; ``scheduler`` itself is left as it is."""
     if not isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau):
         raise TypeError(
-            f"optimizers[1] must be a torch.optim.lr_scheduler scheduler of optimizers[0], got {type(scheduler).__name__}."
+            "optimizers[1] must be a torch.optim.lr_scheduler scheduler of optimizers[0], got "
+            f"{type(scheduler).__name__}."
         )
     if getattr(scheduler, "optimizer", None) is not optimizer:
         raise ValueError("optimizers[1] must be a scheduler of optimizers[0] (it drives another optimizer).")

@@ -104,12 +104,10 @@ from ftrain.losses import Loss
 from ftrain.optim.base import GradientTransformation
 from ftrain.state import TrainState
 from ftrain.step import make_train_step
-from ftrain.trainer import convert as _convert
-from ftrain.trainer.args import IntervalStrategy, TrainingArguments
+from ftrain.trainer import torch_optim as _torch_optim
+from ftrain.trainer.args import IntervalStrategy, SchedulerType, TrainingArguments
 from ftrain.trainer.callbacks import DEFAULT_CALLBACKS, DEFAULT_PROGRESS_CALLBACK, CallbackHandler, PrinterCallback
 from ftrain.trainer.checkpoints import TrainerCheckpoints
-from ftrain.trainer import torch_optim as _torch_optim
-from ftrain.trainer.args import SchedulerType
 from ftrain.trainer.convert import logged_learning_rate, make_schedule
 from ftrain.trainer.evaluation import Evaluator, loss_item_count, make_loss_fn
 from ftrain.trainer.hp_search import BestRun, HPSearchBackend, HyperparameterSearch
@@ -389,11 +387,13 @@ class Trainer:
     def _group_schedules(self, optimizer: torch.optim.Optimizer, num_training_steps: int) -> list[Any]:
         """The ``args`` schedule for each group's learning rate (a schedule given to an ftrain factory wins)."""
         given = getattr(self, "_kwargs_schedule", None)
-        policy = self.plan.optim
-        return [
-            given or make_schedule(dataclasses.replace(policy, learning_rate=g.get("initial_lr", g["lr"])), num_training_steps)
-            for g in optimizer.param_groups
-        ]
+        by_lr: dict[float, Any] = {}  # groups with the same lr share one schedule (one optimizer with a decay mask)
+        for group in optimizer.param_groups:
+            lr = group.get("initial_lr", group["lr"])
+            if lr not in by_lr:
+                policy = dataclasses.replace(self.plan.optim, learning_rate=lr)
+                by_lr[lr] = given or make_schedule(policy, num_training_steps)
+        return [by_lr[g.get("initial_lr", g["lr"])] for g in optimizer.param_groups]
 
     def create_optimizer_and_scheduler(self, num_training_steps: int) -> None:
         """Sets ``self.optimizer`` and ``self.lr_scheduler`` (transformers' torch objects, views of ftrain's

@@ -110,7 +110,9 @@ def test_torch_optimizer_matches_transformers(name, tmp_path, one_thread):
 def _assert_same_views(hf, ft):
     """param_groups (live parameters, current lr), state_dict(), get_last_lr() against transformers' objects."""
     for ours, theirs in zip(ft.optimizer.param_groups, hf.optimizer.param_groups):
-        assert [id(p) for p in ours["params"]] == [id(p) for p in ft.model.parameters() if any(p is q for q in ours["params"])]
+        ft_names = {id(p): n for n, p in ft.model.named_parameters()}  # the view holds the live parameters
+        hf_names = {id(p): n for n, p in hf.model.named_parameters()}
+        assert [ft_names[id(p)] for p in ours["params"]] == [hf_names[id(p)] for p in theirs["params"]]
         assert {k: v for k, v in ours.items() if k not in ("params", "lr")} == {
             k: v for k, v in theirs.items() if k not in ("params", "lr")
         }
@@ -136,10 +138,12 @@ SCHEDULERS = {
     "cosine_annealing": lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=4),
     "linear": lambda o: torch.optim.lr_scheduler.LinearLR(o, start_factor=0.2, total_iters=3),
     "constant": lambda o: torch.optim.lr_scheduler.ConstantLR(o, factor=0.5, total_iters=2),
-    "one_cycle": lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=[0.1, 0.05], total_steps=STEPS,
-                                                               cycle_momentum=False),  # fmt: skip
+    "one_cycle": lambda o: torch.optim.lr_scheduler.OneCycleLR(
+        o, max_lr=[0.1, 0.05], total_steps=STEPS, cycle_momentum=False
+    ),  # fmt: skip
     "sequential": lambda o: torch.optim.lr_scheduler.SequentialLR(
-        o, [torch.optim.lr_scheduler.LinearLR(o, 0.5, total_iters=2), torch.optim.lr_scheduler.ExponentialLR(o, 0.9)],
+        o,
+        [torch.optim.lr_scheduler.LinearLR(o, 0.5, total_iters=2), torch.optim.lr_scheduler.ExponentialLR(o, 0.9)],
         milestones=[2],
     ),
 }
@@ -169,3 +173,118 @@ def test_reduce_lr_on_plateau_matches_transformers(tmp_path, one_thread):
     _assert_same_run(hf, hf_logs, ft, ft_logs)
     assert isinstance(ft.lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
     assert ft.get_learning_rates() == pytest.approx(hf.get_learning_rates(), rel=FLOAT64["rtol"])
+
+
+# ---- optimizer names, classes and the views' API -------------------------------------------------------------------
+
+SUPPORTED = ("adamw_torch", "adamw_torch_fused", "sgd", "adagrad", "rmsprop")
+
+
+@pytest.mark.parametrize("name", SUPPORTED)
+def test_get_optimizer_cls_and_kwargs_equals_transformers(name):
+    kw = dict(optim=name, learning_rate=0.01, adam_beta1=0.8, adam_beta2=0.95, adam_epsilon=1e-6)
+    if name in ("sgd", "rmsprop", "adagrad"):
+        kw["optim_args"] = {"sgd": "momentum=0.9,nesterov=true", "rmsprop": "alpha=0.9,centered=True",
+                            "adagrad": "lr_decay=0.1,eps=1e-8"}[name]  # fmt: skip
+    theirs = transformers.Trainer.get_optimizer_cls_and_kwargs(transformers.TrainingArguments("out", **kw))
+    assert Trainer.get_optimizer_cls_and_kwargs(TrainingArguments("out", **kw)) == theirs
+
+
+MISSING = {"adamw_bnb_8bit": "bitsandbytes", "paged_lion_8bit": "bitsandbytes", "galore_adamw": "galore_torch",
+           "apollo_adamw": "apollo_torch", "lomo": "lomo_optim", "schedule_free_adamw": "schedulefree",
+           "adamw_torch_4bit": "torchao", "stable_adamw": "optimi"}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(MISSING))
+def test_optimizers_of_missing_packages_raise_transformers_import_error(name, tmp_path):
+    """transformers raises ImportError naming the package when it is missing; so does ftrain, when the optimizer
+    is created (at train(), as transformers)."""
+    if importlib.util.find_spec(MISSING[name]) is not None:
+        pytest.skip(f"{MISSING[name]} is installed")
+    hf = transformers.Trainer(Regression(), _args(transformers.TrainingArguments, tmp_path / "hf", optim=name))
+    with pytest.raises(ImportError) as theirs:
+        hf.create_optimizer()
+    ft = Trainer(Regression(), _args(TrainingArguments, tmp_path / "ft", optim=name))
+    with pytest.raises(ImportError, match=rf"`{MISSING[name]}` package, which is not installed"):
+        ft.create_optimizer()
+    assert MISSING[name].replace("optimi", "torch-optimi") in str(theirs.value)  # both name the same package
+
+
+def test_optimizer_cls_and_kwargs_and_an_overriding_subclass_drive_create_optimizer(tmp_path, one_thread):
+    cls_kwargs = (torch.optim.SGD, {"lr": 0.05, "momentum": 0.5})
+    ft_logs = {}
+    for how in ("cls_and_kwargs", "override"):
+
+        class Sub(Trainer):
+            @staticmethod
+            def get_optimizer_cls_and_kwargs(args, model=None):
+                return cls_kwargs
+
+        model = Regression()
+        args = _args(TrainingArguments, tmp_path / how)
+        if how == "cls_and_kwargs":
+            ft = Trainer(model, args, train_dataset=_data(), optimizer_cls_and_kwargs=cls_kwargs)
+        else:
+            ft = Sub(model, args, train_dataset=_data())
+        ft.train()
+        ft_logs[how] = [h for h in ft.state.log_history if "loss" in h and "train_loss" not in h]
+        assert isinstance(ft.optimizer, torch.optim.SGD) and ft.optimizer.param_groups[0]["momentum"] == 0.5
+    hf = transformers.Trainer(Regression(), _args(transformers.TrainingArguments, tmp_path / "hf2"),
+                              train_dataset=_data(), optimizer_cls_and_kwargs=cls_kwargs)  # fmt: skip
+    hf.train()
+    hf_logs = [h for h in hf.state.log_history if "loss" in h and "train_loss" not in h]
+    _assert_same_run(hf, hf_logs, ft, ft_logs["override"])
+    assert ft_logs["override"] == ft_logs["cls_and_kwargs"]
+
+
+def test_views_before_training_match_transformers(tmp_path):
+    """transformers' own checks (test_no_wd_param_group, test_get_learning_rates, test_lr_scheduler_kwargs'
+    intent): groups of live parameters, the lrs before training, the scheduler stepping the view's lrs."""
+    kw = dict(weight_decay=0.1, warmup_steps=2, lr_scheduler_type="cosine")
+    hf = transformers.Trainer(Regression(), _args(transformers.TrainingArguments, tmp_path / "hf", **kw))
+    ft = Trainer(Regression(), _args(TrainingArguments, tmp_path / "ft", **kw))
+    for trainer in (hf, ft):
+        with pytest.raises(ValueError):
+            trainer.get_learning_rates()
+        trainer.create_optimizer_and_scheduler(num_training_steps=10)
+    for ours, theirs in zip(ft.optimizer.param_groups, hf.optimizer.param_groups):
+        names = {id(p): n for n, p in ft.model.named_parameters()}
+        hf_names = {id(p): n for n, p in hf.model.named_parameters()}
+        assert [names[id(p)] for p in ours["params"]] == [hf_names[id(p)] for p in theirs["params"]]
+        assert ours == {**theirs, "params": ours["params"]}
+    assert ft.optimizer.defaults == hf.optimizer.defaults
+    lrs = {"hf": [], "ft": []}
+    for key, trainer in (("hf", hf), ("ft", ft)):
+        for _ in range(10):
+            lrs[key].append(trainer.get_learning_rates())
+            trainer.lr_scheduler.step()
+    torch.testing.assert_close(lrs["ft"], lrs["hf"], **FLOAT64)
+    assert ft.optimizer.state_dict() == {**hf.optimizer.state_dict(), "state": {}}
+
+
+def test_the_view_refuses_stateful_calls_and_stepped_optimizers(tmp_path):
+    ft = Trainer(Regression(), _args(TrainingArguments, tmp_path))
+    optimizer = ft.create_optimizer()
+    for call in (optimizer.step, optimizer.zero_grad, lambda: optimizer.load_state_dict({})):
+        with pytest.raises(RuntimeError, match="pure|TrainState"):
+            call()
+    model = Regression()
+    stepped = torch.optim.AdamW(model.parameters())
+    model(torch.zeros(2, 3, dtype=torch.float64), labels=torch.zeros(2, dtype=torch.float64))["loss"].backward()
+    stepped.step()
+    with pytest.raises(ValueError, match="has already taken steps"):
+        Trainer(model, _args(TrainingArguments, tmp_path), optimizers=(stepped, None))
+
+
+def test_a_scheduler_that_moves_momentum_is_refused(tmp_path):
+    model = Regression()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=STEPS)  # cycle_momentum=True
+    ft = Trainer(model, _args(TrainingArguments, tmp_path), train_dataset=_data(), optimizers=(opt, sched))
+    with pytest.raises(ValueError, match=r"OneCycleLR also changes \['momentum'\].*cycle_momentum=False"):
+        ft.train()
+
+
+def test_table_schedule_holds_its_last_value():
+    sched = table_schedule([0.5, 0.25])
+    assert [float(sched(torch.tensor(k))) for k in range(3)] == [0.5, 0.25, 0.25]
