@@ -685,16 +685,32 @@ def bind_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer, view: torch
     return copy.deepcopy(scheduler, memo={id(optimizer): view})
 
 
-def _schedule_factor(step: int, *, schedule: Schedule, lr: float) -> float:
-    """``schedule(step) / lr``: the factor a ``LambdaLR`` multiplies the group's initial lr by."""
-    return float(schedule(torch.tensor(step))) / lr if lr else 0.0
+def _schedule_factor(step: int, *, values: Sequence[float], schedule: Schedule, lr: float) -> float:
+    """``schedule(step) / lr``, the factor a ``LambdaLR`` multiplies the group's initial lr by, read from
+    ``values`` (the schedule at steps ``0..len - 1``, computed once) so that stepping reads no tensor."""
+    value = values[step] if 0 <= step < len(values) else float(schedule(torch.tensor(step)))
+    return value / lr if lr else 0.0
 
 
-def make_lambda_scheduler(view: torch.optim.Optimizer, schedules: Sequence[Schedule]) -> Any:
+def _host_values(schedule: Schedule, num_steps: int) -> list[float]:
+    """``schedule`` at ``0..num_steps`` as Python floats, in one call where it takes a vector of steps."""
+    try:
+        values = schedule(torch.arange(num_steps + 1))
+        if isinstance(values, torch.Tensor) and values.shape == (num_steps + 1,):
+            return values.tolist()
+    except (RuntimeError, TypeError, ValueError):
+        pass  # a schedule written for 0-d steps only
+    return [float(schedule(torch.tensor(k))) for k in range(num_steps + 1)]
+
+
+def make_lambda_scheduler(view: torch.optim.Optimizer, schedules: Sequence[Schedule], num_training_steps: int) -> Any:
     """``trainer.lr_scheduler`` for ftrain schedules: a ``LambdaLR`` over ``view`` whose factor for group ``i`` is
-    ``schedules[i](step) / lr_i`` (so ``get_last_lr()`` is the schedule's value, as transformers' LambdaLR)."""
+    ``schedules[i](step) / lr_i`` (so ``get_last_lr()`` is the schedule's value, as transformers' LambdaLR), read
+    from the schedule's values computed once for ``num_training_steps``."""
+    values = {id(s): _host_values(s, num_training_steps) for s in schedules}
     lambdas = [
-        functools.partial(_schedule_factor, schedule=s, lr=g["lr"]) for s, g in zip(schedules, view.param_groups)
+        functools.partial(_schedule_factor, values=values[id(s)], schedule=s, lr=g["lr"])
+        for s, g in zip(schedules, view.param_groups)
     ]
     return torch.optim.lr_scheduler.LambdaLR(view, lambdas)
 

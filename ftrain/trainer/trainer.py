@@ -381,7 +381,7 @@ class Trainer:
                 self.lr_scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, **kwargs)
             else:
                 schedules = self._group_schedules(optimizer, num_training_steps)
-                self.lr_scheduler = _torch_optim.make_lambda_scheduler(optimizer, schedules)
+                self.lr_scheduler = _torch_optim.make_lambda_scheduler(optimizer, schedules, num_training_steps)
         return self.lr_scheduler
 
     def _group_schedules(self, optimizer: torch.optim.Optimizer, num_training_steps: int) -> list[Any]:
