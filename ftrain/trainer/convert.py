@@ -34,6 +34,7 @@ Example:
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
 from collections.abc import Callable
 from enum import Enum
@@ -120,6 +121,46 @@ for _name in ("galore_adafactor", "galore_adafactor_layerwise"):
     _UNSUPPORTED[_name] = ("projects gradients to low rank (galore_torch)", "adafactor")
 for _name in ("apollo_adamw", "apollo_adamw_layerwise"):
     _UNSUPPORTED[_name] = ("projects gradients to low rank (apollo_torch)", "adamw_torch")
+
+# The package transformers imports for each optimizer of another library: (module, pip command, exception type
+# transformers raises when the module is missing — ImportError, or ValueError for the four it reports so).
+_BACKENDS: dict[str, tuple[str, str, type[Exception]]] = {
+    "adamw_torch_xla": ("torch_xla", "pip install torch_xla", ValueError),
+    "adamw_torch_npu_fused": ("torch_npu", "pip install torch_npu", ValueError),
+    "adamw_anyprecision": ("torchdistx", "pip install git+https://github.com/pytorch/torchdistx", ValueError),
+    "grokadamw": ("grokadamw", "pip install grokadamw", ValueError),
+    "adamw_torch_4bit": ("torchao", "pip install torchao", ImportError),
+    "adamw_torch_8bit": ("torchao", "pip install torchao", ImportError),
+    "stable_adamw": ("optimi", "pip install torch-optimi", ImportError),
+    "lomo": ("lomo_optim", "pip install lomo-optim", ImportError),
+    "adalomo": ("lomo_optim", "pip install lomo-optim", ImportError),
+}
+for _name, (_reason, _) in _UNSUPPORTED.items():
+    if "bitsandbytes" in _reason:
+        _BACKENDS[_name] = ("bitsandbytes", "pip install -U bitsandbytes", ImportError)
+    elif "galore" in _reason:
+        _BACKENDS[_name] = ("galore_torch", "pip install git+https://github.com/jiaweizzhao/GaLore", ImportError)
+    elif "apollo" in _reason:
+        _BACKENDS[_name] = ("apollo_torch", "pip install git+https://github.com/zhuhanqing/APOLLO", ImportError)
+    elif _reason == "comes from schedulefree":
+        _BACKENDS[_name] = ("schedulefree", "pip install schedulefree", ImportError)
+
+
+def _refuse(name: str) -> Exception:
+    """The error for an optimizer ftrain does not build: transformers' exception naming the package when it is not
+    installed (so scripts that catch it keep working), else a ValueError saying ftrain has no pure version."""
+    reason, instead = _UNSUPPORTED[name]
+    module, pip, error = _BACKENDS[name]
+    if importlib.util.find_spec(module) is None:
+        return error(
+            f"optim={name!r} needs the `{module}` package, which is not installed: `{pip}`. Note that ftrain has no "
+            f"pure version of this optimizer even with the package; optim={instead!r} works without it."
+        )
+    return ValueError(
+        f"optim={name!r} is not available in ftrain: it {reason}, and ftrain's optimizers are pure functions "
+        f"from ftrain.optim. Use optim={instead!r} (--optim {instead}), or give the Trainer your own "
+        "ftrain.optim GradientTransformation."
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -209,6 +250,8 @@ def get_optimizer_cls_and_kwargs(args: Any, model: nn.Module | None = None) -> t
         ``(factory, kwargs)``; ``factory(**kwargs, weight_decay=..., ...)`` is a ``GradientTransformation``.
 
     Raises:
+        ImportError / ValueError: an optimizer of another library whose package is missing (transformers' exception
+            type, naming the package).
         ValueError: an unknown or unsupported optimizer name (the message suggests a supported one), or
             ``optim_args`` the optimizer does not take or cannot parse.
 
@@ -222,12 +265,7 @@ def get_optimizer_cls_and_kwargs(args: Any, model: nn.Module | None = None) -> t
     policy = _policy(args)
     name = _optimizer_name(policy.name)
     if name in _UNSUPPORTED:
-        reason, instead = _UNSUPPORTED[name]
-        raise ValueError(
-            f"optim={name!r} is not available in ftrain: it {reason}, and ftrain's optimizers are pure functions "
-            f"from ftrain.optim. Use optim={instead!r} (--optim {instead}), or give the Trainer your own "
-            "ftrain.optim GradientTransformation."
-        )
+        raise _refuse(name)
     kwargs: dict[str, Any] = {"learning_rate": policy.learning_rate}
     raw = parse_optim_args(policy.optim_args)
     if name in _OPTIM_ARG_SPECS:

@@ -40,6 +40,7 @@ from ftrain.trainer.args import SaveStrategy
 from ftrain.trainer.checkpoints import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
 from ftrain.trainer.convert import logged_learning_rate
 from ftrain.trainer.plan import ActivationCheckpointing
+from ftrain.trainer.torch_optim import advance_scheduler
 from ftrain.trainer.trainer_state import TrainerState
 from ftrain.trainer.utils import TrainOutput, speed_metrics
 
@@ -222,9 +223,11 @@ class TrainingLoop:
         trainer.current_flos = 0.0
         trainer.callback_handler.train_dataloader = stream
         trainer.create_optimizer_and_scheduler(num_training_steps=max_steps)
-        state = trainer._distribute(TrainState.create(trainer.model, trainer.optimizer, key=trainer.plan.seeding.seed))
+        state = trainer._distribute(TrainState.create(trainer.model, trainer._tx, key=trainer.plan.seeding.seed))
         if checkpoint is not None:
             state = trainer._restore_checkpoint(checkpoint, state)
+            for _ in range(int(state.step)):  # the torch scheduler view catches up with the restored step
+                advance_scheduler(trainer.lr_scheduler)
         if trainer.plan.step.activation_checkpointing is not None:
             trainer._enable_activation_checkpointing(state.skeleton)
         # NEFTune's hook goes on the skeleton here, outside the step: torch.compile cannot trace registering a hook,
@@ -297,6 +300,7 @@ class TrainingLoop:
         trainer.control = handler.on_pre_optimizer_step(args, state, trainer.control)
         trainer._train_state, metrics = trainer._train_step(trainer._train_state, batch)
         trainer._model_stale = True
+        advance_scheduler(trainer.lr_scheduler)  # the torch view follows the schedule inside the step
         trainer.control = handler.on_optimizer_step(args, state, trainer.control)
         self.accumulate_loss(metrics["loss"].detach().to(self.run.tr_loss.dtype))
         self.run.last_metrics = metrics
@@ -408,6 +412,7 @@ class TrainingLoop:
         key = _metric_key(trainer.plan.eval.metric_key, metrics)
         opt_state = plateau_update(trainer._train_state.opt_state, float(metrics[key]))
         trainer._train_state = trainer._train_state.replace(opt_state=opt_state)
+        advance_scheduler(trainer.lr_scheduler, float(metrics[key]))
         return metrics
 
     def _has_plateau(self) -> bool:

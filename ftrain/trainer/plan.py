@@ -1013,7 +1013,11 @@ DISPOSITIONS: dict[str, Disposition] = {
     "lr_scheduler_type": _honoured("optim.schedule", why="'greedy' is refused when the optimizer is built"),
     "lr_scheduler_kwargs": _honoured("optim.schedule_kwargs"),
     "warmup_steps": _honoured("optim.warmup_steps"),
-    "optim": _honoured("optim.name", why="names ftrain does not build are refused, with advice, by convert"),
+    "optim": _honoured(
+        "optim.name",
+        why="names ftrain does not build are refused, with advice, by convert (with "
+        "transformers' ImportError naming the package when it is missing)",
+    ),
     "optim_args": _honoured("optim.optim_args"),
     "weight_decay": _honoured("optim.weight_decay"),
     "adam_beta1": _honoured("optim.beta1"),

@@ -16,9 +16,13 @@ math (DESIGN.md rule 2).
 
 Differences from transformers, on purpose:
 
-- **Optimizers are pure.** ``optimizers=(tx, None)`` takes an ``ftrain.optim`` ``GradientTransformation`` (with
-  its schedule inside, e.g. ``ftrain.optim.adamw(ftrain.schedules.get_schedule(...))``); a ``torch.optim``
-  optimizer or scheduler is refused with that advice.
+- **Optimizers are pure.** The train step runs an ``ftrain.optim`` ``GradientTransformation`` whose state is in the
+  ``TrainState``. ``optimizers=(torch_optimizer, torch_scheduler)`` and ``optimizer_cls_and_kwargs=(torch class,
+  kwargs)`` are translated into one (:mod:`ftrain.trainer.torch_optim`: the torch classes ftrain has step-exact
+  equivalents for, any step-driven scheduler, ``ReduceLROnPlateau``; others are refused with how to write them);
+  ``optimizers=(tx, None)`` takes an ftrain transformation as it is. ``trainer.optimizer`` /
+  ``trainer.lr_scheduler`` are torch objects that view it: ``param_groups`` over the live model with the current
+  learning rates, ``state_dict()`` from the ``TrainState``, ``get_last_lr()``; their ``step()`` is the train step's.
 - **Custom losses and training steps.** The pure step is built from the overridable pieces: its ``loss_fn`` calls
   ``training_step(model, microbatch, num_items_in_batch)`` once per microbatch, which by default calls
   ``compute_loss`` under ``compute_loss_context_manager()``. ``training_step`` *returns* the differentiable
@@ -100,11 +104,11 @@ from ftrain.losses import Loss
 from ftrain.optim.base import GradientTransformation
 from ftrain.state import TrainState
 from ftrain.step import make_train_step
-from ftrain.trainer import convert as _convert
-from ftrain.trainer.args import IntervalStrategy, TrainingArguments
+from ftrain.trainer import torch_optim as _torch_optim
+from ftrain.trainer.args import IntervalStrategy, SchedulerType, TrainingArguments
 from ftrain.trainer.callbacks import DEFAULT_CALLBACKS, DEFAULT_PROGRESS_CALLBACK, CallbackHandler, PrinterCallback
 from ftrain.trainer.checkpoints import TrainerCheckpoints
-from ftrain.trainer.convert import logged_learning_rate, make_optimizer, make_schedule
+from ftrain.trainer.convert import logged_learning_rate, make_schedule
 from ftrain.trainer.evaluation import Evaluator, loss_item_count, make_loss_fn
 from ftrain.trainer.hp_search import BestRun, HPSearchBackend, HyperparameterSearch
 from ftrain.trainer.hub import HubClient, PushInProgress
@@ -130,18 +134,10 @@ __all__ = ["Trainer"]
 logger = logging.getLogger(__name__)
 
 
-def _is_torch_optimizer(obj: Any) -> bool:
-    return isinstance(obj, torch.optim.Optimizer | torch.optim.lr_scheduler.LRScheduler) or (
-        isinstance(obj, type) and issubclass(obj, torch.optim.Optimizer)
-    )
-
-
 _TORCH_OPTIMIZER_ADVICE = (
-    "ftrain's Trainer needs a pure ftrain.optim GradientTransformation, not a stateful torch.optim object: the "
-    "optimizer and its schedule run inside the pure train step. Pass optimizers=(tx, None) with e.g. "
-    "tx = ftrain.optim.adamw(ftrain.schedules.get_schedule('linear', 1e-3, num_warmup_steps=10, "
-    "num_training_steps=1000)), or leave optimizers unset and choose one with TrainingArguments(optim=..., "
-    "lr_scheduler_type=...)."
+    "For an ftrain.optim GradientTransformation, pass optimizers=(tx, None) with e.g. tx = ftrain.optim.adamw("
+    "ftrain.schedules.get_schedule('linear', 1e-3, num_warmup_steps=10, num_training_steps=1000)); or leave "
+    "optimizers unset and choose one with TrainingArguments(optim=..., lr_scheduler_type=...)."
 )
 
 
@@ -160,13 +156,17 @@ class Trainer:
         compute_loss_func: ``f(outputs, labels, num_items_in_batch=n) -> mean loss`` over ``n`` items.
         compute_metrics: ``f(EvalPrediction) -> dict`` of metrics.
         callbacks: extra callbacks (classes or instances), after the default ones.
-        optimizers: ``(tx, None)`` with an ``ftrain.optim`` GradientTransformation, or ``(None, None)``.
-        optimizer_cls_and_kwargs: ``(factory, kwargs)`` with an ``ftrain.optim`` factory such as
-            ``ftrain.optim.adamw``; ``learning_rate`` defaults to the ``args`` schedule.
+        optimizers: ``(torch optimizer, torch scheduler or None)`` over the model's parameters (translated, see
+            :mod:`ftrain.trainer.torch_optim`), ``(tx, None)`` with an ``ftrain.optim`` GradientTransformation, or
+            ``(None, None)``.
+        optimizer_cls_and_kwargs: ``(torch optimizer class, kwargs)`` as transformers takes it, or ``(factory,
+            kwargs)`` with an ``ftrain.optim`` factory such as ``ftrain.optim.adamw`` (``learning_rate`` defaults to
+            ``args.learning_rate``); built over transformers' decay / no-decay parameter groups.
         preprocess_logits_for_metrics: ``f(logits, labels) -> logits`` applied per evaluation batch.
 
     Raises:
-        ValueError / TypeError: transformers' invalid combinations (see ``_validate``) and torch optimizers.
+        ValueError / TypeError: transformers' invalid combinations (see ``_validate``) and torch optimizers or
+            schedulers ftrain cannot reproduce.
     """
 
     def __init__(
@@ -211,9 +211,11 @@ class Trainer:
                 )
         self.preprocess_logits_for_metrics = preprocess_logits_for_metrics
         self.neftune_noise_alpha = self.plan.step.neftune_noise_alpha
-        self.optimizer, self.lr_scheduler = optimizers
         self.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs
-        self._user_optimizer = self.optimizer
+        self._tx: GradientTransformation | None = None  # what the train step runs (create_optimizer_and_scheduler)
+        self._optimizer_spec: _torch_optim.TorchOptimizerSpec | None = None  # what self.optimizer views
+        self._user_optimizer, self._created_lr_scheduler = optimizers[0], False
+        self.optimizer, self.lr_scheduler = self._adopt_optimizers(*optimizers)
         names = self.plan.data.label_names
         self.label_names = list(names) if names is not None else find_labels(self.model)
         self.state, self.control = TrainerState(), TrainerControl()
@@ -267,16 +269,23 @@ class Trainer:
 
     def _validate_optimizers(self, optimizers: Any, cls_kwargs: Any) -> None:
         tx, scheduler = optimizers if optimizers is not None else (None, None)
-        if _is_torch_optimizer(tx) or _is_torch_optimizer(scheduler):
-            raise TypeError(_TORCH_OPTIMIZER_ADVICE)
-        if cls_kwargs is not None and _is_torch_optimizer(cls_kwargs[0]):
-            raise TypeError("optimizer_cls_and_kwargs: " + _TORCH_OPTIMIZER_ADVICE)
-        if tx is not None and not isinstance(tx, GradientTransformation):
-            raise TypeError(f"optimizers[0] must be an ftrain.optim GradientTransformation, got {type(tx).__name__}")
-        if scheduler is not None:
+        if tx is None and scheduler is not None:
             raise TypeError(
-                "optimizers[1] must be None: in ftrain the schedule is part of the optimizer (pass it as the "
-                "learning_rate of the ftrain.optim transformation)."
+                "optimizers=(None, scheduler): the scheduler drives an optimizer the Trainer would not use; pass "
+                "optimizers=(its optimizer, scheduler)."
+            )
+        if cls_kwargs is not None and isinstance(cls_kwargs[0], type):
+            if issubclass(cls_kwargs[0], torch.optim.Optimizer):
+                _torch_optim.ftrain_optimizer_kwargs(cls_kwargs[0], {})  # refuses a class ftrain cannot translate
+        if tx is not None and not isinstance(tx, GradientTransformation | torch.optim.Optimizer):
+            raise TypeError(
+                "optimizers[0] must be a torch.optim optimizer over the model's parameters or an ftrain.optim "
+                f"GradientTransformation, got {type(tx).__name__}. " + _TORCH_OPTIMIZER_ADVICE
+            )
+        if isinstance(tx, GradientTransformation) and scheduler is not None:
+            raise TypeError(
+                "optimizers[1] must be None with an ftrain.optim GradientTransformation: its schedule is part of it "
+                "(pass it as the learning_rate of the transformation)."
             )
         if tx is not None and cls_kwargs is not None:
             raise RuntimeError("Passing both `optimizers` and `optimizer_cls_and_kwargs` arguments is incompatible.")
@@ -323,31 +332,109 @@ class Trainer:
 
     # ---- core pieces ----------------------------------------------------------------------------------------------
 
-    def create_optimizer(self, num_training_steps: int | None = None) -> GradientTransformation:
-        """The ``ftrain.optim`` transformation (clipping, optimizer, schedule) for ``args``; cached."""
+    def _adopt_optimizers(self, optimizer: Any, scheduler: Any) -> tuple[Any, Any]:
+        """``optimizers=(...)`` as the Trainer keeps them: a torch optimizer becomes a view over ftrain's state
+        (checked now, so what ftrain cannot reproduce fails here), its scheduler a copy driving that view."""
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            return optimizer, scheduler
+        self._optimizer_spec = _torch_optim.check_torch_optimizer(optimizer, self.model)
+        view = _torch_optim.make_optimizer_view(self._optimizer_spec, self.model, self._optimizer_state)
+        if scheduler is None:
+            return view, None
+        return view, _torch_optim.bind_scheduler(scheduler, optimizer, view)
+
+    def _optimizer_state(self) -> tuple[Any, Any] | None:
+        """``(opt_state, step)`` of the current train state, which ``trainer.optimizer`` views."""
+        state = self._train_state
+        return None if state is None else (state.opt_state, state.step)
+
+    def create_optimizer(self, model: nn.Module | None = None) -> Any:
+        """The optimizer for ``model`` (default ``self.model``), as transformers 5 builds it, unless one was given:
+        ``optimizer_cls_and_kwargs`` or ``self.get_optimizer_cls_and_kwargs(args, model)`` (a subclass's override
+        takes part) over transformers' decay / no-decay groups. It is a torch optimizer that views ftrain's state
+        (:func:`~ftrain.trainer.torch_optim.make_optimizer_view`); the train step runs its translation."""
+        opt_model = self.model if model is None else model
         if self.optimizer is None:
-            steps = num_training_steps if num_training_steps is not None else max(self.plan.length.max_steps, 1)
             if self.optimizer_cls_and_kwargs is not None:
-                factory, kwargs = self.optimizer_cls_and_kwargs
-                kwargs = {"learning_rate": make_schedule(self.plan.optim, steps), **kwargs}
-                self.optimizer = factory(**kwargs)
+                cls, kwargs = self.optimizer_cls_and_kwargs
             else:
-                self.optimizer = make_optimizer(self.plan.optim, self.model, num_training_steps=steps)
+                cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            spec, self._kwargs_schedule = _torch_optim.build_optimizer_spec(
+                cls, kwargs, opt_model, self.plan.optim.weight_decay
+            )
+            self._optimizer_spec = spec
+            self.optimizer = _torch_optim.make_optimizer_view(spec, opt_model, self._optimizer_state)
         return self.optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
-        """The learning-rate schedule ``step -> lr`` (informational: the optimizer already contains it)."""
+        """The learning-rate scheduler of ``optimizer`` (default ``self.optimizer``) for ``args`` unless one was
+        given: a torch ``LambdaLR`` whose values are ftrain's schedule (:func:`~ftrain.trainer.convert.make_schedule`,
+        per group), or ``ReduceLROnPlateau`` for ``reduce_lr_on_plateau``; the train step runs the same schedule.
+        With an ftrain GradientTransformation given by the user, it is the ``args`` schedule as a function."""
         if self.lr_scheduler is None:
-            self.lr_scheduler = make_schedule(self.plan.optim, num_training_steps)
+            optimizer = self.optimizer if optimizer is None else optimizer
+            self._created_lr_scheduler = True
+            if not isinstance(optimizer, torch.optim.Optimizer):
+                self.lr_scheduler = make_schedule(self.plan.optim, num_training_steps)
+            elif SchedulerType(self.plan.optim.schedule) == SchedulerType.REDUCE_ON_PLATEAU:
+                kwargs = dict(self.plan.optim.schedule_kwargs)
+                self.lr_scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, **kwargs)
+            else:
+                schedules = self._group_schedules(optimizer, num_training_steps)
+                self.lr_scheduler = _torch_optim.make_lambda_scheduler(optimizer, schedules, num_training_steps)
         return self.lr_scheduler
 
+    def _group_schedules(self, optimizer: torch.optim.Optimizer, num_training_steps: int) -> list[Any]:
+        """The ``args`` schedule for each group's learning rate (a schedule given to an ftrain factory wins)."""
+        given = getattr(self, "_kwargs_schedule", None)
+        by_lr: dict[float, Any] = {}  # groups with the same lr share one schedule (one optimizer with a decay mask)
+        for group in optimizer.param_groups:
+            lr = group.get("initial_lr", group["lr"])
+            if lr not in by_lr:
+                policy = dataclasses.replace(self.plan.optim, learning_rate=lr)
+                by_lr[lr] = given or make_schedule(policy, num_training_steps)
+        return [by_lr[g.get("initial_lr", g["lr"])] for g in optimizer.param_groups]
+
     def create_optimizer_and_scheduler(self, num_training_steps: int) -> None:
-        """Sets ``self.optimizer`` (a GradientTransformation) and ``self.lr_scheduler`` (its schedule)."""
+        """Sets ``self.optimizer`` and ``self.lr_scheduler`` (transformers' torch objects, views of ftrain's
+        state) and the pure transformation the train step runs (:meth:`_make_transformation`)."""
         if self._user_optimizer is None:
             self.optimizer = None
-        self.create_optimizer(num_training_steps)
+        if self._created_lr_scheduler:
+            self.lr_scheduler = None
+        self.create_optimizer()
         self.create_scheduler(num_training_steps)
+        self._tx = self._make_transformation(num_training_steps)
         self.callback_handler.optimizer, self.callback_handler.lr_scheduler = self.optimizer, self.lr_scheduler
+
+    def _make_transformation(self, num_training_steps: int) -> GradientTransformation:
+        """The pure optimizer: the user's GradientTransformation, or ``self.optimizer`` / ``self.lr_scheduler``
+        translated — clipping to ``max_grad_norm`` first and ``ReduceLROnPlateau``'s scale last, as transformers
+        clips before ``optimizer.step()`` and reduces after evaluations."""
+        if isinstance(self.optimizer, GradientTransformation):
+            return self.optimizer
+        spec, scheduler = self._optimizer_spec, self.lr_scheduler
+        if spec is None or not isinstance(self.optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"trainer.optimizer is a {type(self.optimizer).__name__}; ftrain's Trainer needs the optimizer it "
+                "created or was given (an override of create_optimizer must return self.optimizer built by "
+                "Trainer.create_optimizer, or assign an ftrain.optim GradientTransformation)."
+            )
+        is_plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+        if is_plateau or scheduler is None:
+            lrs = [g["lr"] for g in self.optimizer.param_groups]
+        elif self._created_lr_scheduler:
+            lrs = self._group_schedules(self.optimizer, num_training_steps)
+        else:
+            lrs = _torch_optim.torch_lr_schedules(scheduler, self.optimizer, num_training_steps)
+        names = list(_optim.hf_decay_mask(self.model))
+        parts = []
+        if self.plan.optim.max_grad_norm is not None and self.plan.optim.max_grad_norm > 0:
+            parts.append(_optim.clip_by_global_norm(self.plan.optim.max_grad_norm))
+        parts.append(_torch_optim.make_transformation(spec, lrs, all_names=names))
+        if is_plateau:
+            parts.append(_torch_optim.plateau_transformation(scheduler))
+        return _optim.chain(*parts)
 
     def _loss_with_outputs(self, model: Any, batch: Any) -> tuple[Loss, Any]:
         fn = make_loss_fn(self.model, label_smoothing=self.plan.step.label_smoothing_factor,
@@ -651,7 +738,17 @@ class Trainer:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
 
     def get_learning_rates(self) -> list[float]:
-        """The learning rate of the last update (the schedule's first value before training)."""
+        """Each parameter group's current learning rate (``[g["lr"] for g in self.optimizer.param_groups]``, as
+        transformers); with a user's GradientTransformation, the one of its last update (the ``args``
+        schedule's first value before training).
+
+        Raises:
+            ValueError: the optimizer is not created yet.
+        """
+        if self.optimizer is None:
+            raise ValueError("Trainer optimizer is None, please make sure you have setup the optimizer before.")
+        if isinstance(self.optimizer, torch.optim.Optimizer):
+            return [group["lr"] for group in self.optimizer.param_groups]
         if self._train_state is not None:
             lr = logged_learning_rate(self._train_state.opt_state)
             if lr is not None:
@@ -955,35 +1052,37 @@ class Trainer:
 
     @staticmethod
     def get_optimizer_cls_and_kwargs(args: Any, model: nn.Module | None = None) -> tuple[Callable[..., Any], dict]:
-        """The ``ftrain.optim`` factory and keyword arguments for ``args.optim``: every torch-only
-        ``OptimizerNames`` value is mapped (``adamw_torch[_fused]``, ``adafactor``, ``sgd``, ``adagrad``, ``rmsprop``,
-        ``lion_32bit``); see :func:`ftrain.trainer.convert.get_optimizer_cls_and_kwargs`.
+        """The optimizer class and keyword arguments for ``args.optim``, as transformers returns them:
+        ``(torch.optim.AdamW, {"lr", "betas", "eps"[, "fused": True]})`` for ``adamw_torch[_fused]``,
+        ``torch.optim.SGD`` / ``Adagrad`` / ``RMSprop`` with ``optim_args``. ``adafactor`` and ``lion_32bit`` give
+        ftrain's pure factories (transformers' Adafactor class would need transformers; its Lion, bitsandbytes).
+        :meth:`create_optimizer` builds from what this returns, so an override takes part.
 
         Raises:
-            ValueError: an optimizer that needs another package (bitsandbytes, torchao, GaLore...), naming one to use.
+            ImportError / ValueError: an optimizer of another library (bitsandbytes, torchao, GaLore...): the
+                package's name when it is missing, as transformers; otherwise ftrain's refusal, naming one to use.
         """
-        return _convert.get_optimizer_cls_and_kwargs(args, model)
+        return _torch_optim.torch_optimizer_cls_and_kwargs(args, model)
 
     def get_optimizer_group(self, param: str | nn.Parameter | None = None) -> Any:
-        """The optimizer's parameter groups, by parameter name (ftrain's optimizer is a pure function of
-        ``{name: tensor}`` trees, not of ``param_groups``).
-
-        The groups are transformers' two: weight decay ``args.weight_decay`` on the parameters
-        :func:`ftrain.optim.hf_decay_mask` selects, then 0 on biases and norm weights (one group with
-        ``weight_decay=None`` for an optimizer passed by the user, whose grouping is its own).
+        """The optimizer's parameter groups, as transformers: ``self.optimizer.param_groups`` (live parameters;
+        transformers' two groups, decay then no decay, unless the optimizer was given).
 
         Args:
-            param: a parameter name or a parameter of ``self.model``; ``None`` for all groups.
+            param: a parameter of ``self.model``, or its name (an ftrain addition); ``None`` for all groups.
 
         Returns:
-            The group ``{"params": [names], "weight_decay": wd}`` holding ``param``, or, without ``param``, the list
-            of each group's names.
+            The ``param_groups`` entry holding ``param``, or, without ``param``, each group's ``params`` list. With a
+            user's ftrain GradientTransformation (no torch groups): one group ``{"params": [names],
+            "weight_decay": None}`` by name.
 
         Raises:
             ValueError: the optimizer is not created yet, or ``param`` is not a trainable parameter of the model.
         """
         if self.optimizer is None:
             raise ValueError("Trainer optimizer is None, please make sure you have setup the optimizer before.")
+        if isinstance(self.optimizer, torch.optim.Optimizer):
+            return _torch_optim.optimizer_group(self.optimizer, self.model, param)
         groups = _as_optimizer_groups(self.model, self.plan.optim.weight_decay, self._user_optimizer is not None)
         if param is None:
             return [group["params"] for group in groups]

@@ -285,22 +285,36 @@ def test_weight_decay_in_optim_args_is_ignored_with_a_warning():
 
 
 @pytest.mark.parametrize(
-    "name, message",
+    "name, module, message",
     [
-        ("adamw_bnb_8bit", r"optim='adamw_bnb_8bit' is not available in ftrain: it is a bitsandbytes .*'adamw_torch'"),
-        ("paged_lion_8bit", r"bitsandbytes .*optim='lion_32bit'"),
-        ("rmsprop_bnb_32bit", r"bitsandbytes .*optim='rmsprop'"),
-        ("galore_adafactor", r"low rank .*optim='adafactor'"),
-        ("adamw_torch_xla", r"TPUs .*optim='adamw_torch'"),
-        ("adamw_torch_8bit", "torchao"),
-        ("schedule_free_sgd", r"schedulefree.*optim='sgd'"),
-        ("no_such_optimizer", r"optim='no_such_optimizer' is not an optimizer name; ftrain builds \['adamw_torch'"),
+        ("adamw_bnb_8bit", "bitsandbytes",
+         r"optim='adamw_bnb_8bit' is not available in ftrain: it is a bitsandbytes .*'adamw_torch'"),
+        ("paged_lion_8bit", "bitsandbytes", r"bitsandbytes .*optim='lion_32bit'"),
+        ("rmsprop_bnb_32bit", "bitsandbytes", r"bitsandbytes .*optim='rmsprop'"),
+        ("galore_adafactor", "galore_torch", r"low rank .*optim='adafactor'"),
+        ("adamw_torch_xla", "torch_xla", r"TPUs .*optim='adamw_torch'"),
+        ("adamw_torch_8bit", "torchao", "torchao"),
+        ("schedule_free_sgd", "schedulefree", r"schedulefree.*optim='sgd'"),
     ],
-)
-def test_unsupported_optimizers_are_refused_with_an_alternative(name, message):
+)  # fmt: skip
+def test_unsupported_optimizers_are_refused_with_an_alternative(name, module, message):
+    """Installed, the package's optimizer is refused with an ftrain alternative; missing, the error is transformers'
+    kind (ImportError, or ValueError for xla / npu / anyprecision / grokadamw) and names the package."""
     args = TrainingArguments()
-    args.optim = name  # past __post_init__, which already refuses unknown names
-    with pytest.raises(ValueError, match=message):
+    args.optim = name
+    if importlib.util.find_spec(module) is None:
+        kind = ValueError if name == "adamw_torch_xla" else ImportError
+        with pytest.raises(kind, match=rf"needs the `{module}` package, which is not installed"):
+            get_optimizer_cls_and_kwargs(args)
+    else:
+        with pytest.raises(ValueError, match=message):
+            get_optimizer_cls_and_kwargs(args)
+
+
+def test_an_unknown_optimizer_name_is_refused():
+    args = TrainingArguments()
+    args.optim = "no_such_optimizer"  # past __post_init__, which already refuses unknown names
+    with pytest.raises(ValueError, match=r"optim='no_such_optimizer' is not an optimizer name; ftrain builds \['adamw"):
         get_optimizer_cls_and_kwargs(args)
 
 
@@ -312,7 +326,7 @@ def test_every_transformers_optimizer_name_is_built_or_refused():
         if name.value in SUPPORTED_OPTIMIZERS:
             assert callable(get_optimizer_cls_and_kwargs(args)[0])
         else:
-            with pytest.raises(ValueError, match="is not available in ftrain"):
+            with pytest.raises((ImportError, ValueError), match="is not available in ftrain|is not installed"):
                 get_optimizer_cls_and_kwargs(args)
 
 

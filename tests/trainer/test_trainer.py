@@ -272,10 +272,14 @@ def test_bad_input_fails_at_construction(tmp_path):
         Trainer(tiny_gpt2(), args, model_init=tiny_gpt2)
     model = tiny_gpt2()
     opt = torch.optim.AdamW(model.parameters())
-    with pytest.raises(TypeError, match=r"ftrain\.optim GradientTransformation"):
-        Trainer(model, args, optimizers=(opt, None))
-    with pytest.raises(TypeError, match="optimizers"):
+    with pytest.raises(TypeError, match=r"optimizers=\(None, scheduler\)"):
         Trainer(model, args, optimizers=(None, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)))
+    with pytest.raises(TypeError, match="cannot translate the optimizer class torch.optim.nadam.NAdam"):
+        Trainer(model, args, optimizers=(torch.optim.NAdam(model.parameters()), None))
+    with pytest.raises(ValueError, match=r"AdamW\(amsgrad=True\) has no ftrain equivalent"):
+        Trainer(model, args, optimizers=(torch.optim.AdamW(model.parameters(), amsgrad=True), None))
+    with pytest.raises(ValueError, match="not parameters of GPT2LMHeadModel"):
+        Trainer(model, args, optimizers=(torch.optim.AdamW(tiny_gpt2().parameters()), None))
 
 
 def test_ftrain_optimizer_is_accepted(tmp_path):
