@@ -521,7 +521,7 @@ class TrainingArguments:
         "batch",
         "How eval_loss/test_loss average the batches: 'batch' (transformers' number: each batch's mean loss "
         "weighted by its number of examples) or 'token' (the exact mean over every item the loss counts: the "
-        "tokens of a causal LM, the examples of a classifier, once per batch for a model's own loss).",
+        "tokens of a causal LM, the examples of a classifier; a loss the model returns counts once per batch).",
         choices=list(_EVAL_LOSS_REDUCTIONS),
     )
 
