@@ -317,17 +317,46 @@ def _forward_without_labels(model: Any, batch: Mapping[str, Any]) -> Any:
     return model(**{k: v for k, v in batch.items() if k not in _LABEL_KEYS})
 
 
+def _returned_loss(outputs: Any) -> Any:
+    """The loss a model returned, as transformers reads it: ``outputs["loss"]`` from a mapping (a ``ModelOutput``
+    too), else the first element of a tuple or list (``return_dict=False``, or a custom ``nn.Module`` returning
+    ``(loss, logits, ...)``); ``None`` when there is none."""
+    if isinstance(outputs, Mapping):
+        return outputs.get("loss")
+    if isinstance(outputs, tuple | list):
+        return outputs[0] if outputs else None
+    return getattr(outputs, "loss", None)
+
+
 def _own_loss(model: Any, batch: Mapping[str, Any]) -> tuple[Loss, Any]:
-    """The model's own ``loss`` output as ``Loss(loss, 1)``, and the outputs."""
+    """The model's own loss output (see :func:`_returned_loss`) as ``Loss(loss, 1)``, and the outputs."""
     outputs = model(**batch)
-    loss = outputs.get("loss") if isinstance(outputs, Mapping) else getattr(outputs, "loss", None)
+    loss = _returned_loss(outputs)
     if loss is None:
+        keys = f" (it returned the keys {list(outputs)})" if isinstance(outputs, Mapping) else ""
         raise ValueError(
-            "The model did not return a loss from the inputs; its batch needs labels (keys: 'labels' or, with the "
-            "Trainer, TrainingArguments.label_names), or compute the loss from the logits (a loss function such "
-            "as ftrain.step.causal_lm_loss, or the Trainer's compute_loss_func=)."
+            f"The model did not return a loss from the inputs{keys}; its batch needs labels (keys: 'labels' or, "
+            "with the Trainer, TrainingArguments.label_names), or compute the loss from the logits (a loss "
+            "function such as ftrain.step.causal_lm_loss, or the Trainer's compute_loss_func=)."
         )
-    return Loss(loss, _one(loss.device)), outputs
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        what = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ValueError(
+            f"The model's loss (outputs['loss'], or outputs[0] of a tuple) must be a one-element tensor, got {what}. "
+            "A model returning a tuple must put its mean loss first, (loss, logits, ...), as transformers "
+            "models do with return_dict=False; reduce a per-example loss with .mean() in forward."
+        )
+    return Loss(loss.reshape(()), _one(loss.device)), outputs
+
+
+def _with_loss(outputs: Any, loss: Loss) -> Any:
+    """``outputs`` of a forward without labels, shaped as the model returns them with labels: a tuple or list gets
+    the mean loss in front, ``(loss, logits, ...)``, so that ``outputs[1:]`` are the predictions whichever way the
+    loss was computed (transformers' ``prediction_step`` reads tuples so). Mappings are returned unchanged."""
+    if not isinstance(outputs, tuple | list):
+        return outputs
+    mean = loss.sum / loss.count.clamp_min(1).to(loss.sum.dtype)
+    return type(outputs)((mean, *outputs))
 
 
 def _labelled_loss(kind: str, outputs: Any, batch: Mapping[str, Any], label_smoothing: float = 0.0) -> Loss:
@@ -377,7 +406,8 @@ def make_loss_fn(
       (transformers 5.x ``num_items_in_batch`` semantics, so accumulation is exactly full-batch equivalent);
     - ``*ForSequenceClassification``: :func:`sequence_classification_loss`;
     - anything else, or a batch without ``labels``: :func:`model_loss` (one item per microbatch: the mean of
-      microbatch means, transformers' behaviour for models without loss kwargs);
+      microbatch means, transformers' behaviour for models without loss kwargs) — ``outputs["loss"]``, or
+      ``outputs[0]`` of a model returning a tuple ``(loss, logits, ...)``, as transformers' ``compute_loss``;
     - ``label_smoothing``: uniform label smoothing in the cross-entropy (``LabelSmoother``'s maths; a model of no
       known kind then gets the cross-entropy of its logits);
     - ``compute_loss_func(outputs, labels, num_items_in_batch=n)``: called with this microbatch's item count ``n``
@@ -390,7 +420,21 @@ def make_loss_fn(
 
     Returns:
         The loss function; wrap it as ``lambda m, b: fn(m, b)[0]`` for :func:`make_train_step` or
-        :func:`make_eval_step`.
+        :func:`make_eval_step`. Its outputs are the model's, as it returns them given the labels: where the loss
+        was computed from a forward without labels, a tuple output gets the mean loss in front.
+
+    Example:
+        >>> import torch
+        >>> class Line(torch.nn.Module):  # a custom module returning a tuple, as transformers' test models do
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.w = torch.nn.Parameter(torch.tensor(2.0))
+        ...     def forward(self, x, labels=None):
+        ...         y = self.w * x
+        ...         return (y,) if labels is None else (torch.nn.functional.mse_loss(y, labels), y)
+        >>> loss, outputs = make_loss_fn(Line())(Line(), {"x": torch.ones(3), "labels": torch.zeros(3)})
+        >>> float(loss.sum), int(loss.count), outputs[1].tolist()
+        (4.0, 1, [2.0, 2.0, 2.0])
     """
     kind = model_kind(model)
 
@@ -401,9 +445,11 @@ def make_loss_fn(
         outputs = _forward_without_labels(bound, batch)
         if compute_loss_func is not None:
             count = _item_count(labels, kind == "causal_lm")
-            loss = compute_loss_func(outputs, labels, num_items_in_batch=count)
-            return Loss(loss * count.to(loss.dtype), count), outputs
-        return _labelled_loss(kind, outputs, batch, label_smoothing), outputs
+            mean = compute_loss_func(outputs, labels, num_items_in_batch=count)
+            loss = Loss(mean * count.to(mean.dtype), count)
+        else:
+            loss = _labelled_loss(kind, outputs, batch, label_smoothing)
+        return loss, _with_loss(outputs, loss)
 
     return loss_with_outputs
 

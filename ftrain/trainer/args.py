@@ -16,7 +16,9 @@ Four transformers 4.x names are still accepted, with a ``FutureWarning``, and fo
 ``evaluation_strategy`` (-> ``eval_strategy``), ``warmup_ratio`` (-> a ratio in ``warmup_steps``),
 ``group_by_length`` (-> ``train_sampling_strategy="group_by_length"``) and ``no_cuda`` (-> ``use_cpu``).
 ``logging_dir`` is kept as the TensorBoard directory, ``overwrite_output_dir`` is kept for scripts that read
-it, and ``save_safetensors=False`` is refused (ftrain writes safetensors only).
+it, and ``save_safetensors=False`` is refused (ftrain writes safetensors only). One field is ftrain's own:
+``eval_loss_reduction`` (``"batch"``, transformers' ``eval_loss``, or ``"token"``, the exact mean); it is left out
+of ``to_dict`` at its default.
 
 This module is long because of the field list (about 120 fields, one short help text each); the logic below
 the fields is split into short helpers.
@@ -266,6 +268,10 @@ _LOG_LEVELS = {
 }
 _SAMPLING_STRATEGIES = ("random", "sequential", "group_by_length", "batch_rebalance")
 _TOKEN_COUNTING = ("all", "non_padding", "no")
+_EVAL_LOSS_REDUCTIONS = ("batch", "token")
+#: ftrain's own fields -> their defaults; left out of ``to_dict`` at their default, so that a transformers
+#: script sees transformers' keys.
+_FTRAIN_FIELDS = {"eval_loss_reduction": "batch"}
 
 
 def _arg(default: Any, help: str, **metadata: Any) -> Any:
@@ -510,6 +516,14 @@ class TrainingArguments:
     overwrite_output_dir: bool | None = _arg(None, "4.x flag some scripts read.", nargs="?", const=True)
     save_safetensors: bool | None = _arg(None, "4.x flag; ftrain always saves safetensors.", nargs="?", const=True)
     no_cuda: bool | None = _arg(None, "4.x name of use_cpu.", nargs="?", const=True)
+    # --- ftrain's own ---
+    eval_loss_reduction: str = _arg(
+        "batch",
+        "How eval_loss/test_loss average the batches: 'batch' (transformers' number: each batch's mean loss "
+        "weighted by its number of examples) or 'token' (the exact mean over every item the loss counts: the "
+        "tokens of a causal LM, the examples of a classifier; a loss the model returns counts once per batch).",
+        choices=list(_EVAL_LOSS_REDUCTIONS),
+    )
 
     # ------------------------------------------------------------------------------------------------------
     # Normalisation and validation.
@@ -777,6 +791,7 @@ class TrainingArguments:
             ("train_sampling_strategy", self.train_sampling_strategy, _SAMPLING_STRATEGIES),
             ("log_level", self.log_level, tuple(_LOG_LEVELS)),
             ("log_level_replica", self.log_level_replica, tuple(_LOG_LEVELS)),
+            ("eval_loss_reduction", self.eval_loss_reduction, _EVAL_LOSS_REDUCTIONS),
         ):
             if value not in valid:
                 raise ValueError(f"TrainingArguments: {name}={value!r} is not one of {list(valid)}.")
@@ -932,8 +947,8 @@ class TrainingArguments:
     # Serialisation.
 
     def to_dict(self) -> dict[str, Any]:
-        """The fields as plain values: enums as their values, ``*_token`` fields redacted, unset 4.x fields left
-        out.
+        """The fields as plain values: enums as their values, ``*_token`` fields redacted, unset 4.x fields and
+        ftrain's own fields at their default left out.
 
         Returns:
             A dict that ``json.dumps`` accepts and ``TrainingArguments(**d)`` rebuilds from (tokens aside).
@@ -944,6 +959,8 @@ class TrainingArguments:
                 continue
             value = getattr(self, f.name)
             if f.name in _LEGACY_FIELDS and value is None:
+                continue
+            if f.name in _FTRAIN_FIELDS and value == _FTRAIN_FIELDS[f.name]:
                 continue
             if isinstance(value, Enum):
                 value = value.value

@@ -7,17 +7,23 @@
 microbatch.
 
 **Evaluation.** :class:`Evaluator` runs the model (weights synced from the train state) in eval mode under
-``no_grad`` over a :class:`~ftrain.data.BatchStream`. ``{prefix}_loss`` is the ``(sum, count)`` mean over the whole
-set — token-weighted for causal LMs; transformers' sample-weighted mean of batch means equals it when every batch
-has the same number of tokens per example. Logits and labels are gathered as numpy arrays (dim 1 padded with
--100 across batches, as transformers does) for ``compute_metrics``; ``include_for_metrics`` adds the inputs and
-per-example losses, and ``batch_eval_metrics`` calls ``compute_metrics`` per batch instead (transformers' semantics).
-``eval_accumulation_steps`` is accepted and has nothing to do: every batch's outputs are already moved to the CPU
-(as numpy) as soon as they are computed, which is what transformers does every ``eval_accumulation_steps`` batches.
+``no_grad`` over a :class:`~ftrain.data.BatchStream`. Each batch's loss and predictions are taken as transformers'
+``prediction_step`` takes them: ``outputs["loss"]`` or ``outputs[0]`` of a tuple, and the other outputs (``outputs[1:]``
+of a tuple, a mapping's values but ``ignore_keys``) as the predictions. ``{prefix}_loss`` follows
+``eval_loss_reduction``: by default (``"batch"``) transformers' number, each batch's mean loss repeated once per
+example and averaged (batches weighted by their examples); ``"token"`` gives the exact ``(sum, count)`` mean over
+the whole set, token-weighted for causal LMs (the two agree when every example has as many tokens). Logits and
+labels are gathered as numpy arrays (dim 1 padded with -100 across batches, as transformers does; or lists of
+per-batch arrays with ``eval_do_concat_batches=False``) for ``compute_metrics``; ``include_for_metrics`` adds the
+inputs and per-example losses, and ``batch_eval_metrics`` calls ``compute_metrics`` per batch instead
+(transformers' semantics). ``eval_accumulation_steps`` is accepted and has nothing to do: every batch's outputs are
+already moved to the CPU (as numpy) as soon as they are computed, which is what transformers does every
+``eval_accumulation_steps`` batches.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from collections.abc import Mapping
@@ -64,12 +70,49 @@ def _concat(arrays: list[Any]) -> Any:
     return out
 
 
-def _prediction_logits(outputs: Any, ignore_keys: list[str]) -> Any:
+def _prediction_logits(outputs: Any, ignore_keys: list[str], has_loss: bool) -> Any:
+    """The predictions in a model's ``outputs``, as transformers' ``prediction_step`` takes them: a mapping's tensors
+    but ``ignore_keys`` (and ``loss`` when a loss was computed); a tuple's tensors after its first element (the loss)
+    when a loss was computed, else all of them; a bare tensor as it is. A 1-tuple becomes its element."""
+    if torch.is_tensor(outputs):
+        return outputs
     if isinstance(outputs, Mapping):
-        values = tuple(v for k, v in outputs.items() if k not in ignore_keys + ["loss"] and torch.is_tensor(v))
+        skip = ignore_keys + ["loss"] if has_loss else ignore_keys
+        values = tuple(v for k, v in outputs.items() if k not in skip and torch.is_tensor(v))
     else:
-        values = tuple(v for v in outputs[1:] if torch.is_tensor(v))
+        values = tuple(v for v in (outputs[1:] if has_loss else outputs) if torch.is_tensor(v))
     return values[0] if len(values) == 1 else values
+
+
+def _rows(batch: Mapping[str, Any]) -> int:
+    """The number of examples in a batch: the first dimension of its first tensor."""
+    return next(v for v in batch.values() if torch.is_tensor(v)).shape[0]
+
+
+def _can_return_loss(model: Any) -> bool:
+    """Whether ``model.forward`` takes ``return_loss`` defaulting to ``True`` (CLIP-like models, which compute a loss
+    without labels): transformers' ``can_return_loss``."""
+    parameter = inspect.signature(type(model).forward).parameters.get("return_loss")
+    return parameter is not None and parameter.default is True
+
+
+class _Collected:
+    """One of the loop's outputs (predictions, labels, inputs or losses), gathered batch by batch as numpy:
+    :meth:`result` concatenates them along dim 0 (dim 1 padded with -100), or, with ``eval_do_concat_batches=False``,
+    returns the list of per-batch arrays (transformers' ``EvalLoopContainer``); ``None`` when nothing was added."""
+
+    def __init__(self, concat: bool) -> None:
+        self.concat = concat
+        self.parts: list[Any] = []
+
+    def add(self, value: Any) -> None:
+        if value is not None:
+            self.parts.append(_to_numpy(value))
+
+    def result(self) -> Any:
+        if not self.parts:
+            return None
+        return _concat(self.parts) if self.concat else self.parts
 
 
 def _sum_over_ranks(value: torch.Tensor) -> torch.Tensor:
@@ -144,33 +187,43 @@ class Evaluator:
     def _ignore_keys(self, ignore_keys: list[str] | None) -> list[str]:
         if ignore_keys is not None:
             return list(ignore_keys)
-        config = getattr(self.trainer.model, "config", None)
-        return list(getattr(config, "keys_to_ignore_at_inference", None) or ["cache"])
+        model = self.trainer.model
+        if not hasattr(model, "config"):
+            return []
+        return list(getattr(model.config, "keys_to_ignore_at_inference", ["cache"]))
 
     def _prediction_parts(
         self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool, ignore_keys: list[str]
     ) -> tuple[Loss | None, Any, Any]:
-        """``(Loss(sum, count) or None, logits, labels)`` of one batch, under ``no_grad``."""
+        """``(Loss(sum, count) or None, logits, labels)`` of one batch, under ``no_grad``.
+
+        As transformers' ``prediction_step``: a loss is computed when the batch has every label of
+        ``label_names``, or, without label names, when the model computes one without labels (``return_loss``);
+        a custom ``compute_loss`` (a batch mean) then counts once per example."""
         trainer = self.trainer
         names = trainer.label_names
         has_labels = bool(names) and all(inputs.get(k) is not None for k in names)
+        return_loss = inputs.get("return_loss")
+        if return_loss is None:
+            return_loss = _can_return_loss(trainer.model)
+        wants_loss = has_labels or (not names and bool(return_loss))
         labels = None
-        if has_labels:
+        if wants_loss:  # without label names, an empty tuple (as transformers)
             labels = tuple(inputs[k].detach() for k in names)
             labels = labels[0] if len(labels) == 1 else labels
-        custom_loss = trainer.overrides("compute_loss")
         with torch.no_grad(), trainer.compute_loss_context_manager():
-            if custom_loss:
+            if wants_loss and trainer.overrides("compute_loss"):
                 mean, outputs = trainer.compute_loss(model, inputs, return_outputs=True)
-                loss = Loss(mean.detach(), torch.ones((), dtype=torch.int64, device=mean.device))
-            elif has_labels:
+                rows = torch.tensor(_rows(inputs), device=mean.device)
+                loss = Loss(mean.detach().mean() * rows, rows)
+            elif wants_loss:
                 loss, outputs = trainer._loss_with_outputs(model, inputs)
                 loss = Loss(loss.sum.detach(), loss.count.detach())
             else:
                 loss, outputs = None, model(**inputs)
         if prediction_loss_only:
             return loss, None, None
-        return loss, _prediction_logits(outputs, ignore_keys), labels
+        return loss, _prediction_logits(outputs, ignore_keys, has_loss=loss is not None), labels
 
     def prediction_step(
         self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool, ignore_keys: list[str] | None = None
@@ -185,7 +238,7 @@ class Evaluator:
         if not self.trainer.overrides("prediction_step"):
             return self._prediction_parts(model, batch, loss_only, ignore_keys)
         mean, logits, labels = self.trainer.prediction_step(model, batch, loss_only, ignore_keys=ignore_keys)
-        rows = next(iter(batch.values())).shape[0]
+        rows = _rows(batch)
         loss = None if mean is None else Loss(mean.detach() * rows, torch.tensor(rows))  # sample-weighted, as HF
         return loss, logits, labels
 
@@ -207,14 +260,14 @@ class Evaluator:
         main_input = getattr(trainer.model, "main_input_name", "input_ids")
         want_inputs, want_losses = plan.eval.include_inputs, plan.eval.include_loss
         total_sum = total_count = None
-        preds, labels, inputs, losses = [], [], [], []
+        preds, labels, inputs, losses = (_Collected(plan.eval.concat_batches) for _ in range(4))
         metrics: dict[str, Any] | None = None
         num_samples = 0
         distributed = trainer.mesh is not None
         for batch, is_last in _with_last(dataloader.iter_from(0)):
             valid = batch.get("_valid")  # False on the rows that pad a short last batch over the ranks
             batch = {k: v for k, v in batch.items() if k != "_valid"}
-            rows = next(iter(batch.values())).shape[0]
+            rows = _rows(batch)
             loss, logits, batch_labels = self._batch_parts(model, batch, loss_only, ignore_keys)
             batch_losses = None
             if loss is not None:  # padding rows have labels -100: they add nothing to (sum, count)
@@ -229,14 +282,11 @@ class Evaluator:
                     valid, rows, logits, batch_labels, batch_inputs, batch_losses
                 )
             num_samples += rows
-            if want_losses and batch_losses is not None:
-                losses.append(_to_numpy(batch_losses))
-            if want_inputs and keep and batch_inputs is not None:
-                inputs.append(_to_numpy(batch_inputs))
-            if logits is not None and keep:
-                preds.append(_to_numpy(logits))
-            if batch_labels is not None and keep:
-                labels.append(_to_numpy(batch_labels))
+            losses.add(batch_losses)  # always: the "batch" eval_loss is their mean
+            if keep:
+                inputs.add(batch_inputs)
+                preds.add(logits)
+                labels.add(batch_labels)
             trainer.control = trainer.callback_handler.on_prediction_step(args, trainer.state, trainer.control)
             compute_metrics = trainer.compute_metrics
             if batch_metrics and compute_metrics is not None and logits is not None and batch_labels is not None:
@@ -249,10 +299,8 @@ class Evaluator:
                 metrics = compute_metrics(prediction, compute_result=is_last)
         if distributed and total_sum is not None:  # the exact (sum, count) over every rank's rows
             total_sum, total_count = _sum_over_ranks(total_sum), _sum_over_ranks(total_count)
-        all_preds = _concat(preds) if preds else None
-        all_labels = _concat(labels) if labels else None
-        all_inputs = _concat(inputs) if inputs else None
-        all_losses = np.concatenate(losses) if losses else None
+        all_preds, all_labels, all_inputs = preds.result(), labels.result(), inputs.result()
+        all_losses = losses.result()
         if not batch_metrics:
             metrics = None
             if trainer.compute_metrics is not None and all_preds is not None and all_labels is not None:
@@ -263,8 +311,24 @@ class Evaluator:
                     losses=all_losses if want_losses else None,
                 )
                 metrics = trainer.compute_metrics(prediction)
-        metrics = _loop_metrics(metrics, total_sum, total_count, metric_key_prefix)
+        loss = self._eval_loss(losses.parts, total_sum, total_count)
+        metrics = _loop_metrics(metrics, loss, metric_key_prefix)
         return EvalLoopOutput(all_preds, all_labels, metrics, num_samples)
+
+    def _eval_loss(self, batch_losses: list[np.ndarray], total_sum: Any, total_count: Any) -> float | None:
+        """``{prefix}_loss`` by ``eval_loss_reduction``: ``"batch"``, transformers' number — the mean of every
+        example's batch-mean loss (batches weighted by their examples), leaving NaN/inf out under
+        ``logging_nan_inf_filter`` as transformers does (unless all are); ``"token"``, the exact ``(sum, count)``
+        mean. ``None`` when no batch gave a loss."""
+        if self.trainer.plan.eval.loss_reduction == "token":
+            return None if total_sum is None else float(total_sum / total_count.clamp_min(1).to(total_sum.dtype))
+        if not batch_losses:
+            return None
+        values = np.concatenate(batch_losses)
+        finite = np.isfinite(values)
+        if self.trainer.plan.log.nan_inf_filter and finite.any():
+            values = values[finite]
+        return values.mean().item()
 
     def _gather_rows(self, valid: Any, rows: int, *tensors: Any) -> tuple[Any, ...]:
         """``(global rows, *tensors)``: each of ``tensors`` (a batch's per-row outputs, or ``None``) from every rank
@@ -326,10 +390,9 @@ class Evaluator:
         return PredictionOutput(predictions=output.predictions, label_ids=output.label_ids, metrics=output.metrics)
 
 
-def _loop_metrics(metrics: Any, total_sum: Any, total_count: Any, prefix: str) -> dict:
-    """``compute_metrics``' results as numbers, with ``{prefix}_loss`` = the ``(sum, count)`` mean, every key
-    prefixed."""
+def _loop_metrics(metrics: Any, loss: float | None, prefix: str) -> dict:
+    """``compute_metrics``' results as numbers, with ``{prefix}_loss`` (when there is one), every key prefixed."""
     metrics = denumpify_detensorize(dict(metrics or {}))
-    if total_sum is not None:
-        metrics[f"{prefix}_loss"] = float(total_sum / total_count.clamp_min(1).to(total_sum.dtype))
+    if loss is not None:
+        metrics[f"{prefix}_loss"] = loss
     return {k if k.startswith(f"{prefix}_") else f"{prefix}_{k}": v for k, v in metrics.items()}

@@ -484,6 +484,10 @@ class EvalPolicy:
         on_start: evaluate once before training.
         prediction_loss_only, batch_eval_metrics: as the arguments.
         include_inputs, include_loss: ``include_for_metrics`` asks for ``"inputs"`` / ``"loss"``.
+        concat_batches: ``eval_do_concat_batches``: predictions, labels and inputs are concatenated over the
+            batches (``False``: lists of per-batch arrays).
+        loss_reduction: ``eval_loss_reduction``: ``"batch"`` (transformers' ``eval_loss``, each batch's mean
+            weighted by its examples) or ``"token"`` (the exact ``(sum, count)`` mean).
         metric_key: ``metric_for_best_model`` with the ``eval_`` prefix (as evaluation metrics are named), or
             ``None``.
         greater_is_better: whether a larger metric is better.
@@ -497,6 +501,8 @@ class EvalPolicy:
     batch_eval_metrics: bool
     include_inputs: bool
     include_loss: bool
+    concat_batches: bool
+    loss_reduction: str
     metric_key: str | None
     greater_is_better: bool | None
 
@@ -882,6 +888,8 @@ def _eval_policy(args: TrainingArguments) -> EvalPolicy:
         batch_eval_metrics=args.batch_eval_metrics,
         include_inputs="inputs" in include,
         include_loss="loss" in include,
+        concat_batches=args.eval_do_concat_batches,
+        loss_reduction=args.eval_loss_reduction,
         metric_key=None if name is None else name if name.startswith("eval_") else f"eval_{name}",
         greater_is_better=args.greater_is_better,
     )
@@ -1086,7 +1094,7 @@ DISPOSITIONS: dict[str, Disposition] = {
     "per_device_eval_batch_size": _honoured("data.per_device_eval_batch_size", "data.eval_batch_size"),
     "prediction_loss_only": _honoured("eval.prediction_loss_only"),
     "eval_on_start": _honoured("eval.on_start"),
-    "eval_do_concat_batches": _ignored("the Evaluator always concatenates the batches' predictions"),
+    "eval_do_concat_batches": _honoured("eval.concat_batches"),
     "eval_use_gather_object": _ignored("the Evaluator gathers tensors only; Python objects are not gathered"),
     "eval_accumulation_steps": _ignored(
         "every batch's outputs move to the CPU as they are computed (what transformers does every N steps)"
@@ -1171,4 +1179,6 @@ DISPOSITIONS: dict[str, Disposition] = {
         {"save_safetensors": False}, "ftrain writes safetensors only", "pickled checkpoints are never written"
     ),
     "no_cuda": _honoured("process.device"),
+    # --- ftrain's own ---
+    "eval_loss_reduction": _honoured("eval.loss_reduction"),
 }

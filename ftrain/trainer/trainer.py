@@ -39,7 +39,9 @@ Differences from transformers, on purpose:
 - **Checkpoints** hold the whole pure state (``state.safetensors``) next to transformers' views
   (``model.safetensors``, ``config.json``, ``trainer_state.json``), and ``training_args.json`` instead of the
   pickled ``training_args.bin``; see :mod:`ftrain.trainer.loop`.
-- ``eval_loss`` is the ``(sum, count)`` mean over the whole evaluation set (token-weighted for causal LMs).
+- ``eval_loss_reduction="token"`` (an argument of ftrain's own) reports the exact ``(sum, count)`` mean as
+  ``eval_loss`` (token-weighted for causal LMs) instead of transformers' number, each batch's mean loss weighted by
+  its examples (the default).
 - **Optimizer, scheduler and RNG state live in the** :class:`~ftrain.TrainState` (``opt_state``, ``step``, ``key``):
   ``_save_optimizer_and_scheduler`` / ``_save_rng_state`` write those parts as safetensors / JSON next to a
   checkpoint (never a pickle), and the ``_load_*`` twins read them back into the current state (or from a committed

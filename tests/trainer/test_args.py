@@ -49,6 +49,8 @@ INTENTIONAL_DIFFERENCES = {
     "overwrite_output_dir": "extra field: 4.x flag that scripts read; the Trainer ignores it",
     "save_safetensors": "extra field: 4.x flag; True accepted, False refused (safetensors only)",
     "no_cuda": "extra field: 4.x name, folded into use_cpu with a FutureWarning",
+    "eval_loss_reduction": "extra field: ftrain's own; 'batch' (the default) is transformers' eval_loss, 'token' the "
+    "exact mean; left out of to_dict at its default",
 }
 # Behaviour that differs on purpose (asserted in the tests below).
 INTENTIONAL_BEHAVIOUR_DIFFERENCES = {
