@@ -188,6 +188,12 @@ class ParallelMode(Enum):
 # The accelerate loader settings, kept as plain data (ftrain does not use accelerate).
 
 
+# accelerate's GradientAccumulationPlugin fields. ``num_steps`` becomes gradient_accumulation_steps (as transformers
+# takes it over); the others steer accelerate's own accumulation, which transformers' Trainer runs with num_steps=1
+# (it accumulates itself), so they change nothing there either, nor in ftrain (which accumulates inside the step).
+_ACCUMULATION_KEYS = frozenset({"num_steps", "adjust_scheduler", "sync_with_dataloader", "sync_each_batch"})
+
+
 @dataclass
 class AcceleratorConfig:
     """transformers' ``accelerator_config`` settings, as data for ftrain's data layer.
@@ -244,6 +250,12 @@ class AcceleratorConfig:
             if unknown:
                 raise ValueError(f"accelerator_config: unknown keys {unknown}; valid keys are {sorted(known)}.")
             config = cls(**value)
+        unknown = sorted(set(config.gradient_accumulation_kwargs or {}) - _ACCUMULATION_KEYS)
+        if unknown:
+            raise ValueError(
+                f"accelerator_config['gradient_accumulation_kwargs']: unknown keys {unknown}; valid keys are "
+                f"{sorted(_ACCUMULATION_KEYS)} (accelerate's GradientAccumulationPlugin)."
+            )
         if config.use_configured_state:
             raise ValueError(
                 "accelerator_config['use_configured_state']=True reuses an accelerate state, which ftrain does not "

@@ -1147,8 +1147,9 @@ DISPOSITIONS: dict[str, Disposition] = {
     "use_cpu": _honoured("process.device"),
     "accelerator_config": _honoured(
         "data.gradient_accumulation_steps",
-        why="only gradient_accumulation_kwargs['num_steps']; the loader keys are ignored (BatchStream shards, "
-        "pads and seeds itself) and use_configured_state=True is refused",
+        why="gradient_accumulation_kwargs['num_steps'] (its other keys, accelerate's plugin fields, change nothing "
+        "in transformers' Trainer either; unknown ones are refused); the loader keys are ignored (BatchStream "
+        "shards, pads and seeds itself) and use_configured_state=True is refused",
     ),
     "parallelism_config": _honoured(
         "parallel.layout", "parallel.tp_size", "parallel.cp_size", "parallel.sp_size", "parallel.fsdp_enabled"

@@ -9,6 +9,7 @@ the memory numbers are checked against the size of a known allocation.
 
 from __future__ import annotations
 
+import copy
 import os
 import signal
 import time
@@ -38,7 +39,7 @@ def both(HFArgs, tmp_path, model_init=None, train_dataset=None, eval_dataset=Non
     out = []
     for name, trainer_cls, args_cls in (("hf", transformers.Trainer, HFArgs), ("ft", Trainer, TrainingArguments)):
         model = None if model_init is not None else tiny_gpt2()
-        args = args_cls(output_dir=str(tmp_path / name), **options)
+        args = args_cls(output_dir=str(tmp_path / name), **copy.deepcopy(options))  # transformers edits its dicts
         out.append(trainer_cls(model=model, model_init=model_init, args=args, train_dataset=data,
                                eval_dataset=eval_dataset, callbacks=callbacks()))  # fmt: skip
     return tuple(out)
@@ -145,7 +146,8 @@ def test_use_cache_is_set_on_the_model_config(HFArgs, tmp_path, use_cache):
 
 
 def test_memory_metrics_have_transformers_keys(HFArgs, tmp_path):
-    hf, ft = both(HFArgs, tmp_path, skip_memory_metrics=False, eval_strategy="no")
+    # one step: transformers' tracker polls memory in a busy thread for the whole stage
+    hf, ft = both(HFArgs, tmp_path, skip_memory_metrics=False, eval_strategy="no", max_steps=1)
     keys = {}
     for name, trainer in (("hf", hf), ("ft", ft)):
         train = trainer.train().metrics
@@ -253,6 +255,18 @@ def test_refused_arguments_say_what_to_do(HFArgs, tmp_path):
     for debug in ("underflow_overflow", "tpu_metrics_debug"):
         with pytest.raises(ValueError, match=f"debug=\\['{debug}'\\] is not provided by ftrain"):
             TrainingArguments("out", debug=debug)
+
+
+def test_accelerator_config_accumulation_keys(HFArgs, tmp_path):
+    """transformers hands gradient_accumulation_kwargs to accelerate's GradientAccumulationPlugin, which refuses
+    other keys; num_steps becomes gradient_accumulation_steps in both."""
+    config = {"gradient_accumulation_kwargs": {"num_steps": 3, "sync_each_batch": True}}
+    hf, ft = both(HFArgs, tmp_path, accelerator_config=config)
+    assert ft.args.gradient_accumulation_steps == hf.args.gradient_accumulation_steps == 3
+    with pytest.raises(TypeError, match="steps_per_sync"):
+        both(HFArgs, tmp_path, accelerator_config={"gradient_accumulation_kwargs": {"steps_per_sync": 2}})
+    with pytest.raises(ValueError, match=r"unknown keys \['steps_per_sync'\]"):
+        TrainingArguments("out", accelerator_config={"gradient_accumulation_kwargs": {"steps_per_sync": 2}})
 
 
 # ---- JIT checkpoints -----------------------------------------------------------------------------------------
