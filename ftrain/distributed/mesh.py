@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -36,34 +37,49 @@ def mesh_shape_error(config: ParallelConfig, world_size: int) -> str | None:
     return None
 
 
-def init_process_group(device_type: str | None = None) -> None:
+def init_process_group(
+    device_type: str | None = None, *, backend: str | None = None, timeout: timedelta | None = None
+) -> None:
     """Starts the default process group from the ``torchrun`` environment (``RANK``, ``WORLD_SIZE``,
     ``MASTER_ADDR``...) unless one is running: gloo on CPU, nccl on CUDA (plus gloo for CPU tensors, which an
     offloaded optimizer state uses). Without that environment, starts a one-process group.
 
     Args:
         device_type: ``"cpu"`` or ``"cuda"``; ``None`` picks CUDA when it is available.
+        backend: the device's backend instead of the default (``TrainingArguments.ddp_backend``); on CUDA, CPU
+            tensors keep gloo.
+        timeout: the timeout of the group's collectives (``ddp_timeout``); ``None``: torch.distributed's default.
     """
     if dist.is_initialized():
         return
     device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
-    backend = "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
+    device_backend = backend or ("nccl" if device_type == "cuda" else "gloo")
+    if device_type == "cuda" and device_backend != "gloo":
+        device_backend = f"cpu:gloo,cuda:{device_backend}"
+    options = {} if timeout is None else {"timeout": timeout}
     if "RANK" not in os.environ:  # a single process outside torchrun: a world of one
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
-        dist.init_process_group(backend, rank=0, world_size=1)
+        dist.init_process_group(device_backend, rank=0, world_size=1, **options)
         return
     if device_type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend)
+    dist.init_process_group(device_backend, **options)
 
 
-def build_mesh(config: ParallelConfig, device_type: str | None = None) -> DeviceMesh:
+def build_mesh(
+    config: ParallelConfig,
+    device_type: str | None = None,
+    *,
+    backend: str | None = None,
+    timeout: timedelta | None = None,
+) -> DeviceMesh:
     """A ``DeviceMesh`` of shape ``config.resolve(world_size).shape`` with dims named :data:`MESH_DIMS`.
 
     Args:
         config: the layout; ``dp_shard=-1`` takes the processes the other sizes leave.
         device_type: ``"cpu"`` or ``"cuda"``; ``None`` picks CUDA when it is available.
+        backend, timeout: for the process group, when this call starts it (:func:`init_process_group`).
 
     Returns:
         The mesh; ``mesh["dp_shard"]`` etc. are its one-dimensional sub-meshes.
@@ -72,7 +88,7 @@ def build_mesh(config: ParallelConfig, device_type: str | None = None) -> Device
         ValueError: the sizes do not multiply to the world size (the message shows the arithmetic).
     """
     device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
-    init_process_group(device_type)
+    init_process_group(device_type, backend=backend, timeout=timeout)
     world = dist.get_world_size()
     problem = mesh_shape_error(config, world)
     if problem is not None:

@@ -190,6 +190,12 @@ class ParallelMode(Enum):
 # The accelerate loader settings, kept as plain data (ftrain does not use accelerate).
 
 
+# accelerate's GradientAccumulationPlugin fields. ``num_steps`` becomes gradient_accumulation_steps (as transformers
+# takes it over); the others steer accelerate's own accumulation, which transformers' Trainer runs with num_steps=1
+# (it accumulates itself), so they change nothing there either, nor in ftrain (which accumulates inside the step).
+_ACCUMULATION_KEYS = frozenset({"num_steps", "adjust_scheduler", "sync_with_dataloader", "sync_each_batch"})
+
+
 @dataclass
 class AcceleratorConfig:
     """transformers' ``accelerator_config`` settings, as data for ftrain's data layer.
@@ -246,6 +252,12 @@ class AcceleratorConfig:
             if unknown:
                 raise ValueError(f"accelerator_config: unknown keys {unknown}; valid keys are {sorted(known)}.")
             config = cls(**value)
+        unknown = sorted(set(config.gradient_accumulation_kwargs or {}) - _ACCUMULATION_KEYS)
+        if unknown:
+            raise ValueError(
+                f"accelerator_config['gradient_accumulation_kwargs']: unknown keys {unknown}; valid keys are "
+                f"{sorted(_ACCUMULATION_KEYS)} (accelerate's GradientAccumulationPlugin)."
+            )
         if config.use_configured_state:
             raise ValueError(
                 "accelerator_config['use_configured_state']=True reuses an accelerate state, which ftrain does not "
@@ -729,6 +741,7 @@ class TrainingArguments:
             )
         self._check_types()
         self._check_hardware()
+        self._check_unsupported()
 
     def _whole_steps(self, name: str, used: bool) -> float | int | None:
         """``*_steps`` above 1 must be whole numbers (they become ints); below 1 they are ratios."""
@@ -799,6 +812,43 @@ class TrainingArguments:
             raise ValueError(
                 "TrainingArguments: lr_scheduler_kwargs must be a dict or a JSON object string such as "
                 f"'{{\"num_cycles\": 2}}', got {self.lr_scheduler_kwargs!r}."
+            )
+
+    def _check_unsupported(self) -> None:
+        """transformers' checks that its Trainer makes later, and the features ftrain does not provide."""
+        if self.save_strategy == SaveStrategy.BEST and self.metric_for_best_model is None:
+            raise ValueError(
+                "TrainingArguments: save_strategy='best' saves after an evaluation that improves "
+                "`metric_for_best_model`, which is not set: set metric_for_best_model (e.g. 'loss'), as transformers' "
+                "Trainer requires."
+            )
+        if self.use_liger_kernel:
+            missing = "" if importlib.util.find_spec("liger_kernel") else " (and liger-kernel is not installed)"
+            raise ValueError(
+                f"TrainingArguments: use_liger_kernel=True{missing}: Liger's Triton kernels patch transformers' "
+                "modules and losses in place, which ftrain's pure step does not apply (it computes the loss from the "
+                "logits with ftrain.losses). Remove the argument; for speed use torch_compile=True."
+            )
+        if self.debug:
+            raise ValueError(
+                f"TrainingArguments: debug={[d.value for d in self.debug]} is not provided by ftrain: "
+                "'underflow_overflow' hooks every module's forward (ftrain's step runs a meta skeleton through "
+                "functional_call, and a compiled step cannot call such hooks) and 'tpu_metrics_debug' needs a TPU. "
+                "Remove it; to find non-finite values use torch.autograd.detect_anomaly() around trainer.train()."
+            )
+        self._check_ddp_backend()
+
+    def _check_ddp_backend(self) -> None:
+        """``ddp_backend``: the torch.distributed backends of the devices ftrain trains on."""
+        if self.ddp_backend is None:
+            return
+        cuda = self._cuda_usable()
+        usable = ("nccl", "gloo", "mpi") if cuda else ("gloo", "mpi")
+        if self.ddp_backend not in usable:
+            raise ValueError(
+                f"TrainingArguments: ddp_backend={self.ddp_backend!r} cannot run on this process's device "
+                f"({'cuda' if cuda else 'cpu'}); use one of {list(usable)} or leave it unset (gloo on the CPU, nccl "
+                "on CUDA)."
             )
 
     def _check_hardware(self) -> None:

@@ -49,6 +49,7 @@ __all__ = [
     "TrainerCallback",
     "TrainerControl",
     "TrainerState",
+    "is_callback_of",
     "restore_callback_states",
 ]
 
@@ -142,6 +143,38 @@ def _is_default_flow(callback: Any) -> bool:
     return any(klass.__name__ == "DefaultFlowCallback" for klass in type(callback).__mro__)
 
 
+# The built-in callbacks ftrain has in place of transformers' classes of the same name.
+_TWIN_NAMES = frozenset(
+    {"DefaultFlowCallback", "ProgressCallback", "PrinterCallback", "EarlyStoppingCallback", "TensorBoardCallback"}
+)
+_TWIN_PACKAGES = frozenset({"ftrain", "transformers"})
+
+
+def _package(klass: type) -> str:
+    return klass.__module__.split(".", 1)[0]
+
+
+def is_callback_of(callback: Any, klass: type) -> bool:
+    """Whether ``callback`` is an instance of ``klass``, counting ftrain's built-in callbacks as instances of
+    transformers' classes of the same name and the other way round (ftrain installs its own ``DefaultFlowCallback``,
+    so ``trainer.remove_callback(transformers.DefaultFlowCallback)`` must find it).
+
+    Example:
+        >>> is_callback_of(PrinterCallback(), TrainerCallback), is_callback_of(PrinterCallback(), ProgressCallback)
+        (True, False)
+    """
+    if isinstance(callback, klass):
+        return True
+    if klass.__name__ not in _TWIN_NAMES or _package(klass) not in _TWIN_PACKAGES:
+        return False
+    return any(k.__name__ == klass.__name__ and _package(k) in _TWIN_PACKAGES for k in type(callback).__mro__)
+
+
+def _are_twins(a: type, b: type) -> bool:
+    """ftrain's built-in callback class and transformers' class of the same name."""
+    return a.__name__ == b.__name__ in _TWIN_NAMES and {_package(a), _package(b)} == _TWIN_PACKAGES
+
+
 class CallbackHandler(TrainerCallback):
     """Calls a list of callbacks in order, passing each the control object the previous one returned.
 
@@ -179,7 +212,7 @@ class CallbackHandler(TrainerCallback):
         """Appends a callback (a class is instantiated without arguments); warns if its class is already there."""
         instance = callback() if isinstance(callback, type) else callback
         klass = callback if isinstance(callback, type) else type(callback)
-        if klass in [type(cb) for cb in self.callbacks]:
+        if any(type(cb) is klass or _are_twins(type(cb), klass) for cb in self.callbacks):
             logger.warning(
                 "Adding a second %s to the callbacks; both will be called. Callbacks so far:\n%s",
                 klass,
@@ -188,14 +221,16 @@ class CallbackHandler(TrainerCallback):
         self.callbacks.append(instance)
 
     def pop_callback(self, callback: Any) -> Any:
-        """Removes and returns the first callback that is an instance of ``callback`` (a class) or equals it.
+        """Removes and returns the first callback that is an instance of ``callback`` (a class; ftrain's built-in
+        callbacks count as instances of transformers' classes of the same name, see :func:`is_callback_of`) or
+        equals it.
 
         Returns:
             The removed callback, or ``None`` when there is no match.
         """
         by_class = isinstance(callback, type)
         for cb in self.callbacks:
-            if (by_class and isinstance(cb, callback)) or (not by_class and cb == callback):
+            if (by_class and is_callback_of(cb, callback)) or (not by_class and cb == callback):
                 self.callbacks.remove(cb)
                 return cb
         return None

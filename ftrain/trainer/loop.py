@@ -39,6 +39,7 @@ from ftrain.state import TrainState
 from ftrain.trainer.args import SaveStrategy
 from ftrain.trainer.checkpoints import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
 from ftrain.trainer.convert import logged_learning_rate
+from ftrain.trainer.memory import clear_device_cache
 from ftrain.trainer.plan import ActivationCheckpointing
 from ftrain.trainer.torch_optim import advance_scheduler
 from ftrain.trainer.trainer_state import TrainerState
@@ -163,7 +164,6 @@ class TrainingLoop:
 
     Attributes:
         run: the :class:`RunTotals` of the ``train()`` call in progress (``None`` before the first).
-        neftune_handle: the NEFTune hook registered on the step's skeleton during ``train()``, else ``None``.
         gathered: ``(params, buffers, full state)``: the last gathered full state of a sharded run, reused while
             the state's parameters are the same objects.
     """
@@ -171,7 +171,6 @@ class TrainingLoop:
     def __init__(self, trainer: Any) -> None:
         self.trainer = trainer
         self.run: RunTotals | None = None
-        self.neftune_handle: Any = None
         self.gathered: tuple[Any, Any, TrainState] | None = None
 
     # ---- set-up ---------------------------------------------------------------------------------------------------
@@ -179,42 +178,72 @@ class TrainingLoop:
     def train(self, resume_from_checkpoint: bool | str | None, trial: Any, ignore_keys_for_eval: Any) -> TrainOutput:
         """The default ``Trainer.train``; see its docstring."""
         trainer = self.trainer
-        if trial is not None:
-            raise NotImplementedError("hyper-parameter search trials are not supported by ftrain's Trainer yet.")
+        trainer._memory_tracker.start("train")
         checkpoint = trainer._resolve_resume(resume_from_checkpoint)
+        if trial is not None and trial is not trainer._trial:  # a search's run_trial has applied its trial already
+            trainer._hp_search_setup(trial)
         if trainer.model_init is not None:
             trainer._seed()
-            trainer.model = trainer.call_model_init()
+            trainer.model = trainer.call_model_init(trial)
         if _is_tokenizer(trainer.processing_class):  # new special tokens for fine-tuning, as transformers
             trainer._align_special_tokens()
         trainer.is_in_train = True
         try:
-            return trainer._inner_training_loop(checkpoint, ignore_keys_for_eval)
+            return trainer._inner_training_loop(
+                batch_size=trainer._train_batch_size,
+                args=trainer.args,
+                resume_from_checkpoint=checkpoint,
+                trial=trial,
+                ignore_keys_for_eval=ignore_keys_for_eval,
+            )
         finally:
             trainer.is_in_train = False
 
-    def inner_training_loop(self, checkpoint: str | None, ignore_keys_for_eval: list[str] | None) -> TrainOutput:
-        """The default ``Trainer._inner_training_loop``: set up, fire ``on_train_begin``, run the epochs, finish."""
-        trainer, args = self.trainer, self.trainer.args
+    def inner_training_loop(
+        self, batch_size: int | None, args: Any, checkpoint: str | None, trial: Any, ignore_keys_for_eval: Any
+    ) -> TrainOutput:
+        """The default ``Trainer._inner_training_loop``: set up, fire ``on_train_begin``, run the epochs, finish.
+
+        ``batch_size`` becomes the trainer's ``_train_batch_size`` (the per-process micro-batch of the training
+        stream); ``args``, when another object than ``trainer.args``, replaces them (the plan follows)."""
+        trainer = self.trainer
+        if args is not None and args is not trainer.args:
+            trainer.args = args
+        if batch_size is not None:
+            trainer._train_batch_size = int(batch_size)
         stream = trainer.get_train_dataloader()
         plan = trainer.plan
         steps = plan.steps(stream.layout.microbatches_per_epoch)
+        total_batch = trainer.get_total_train_batch_size(trainer.args)
         self.setup(stream, steps.max_steps, checkpoint)
-        trainer.state.init_training_references(trainer, steps.max_steps, steps.num_train_epochs, None)
-        trainer.state.train_batch_size = trainer.plan.data.train_batch_size
+        trainer.state.init_training_references(trainer, steps.max_steps, steps.num_train_epochs, trial)
+        trainer.state.train_batch_size = trainer._train_batch_size
         trainer.state.compute_steps(plan.intervals, steps.max_steps)
         state = trainer.state
         self.run = RunTotals(time.time(), state.global_step, state.num_input_tokens_seen,
                              last_logged_step=state.global_step)  # fmt: skip
-        trainer.control = trainer.callback_handler.on_train_begin(args, state, trainer.control)
+        trainer.control = trainer.callback_handler.on_train_begin(trainer.args, state, trainer.control)
         if trainer.plan.eval.on_start:
-            trainer._evaluate(ignore_keys_for_eval, skip_scheduler=True)
-        for epoch in range(trainer.state.global_step // len(stream), steps.num_train_epochs):
-            trainer.control = trainer.callback_handler.on_epoch_begin(args, trainer.state, trainer.control)
-            trainer._run_epoch(stream, epoch, ignore_keys_for_eval)
+            trainer._evaluate(trial, ignore_keys_for_eval, skip_scheduler=True)
+        epochs_trained = trainer.state.global_step // len(stream)
+        for epoch in range(epochs_trained, steps.num_train_epochs):
+            trainer.control = trainer.callback_handler.on_epoch_begin(trainer.args, trainer.state, trainer.control)
+            trainer._run_epoch(
+                model=trainer.model,
+                epoch=epoch,
+                train_dataloader=stream,
+                steps_in_epoch=steps.steps_in_epoch,
+                num_update_steps_per_epoch=steps.num_update_steps_per_epoch,
+                trial=trial,
+                ignore_keys_for_eval=ignore_keys_for_eval,
+                start_time=self.run.start_time,
+                resume_from_checkpoint=checkpoint,
+                epochs_trained=epochs_trained,
+                steps_trained_in_current_epoch=self.run.initial_global_step - epochs_trained * len(stream),
+            )
             if trainer.control.should_training_stop:
                 break
-        return trainer._finalize_training(steps.max_steps * steps.total_train_batch_size, self.run.start_time)
+        return trainer._finalize_training(trial, steps.max_steps * total_batch, self.run.start_time)
 
     def setup(self, stream: Any, max_steps: int, checkpoint: str | None) -> None:
         """Converts the arguments into core pieces once: the optimizer, the state, the step, the manager."""
@@ -232,9 +261,8 @@ class TrainingLoop:
             trainer._enable_activation_checkpointing(state.skeleton)
         # NEFTune's hook goes on the skeleton here, outside the step: torch.compile cannot trace registering a hook,
         # and the hook itself adds noise only in training mode, so evaluation through this skeleton sees none.
-        self.neftune_handle = None
         if trainer.neftune_noise_alpha is not None:
-            self.neftune_handle = trainer._activate_neftune(state.skeleton)
+            trainer._activate_neftune(state.skeleton)
         trainer._train_state = state
         trainer._train_step = trainer._make_train_step()
         trainer._model_stale = checkpoint is not None
@@ -273,7 +301,9 @@ class TrainingLoop:
 
     # ---- the loop -------------------------------------------------------------------------------------------------
 
-    def run_epoch(self, stream: Any, epoch: int, ignore_keys_for_eval: list[str] | None) -> None:
+    def run_epoch(
+        self, model: Any, epoch: int, stream: Any, trial: Any, ignore_keys_for_eval: Any, start_time: float
+    ) -> None:
         """The default ``Trainer._run_epoch``: one pass over the epoch from the current global step."""
         trainer = self.trainer
         per_epoch = len(stream)
@@ -282,13 +312,23 @@ class TrainingLoop:
         for batch in stream.iter_from(trainer.state.global_step, stop=stop):
             ran = True
             self.update(batch, stream, epoch)
-            trainer._maybe_log_save_evaluate(ignore_keys_for_eval)
+            self.call_maybe_log_save_evaluate(model, trial, ignore_keys_for_eval, start_time)
             if trainer.control.should_epoch_stop or trainer.control.should_training_stop:
                 break
         if not ran and trainer.state.global_step < trainer.state.max_steps:
             trainer.control.should_training_stop = True
         trainer.control = trainer.callback_handler.on_epoch_end(trainer.args, trainer.state, trainer.control)
-        trainer._maybe_log_save_evaluate(ignore_keys_for_eval)
+        self.call_maybe_log_save_evaluate(model, trial, ignore_keys_for_eval, start_time)
+
+    def call_maybe_log_save_evaluate(
+        self, model: Any, trial: Any, ignore_keys_for_eval: Any, start_time: float
+    ) -> None:
+        """Calls ``trainer._maybe_log_save_evaluate`` with transformers' arguments, from the run's totals."""
+        metrics = self.run.last_metrics or {}
+        self.trainer._maybe_log_save_evaluate(
+            self.run.tr_loss, metrics.get("grad_norm"), model, trial, self.trainer.state.epoch,
+            ignore_keys_for_eval, start_time,
+        )  # fmt: skip
 
     def update(self, batch: Any, stream: Any, epoch: int) -> None:
         """One optimizer update with its callbacks; the update itself is one call of the pure step."""
@@ -306,6 +346,9 @@ class TrainingLoop:
         self.run.last_metrics = metrics
         trainer._count_flos(batch)  # flushed into state.total_flos by store_flos() at saves and at the end
         trainer._track_num_input_tokens(batch)
+        empty_cache_steps = trainer.plan.step.empty_cache_steps  # transformers checks before counting the step
+        if empty_cache_steps is not None and state.global_step % empty_cache_steps == 0:
+            clear_device_cache(trainer.plan.process.device)
         state.global_step += 1
         per_epoch = len(stream)
         micro_done = min((state.global_step - epoch * per_epoch) * stream.layout.accum_steps,
@@ -363,38 +406,54 @@ class TrainingLoop:
 
     # ---- log, evaluate, save --------------------------------------------------------------------------------------
 
-    def maybe_log_save_evaluate(self, ignore_keys_for_eval: list[str] | None = None) -> None:
+    def maybe_log_save_evaluate(
+        self,
+        tr_loss: torch.Tensor,
+        grad_norm: Any,
+        model: Any,
+        trial: Any,
+        ignore_keys_for_eval: list[str] | None,
+        start_time: float,
+        learning_rate: float | None,
+    ) -> None:
         """The default ``Trainer._maybe_log_save_evaluate``: logs, evaluates and saves as ``control`` asks."""
         trainer = self.trainer
         if trainer.control.should_log and trainer.state.global_step > self.run.last_logged_step:
-            self.log_training_metrics()
+            self.log_training_metrics(tr_loss, grad_norm, learning_rate, start_time)
         if trainer.control.should_evaluate:
-            metrics = trainer._evaluate(ignore_keys_for_eval)
-            is_new_best = trainer._determine_best_metric(metrics)
+            metrics = trainer._evaluate(trial, ignore_keys_for_eval)
+            is_new_best = trainer._determine_best_metric(metrics=metrics, trial=trial)
             if trainer.plan.save.strategy == SaveStrategy.BEST:
                 trainer.control.should_save = is_new_best
         if trainer.control.should_save:
-            trainer._save_checkpoint()
+            trainer._save_checkpoint(model, trial)
             trainer.control = trainer.callback_handler.on_save(trainer.args, trainer.state, trainer.control)
 
-    def log_training_metrics(self) -> None:
-        """``loss`` (mean over the updates since the last log), ``grad_norm``, ``learning_rate``."""
+    def log_training_metrics(
+        self, tr_loss: torch.Tensor, grad_norm: Any, learning_rate: float | None, start_time: float
+    ) -> None:
+        """``loss`` (``tr_loss`` over the updates since the last log), ``grad_norm``, ``learning_rate`` (the last
+        update's when ``None``); the run's accumulator restarts at 0."""
         trainer, run = self.trainer, self.run
-        metrics = run.last_metrics or {}
         # One device-to-host transfer for everything this log reads.
-        pending = {"loss": run.tr_loss, "learning_rate": self._learning_rate_tensor(metrics)}
-        if "grad_norm" in metrics:
-            pending["grad_norm"] = metrics["grad_norm"]
+        pending = {"loss": tr_loss}
+        if learning_rate is None:
+            pending["learning_rate"] = self._learning_rate_tensor(run.last_metrics or {})
+        if isinstance(grad_norm, torch.Tensor):
+            pending["grad_norm"] = grad_norm
         host = to_host({k: v for k, v in pending.items() if v is not None})
-        tr_loss = host["loss"]
+        tr_loss_scalar = host["loss"]
         run.tr_loss = torch.zeros((), dtype=torch.float64)
-        logs: dict[str, float] = {"loss": tr_loss / (trainer.state.global_step - run.last_logged_step)}
-        if "grad_norm" in host:
-            logs["grad_norm"] = host["grad_norm"]
-        logs["learning_rate"] = host.get("learning_rate", float("nan"))
-        run.total_loss += tr_loss
+        logs: dict[str, float] = {"loss": tr_loss_scalar / (trainer.state.global_step - run.last_logged_step)}
+        if grad_norm is not None:
+            logs["grad_norm"] = host.get("grad_norm", grad_norm)
+        if learning_rate is not None:
+            logs["learning_rate"] = learning_rate
+        else:
+            logs["learning_rate"] = host.get("learning_rate", float("nan"))
+        run.total_loss += tr_loss_scalar
         run.last_logged_step = trainer.state.global_step
-        trainer.log(logs, run.start_time)
+        trainer.log(logs, start_time)
 
     def _learning_rate_tensor(self, metrics: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """The lr of the last update (with any plateau scale), as a tensor; ``None`` when the optimizer has none."""
@@ -455,10 +514,10 @@ class TrainingLoop:
         trainer.store_flos()
         metrics["total_flos"] = trainer.state.total_flos
         metrics["train_loss"] = train_loss
+        trainer._memory_tracker.stop_and_update_metrics("train", metrics)
         trainer.log(metrics)
-        if self.neftune_handle is not None:
-            trainer._deactivate_neftune(trainer._train_state.skeleton, self.neftune_handle)
-            self.neftune_handle = None
+        if trainer.neftune_hook_handle is not None:
+            trainer._deactivate_neftune(trainer._train_state.skeleton)
         if trainer.plan.save.load_best_model_at_end and trainer.state.best_model_checkpoint is not None:
             trainer._load_best_model()
         self.sync_model()

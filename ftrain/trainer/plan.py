@@ -42,6 +42,7 @@ import math
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import torch
@@ -434,6 +435,9 @@ class StepPolicy:
         average_tokens_across_devices: ``num_items_in_batch`` counts the items of every rank.
         tf32: TF32 matmuls and cuDNN on (True), off (False) or left as they are (``None``); applied by
             :func:`apply_process_settings`.
+        empty_cache_steps: ``torch_empty_cache_steps``: the loop releases the device allocator's cache before every
+            step whose ``global_step`` is a multiple of it (``None``: never).
+        use_cache: ``use_cache``, set on the model's ``config.use_cache`` when the Trainer is built.
     """
 
     jit_options: dict[str, Any] | None
@@ -443,6 +447,8 @@ class StepPolicy:
     label_smoothing_factor: float
     average_tokens_across_devices: bool
     tf32: bool | None
+    empty_cache_steps: int | None
+    use_cache: bool
 
     @property
     def torch_compile(self) -> bool:
@@ -463,6 +469,8 @@ class LogPolicy:
         should_log: this process logs (local rank 0 with ``log_on_each_node``, else global rank 0).
         process_log_level: the ``logging`` level of this process (``log_level``, or ``log_level_replica`` on
             processes that do not log); ``None`` for ``"passive"``.
+        memory_metrics: report the ``*_mem_*`` metrics (``skip_memory_metrics=False``;
+            :class:`~ftrain.trainer.memory.TrainerMemoryTracker`).
     """
 
     steps: float
@@ -472,6 +480,7 @@ class LogPolicy:
     disable_tqdm: bool
     should_log: bool
     process_log_level: int | None
+    memory_metrics: bool
 
 
 @dataclass(frozen=True)
@@ -519,6 +528,8 @@ class SavePolicy:
         load_best_model_at_end: load the best checkpoint when training ends.
         restore_callback_states: on resume, restore the callbacks' states too.
         should_save: this process writes (local rank 0 with ``save_on_each_node``, else global rank 0).
+        jit_checkpoint: ``enable_jit_checkpoint``: a SIGTERM makes the loop save a checkpoint and stop
+            (:class:`~ftrain.trainer.jit_checkpoint.JITCheckpointCallback`).
     """
 
     output_dir: str
@@ -529,6 +540,7 @@ class SavePolicy:
     load_best_model_at_end: bool
     restore_callback_states: bool
     should_save: bool
+    jit_checkpoint: bool
 
     def checkpoint_options(
         self, *, sharded: bool, should_keep_fn: Callable[[int], bool] | None = None
@@ -600,6 +612,9 @@ class ParallelPolicy:
         tp_size, cp_size, sp_size: tensor / context / sequence-parallel sizes of ``parallelism_config`` (1 when
             unset; a model's own ``_tp_size`` is the Trainer's to add).
         fsdp_enabled: the layout (or ``parallelism_config``) shards the data-parallel dimension (``dp_shard > 1``).
+        backend: ``ddp_backend``, the process group's backend when the Trainer starts it (``None``: gloo on the
+            CPU, nccl on CUDA).
+        timeout: ``ddp_timeout`` as a ``timedelta``, the process group's collective timeout.
     """
 
     layout: ParallelConfig | None
@@ -607,6 +622,8 @@ class ParallelPolicy:
     cp_size: int
     sp_size: int
     fsdp_enabled: bool
+    backend: str | None
+    timeout: timedelta
 
 
 @dataclass(frozen=True)
@@ -854,6 +871,8 @@ def _step_policy(args: TrainingArguments) -> StepPolicy:
         label_smoothing_factor=args.label_smoothing_factor,
         average_tokens_across_devices=args.average_tokens_across_devices,
         tf32=args.tf32,
+        empty_cache_steps=args.torch_empty_cache_steps,
+        use_cache=args.use_cache,
     )
 
 
@@ -874,6 +893,7 @@ def _log_policy(args: TrainingArguments, process: ProcessFacts) -> LogPolicy:
         disable_tqdm=args.disable_tqdm,
         should_log=should_log,
         process_log_level=None if level == -1 else level,
+        memory_metrics=not args.skip_memory_metrics,
     )
 
 
@@ -905,6 +925,7 @@ def _save_policy(args: TrainingArguments, process: ProcessFacts) -> SavePolicy:
         load_best_model_at_end=args.load_best_model_at_end,
         restore_callback_states=args.restore_callback_states_from_checkpoint,
         should_save=(process.local_process_index if args.save_on_each_node else process.process_index) == 0,
+        jit_checkpoint=args.enable_jit_checkpoint,
     )
 
 
@@ -937,6 +958,8 @@ def _parallel_policy(args: TrainingArguments, accum: int, process: ProcessFacts)
         cp_size=1 if given is None else config_size(given, "cp", "cp_size"),
         sp_size=1 if given is None else config_size(given, "sp_size"),
         fsdp_enabled=parallel is not None and config_size(parallel, "dp_shard", "dp_shard_size") > 1,
+        backend=args.ddp_backend,
+        timeout=timedelta(seconds=args.ddp_timeout),
     )
 
 
@@ -1065,11 +1088,15 @@ DISPOSITIONS: dict[str, Disposition] = {
     "torch_compile": _honoured("step.jit_options"),
     "torch_compile_backend": _honoured("step.jit_options"),
     "torch_compile_mode": _honoured("step.jit_options"),
-    "use_liger_kernel": _ignored("Liger's Triton kernels patch transformers' modules; ftrain does not apply them"),
-    "liger_kernel_config": _ignored("options of the Liger kernels, which ftrain does not apply"),
-    "use_cache": _ignored("model.config.use_cache is left as the model has it (transformers sets it to this value)"),
+    "use_liger_kernel": _refused(
+        {"use_liger_kernel": True},
+        "use_liger_kernel=True",
+        "Liger's Triton kernels patch transformers' modules in place; ftrain's pure step does not apply them",
+    ),
+    "liger_kernel_config": _ignored("options of the Liger kernels, read only with use_liger_kernel=True (refused)"),
+    "use_cache": _honoured("step.use_cache", why="set on model.config.use_cache when the Trainer is built"),
     "neftune_noise_alpha": _honoured("step.neftune_noise_alpha"),
-    "torch_empty_cache_steps": _ignored("ftrain never calls torch.cuda.empty_cache (the step reuses its buffers)"),
+    "torch_empty_cache_steps": _honoured("step.empty_cache_steps"),
     "auto_find_batch_size": _ignored("no retry with a smaller batch after an out-of-memory error"),
     # --- logging ---
     "logging_strategy": _honoured(by="DefaultFlowCallback"),
@@ -1103,11 +1130,11 @@ DISPOSITIONS: dict[str, Disposition] = {
     "batch_eval_metrics": _honoured("eval.batch_eval_metrics"),
     # --- checkpoints ---
     "save_only_model": _honoured("save.only_model"),
-    "save_strategy": _honoured("save.strategy"),
+    "save_strategy": _honoured("save.strategy", why="'best' without metric_for_best_model is refused, as transformers"),
     "save_steps": _honoured("save.steps"),
     "save_on_each_node": _honoured("save.should_save"),
     "save_total_limit": _honoured("save.total_limit"),
-    "enable_jit_checkpoint": _ignored("no SIGTERM handler is installed; no checkpoint is written on a signal"),
+    "enable_jit_checkpoint": _honoured("save.jit_checkpoint"),
     # --- Hub ---
     "push_to_hub": _honoured("hub.push_to_hub"),
     "hub_token": _honoured("hub.token"),
@@ -1132,8 +1159,9 @@ DISPOSITIONS: dict[str, Disposition] = {
     "use_cpu": _honoured("process.device"),
     "accelerator_config": _honoured(
         "data.gradient_accumulation_steps",
-        why="only gradient_accumulation_kwargs['num_steps']; the loader keys are ignored (BatchStream shards, "
-        "pads and seeds itself) and use_configured_state=True is refused",
+        why="gradient_accumulation_kwargs['num_steps'] (its other keys, accelerate's plugin fields, change nothing "
+        "in transformers' Trainer either; unknown ones are refused); the loader keys are ignored (BatchStream "
+        "shards, pads and seeds itself) and use_configured_state=True is refused",
     ),
     "parallelism_config": _honoured(
         "parallel.layout", "parallel.tp_size", "parallel.cp_size", "parallel.sp_size", "parallel.fsdp_enabled"
@@ -1156,13 +1184,19 @@ DISPOSITIONS: dict[str, Disposition] = {
     "ddp_bucket_cap_mb": _ignored(_NOT_A_DDP_WRAPPER),
     "ddp_broadcast_buffers": _ignored(_NOT_A_DDP_WRAPPER),
     "ddp_static_graph": _ignored(_NOT_A_DDP_WRAPPER),
-    "ddp_backend": _ignored("ftrain.distributed picks the backend from the device (nccl on CUDA, gloo on CPU)"),
-    "ddp_timeout": _ignored("the process group keeps torch.distributed's default timeout"),
+    "ddp_backend": _honoured(
+        "parallel.backend", why="when the Trainer starts the process group; backends of other devices are refused"
+    ),
+    "ddp_timeout": _honoured("parallel.timeout", why="when the Trainer starts the process group"),
     "fsdp": _honoured("parallel.layout", "parallel.fsdp_enabled"),
     "fsdp_config": _honoured("parallel.layout"),
     "deepspeed": _honoured("parallel.layout", why="as a sharding layout; no DeepSpeed engine runs"),
-    "debug": _ignored("transformers' underflow/overflow and TPU-metrics debugging hooks are not provided"),
-    "skip_memory_metrics": _ignored("no *_mem_* metrics are reported (what the default True gives)"),
+    "debug": _refused(
+        {"debug": "underflow_overflow"},
+        "is not provided by ftrain",
+        "the underflow/overflow hooks cannot run in the functional (or compiled) step; TPU metrics need a TPU",
+    ),
+    "skip_memory_metrics": _honoured("log.memory_metrics"),
     # --- for scripts ---
     "do_train": _ignored(_SCRIPTS_ONLY),
     "do_eval": _honoured("eval.do_eval", why="the ray scheduler check of hyperparameter_search reads it"),

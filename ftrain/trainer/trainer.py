@@ -46,8 +46,10 @@ Differences from transformers, on purpose:
   ``_save_optimizer_and_scheduler`` / ``_save_rng_state`` write those parts as safetensors / JSON next to a
   checkpoint (never a pickle), and the ``_load_*`` twins read them back into the current state (or from a committed
   ftrain checkpoint's ``state.safetensors``).
-- **No wrappers, no accelerator.** ``_wrap_model`` returns the model, ``create_accelerator_and_postprocess`` records
-  the device / process facts the shell reads, and there is no loss scaler (``_save_scaler`` is a no-op).
+- **No wrappers, no accelerate state.** ``_wrap_model`` returns the model, ``create_accelerator_and_postprocess``
+  records the device / process facts the shell reads and answers accelerate's questions through
+  ``trainer.accelerator`` (:class:`~ftrain.trainer.accelerator.TrainerAccelerator`, which takes over nothing), and
+  there is no loss scaler (``_save_scaler`` is a no-op).
 - **Weights load strictly.** ``_load_from_checkpoint`` reads an ftrain checkpoint or a transformers-written folder
   (``model.safetensors`` or a sharded index) and refuses pickled ``pytorch_model.bin`` files.
 - Methods transformers 5 moved out of the class (``_sorted_checkpoints``, ``_nested_gather``, ``num_tokens``,
@@ -107,6 +109,7 @@ from ftrain.optim.base import GradientTransformation
 from ftrain.state import TrainState
 from ftrain.step import make_train_step
 from ftrain.trainer import torch_optim as _torch_optim
+from ftrain.trainer.accelerator import TrainerAccelerator
 from ftrain.trainer.args import IntervalStrategy, SchedulerType, TrainingArguments
 from ftrain.trainer.callbacks import DEFAULT_CALLBACKS, DEFAULT_PROGRESS_CALLBACK, CallbackHandler, PrinterCallback
 from ftrain.trainer.checkpoints import TrainerCheckpoints
@@ -115,8 +118,10 @@ from ftrain.trainer.evaluation import Evaluator, loss_item_count, make_loss_fn
 from ftrain.trainer.hp_search import BestRun, HPSearchBackend, HyperparameterSearch
 from ftrain.trainer.hub import HubClient, PushInProgress
 from ftrain.trainer.integrations import get_reporting_integration_callbacks
+from ftrain.trainer.jit_checkpoint import JITCheckpointCallback
 from ftrain.trainer.loop import TRAINER_STATE_NAME, TRAINING_ARGS_NAME, TrainingLoop, enable_activation_checkpointing
-from ftrain.trainer.plan import TrainerPlan, apply_process_settings, make_plan
+from ftrain.trainer.memory import TrainerMemoryTracker
+from ftrain.trainer.plan import TrainerPlan, apply_process_settings, make_plan, total_train_batch_size
 from ftrain.trainer.trainer_state import TrainerControl, TrainerState
 from ftrain.trainer.utils import (
     PREFIX_CHECKPOINT_DIR,
@@ -190,6 +195,8 @@ class Trainer:
         self._plan: tuple[Any, int, TrainerPlan] | None = None  # (the args, their revision, the plan)
         self.args = TrainingArguments(output_dir="tmp_trainer") if args is None else _as_ftrain_args(args)
         apply_process_settings(self.plan)  # TF32 and the process's log level, as transformers' arguments do
+        self._memory_tracker = TrainerMemoryTracker(not self.plan.log.memory_metrics, self.plan.process.device)
+        self._memory_tracker.start("init")
         self._train_state = self._train_step = None  # the pure state and step, built by train()
         self._model_stale, self.is_in_train = False, False
         self.current_flos, self._flos_params, self._signature_columns = 0.0, None, None
@@ -213,6 +220,7 @@ class Trainer:
                 )
         self.preprocess_logits_for_metrics = preprocess_logits_for_metrics
         self.neftune_noise_alpha = self.plan.step.neftune_noise_alpha
+        self.neftune_hook_handle: Any = None  # set by _activate_neftune while train() runs
         self.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs
         self._tx: GradientTransformation | None = None  # what the train step runs (create_optimizer_and_scheduler)
         self._optimizer_spec: _torch_optim.TorchOptimizerSpec | None = None  # what self.optimizer views
@@ -223,9 +231,15 @@ class Trainer:
         self.state, self.control = TrainerState(), TrainerControl()
         self.callback_handler = CallbackHandler(self._default_callbacks(callbacks), self.model, processing_class,
                                                 self.optimizer, self.lr_scheduler)  # fmt: skip
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, JITCheckpointCallback):
+                callback.set_trainer(self)
         self.control = self.callback_handler.on_init_end(self.args, self.state, self.control)
         if self.plan.hub.push_to_hub:
             self.init_hf_repo()
+        if getattr(self.model, "config", None) is not None:
+            self.model.config.use_cache = self.plan.step.use_cache  # transformers sets it, whatever the model had
+        self._memory_tracker.stop_and_update_metrics("init")
 
     # ---- construction ---------------------------------------------------------------------------------------------
 
@@ -316,7 +330,8 @@ class Trainer:
     def _default_callbacks(self, callbacks: list[Any] | None) -> list[Any]:
         progress = PrinterCallback if self.plan.log.disable_tqdm else DEFAULT_PROGRESS_CALLBACK
         integrations = get_reporting_integration_callbacks(list(self.plan.log.report_to))
-        return [*DEFAULT_CALLBACKS, *integrations, progress, *(callbacks or [])]
+        jit = [JITCheckpointCallback()] if self.plan.save.jit_checkpoint else []
+        return [*DEFAULT_CALLBACKS, *integrations, *jit, progress, *(callbacks or [])]
 
     # ---- callbacks ------------------------------------------------------------------------------------------------
 
@@ -560,26 +575,32 @@ class Trainer:
             ``{prefix}_loss``, the ``compute_metrics`` results, ``{prefix}_runtime``, ``{prefix}_samples_per_second``
             and ``{prefix}_steps_per_second``.
         """
-        return self._evaluator.evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        self._memory_tracker.start("eval")
+        metrics = self._evaluator.evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        self._memory_tracker.stop_and_update_metrics("eval", metrics)
+        return metrics
 
     def predict(
         self, test_dataset: Any, ignore_keys: list[str] | None = None, metric_key_prefix: str = "test"
     ) -> PredictionOutput:
         """Predictions, labels (``None`` without) and ``test_*`` metrics on ``test_dataset``; fires ``on_predict``."""
-        return self._evaluator.predict(test_dataset, ignore_keys, metric_key_prefix)
+        self._memory_tracker.start("test")
+        output = self._evaluator.predict(test_dataset, ignore_keys, metric_key_prefix)
+        self._memory_tracker.stop_and_update_metrics("test", output.metrics)
+        return output
 
     # ---- NEFTune --------------------------------------------------------------------------------------------------
 
     def _activate_neftune(self, model: Any) -> Any:
-        """Registers the NEFTune noise hook on ``model``'s input embeddings (the step's skeleton); returns the
-        handle. The noise is ``uniform(-m, m)`` with ``m = neftune_noise_alpha / sqrt(seq_len * hidden)``, added
-        to the embeddings' output in training mode only (transformers' NEFTune)."""
+        """Registers the NEFTune noise hook on ``model``'s input embeddings (the step's skeleton) and keeps its
+        handle as ``neftune_hook_handle``; returns ``model`` (transformers 4.x's contract). The noise is
+        ``uniform(-m, m)`` with ``m = neftune_noise_alpha / sqrt(seq_len * hidden)``, added to the embeddings' output
+        in training mode only (transformers' NEFTune)."""
         get = getattr(model, "get_input_embeddings", None)
         if get is None:
             raise ValueError(
                 f"neftune_noise_alpha needs a model with get_input_embeddings(); {type(model).__name__} has none."
             )
-        embeddings = get()
         alpha = float(self.neftune_noise_alpha)
 
         def hook(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
@@ -588,12 +609,20 @@ class Trainer:
             magnitude = alpha / math.sqrt(output.size(1) * output.size(2))
             return output + torch.zeros_like(output).uniform_(-magnitude, magnitude)
 
-        return embeddings.register_forward_hook(hook)
+        self.neftune_hook_handle = get().register_forward_hook(hook)
+        return model
 
-    def _deactivate_neftune(self, model: Any, handle: Any = None) -> None:
-        """Removes the hook that :meth:`_activate_neftune` registered."""
-        if handle is not None:
-            handle.remove()
+    def _deactivate_neftune(self, model: Any) -> None:
+        """Removes the hook that :meth:`_activate_neftune` registered (``model`` is the module it was registered
+        on, as in transformers 4.x).
+
+        Raises:
+            ValueError: NEFTune was not activated.
+        """
+        if self.neftune_hook_handle is None:
+            raise ValueError("Neftune is not activated make sure to call `trainer._activate_neftune()` first")
+        self.neftune_hook_handle.remove()
+        self.neftune_hook_handle = None
 
     # ---- data -----------------------------------------------------------------------------------------------------
 
@@ -633,10 +662,11 @@ class Trainer:
 
     def get_train_dataloader(self) -> BatchStream:
         """The training :class:`~ftrain.data.BatchStream` (one list of ``gradient_accumulation_steps`` microbatches
-        of ``per_device_train_batch_size × world_size`` examples per optimizer step)."""
+        of ``_train_batch_size × world_size`` examples per optimizer step; ``_train_batch_size`` is
+        ``per_device_train_batch_size`` unless ``_inner_training_loop`` was given another ``batch_size``)."""
         if self.train_dataset is None:
             raise ValueError("Trainer: training requires a train_dataset.")
-        return self._stream(self.train_dataset, self.plan.data.per_device_train_batch_size, train=True)
+        return self._stream(self.train_dataset, self._train_batch_size, train=True)
 
     def get_eval_dataloader(self, eval_dataset: Any = None) -> BatchStream:
         """The evaluation stream (in order); a ``str`` names one of ``self.eval_dataset``'s entries."""
@@ -768,17 +798,28 @@ class Trainer:
         resume_from_checkpoint: bool | str | None = None,
         trial: Any = None,
         ignore_keys_for_eval: list[str] | None = None,
-        **kwargs: Any,
     ) -> TrainOutput:
         """Trains for ``max_steps`` / ``num_train_epochs``; resumes bitwise from a checkpoint (``True``: the last one
-        in ``output_dir``). Returns ``TrainOutput(global_step, training_loss, metrics)``."""
-        if kwargs:
-            raise TypeError(f"train() got unexpected keyword arguments: {', '.join(kwargs)}")
+        in ``output_dir``). Returns ``TrainOutput(global_step, training_loss, metrics)``.
+
+        ``trial`` (an optuna ``Trial`` or a dict of hyper-parameters), as transformers: ``model_init`` gets it, it is
+        applied by :meth:`_hp_search_setup` (which keeps it as ``self._trial`` and, inside a search, sets its
+        hyper-parameters on the arguments) and it is recorded in ``state.trial_params``."""
         return self._loop.train(resume_from_checkpoint, trial, ignore_keys_for_eval)
 
-    def _inner_training_loop(self, checkpoint: str | None, ignore_keys_for_eval: list[str] | None) -> TrainOutput:
-        """Sets up the state and step, fires ``on_train_begin``, runs the epochs and finishes."""
-        return self._loop.inner_training_loop(checkpoint, ignore_keys_for_eval)
+    def _inner_training_loop(
+        self,
+        batch_size: int | None = None,
+        args: TrainingArguments | None = None,
+        resume_from_checkpoint: str | None = None,
+        trial: Any = None,
+        ignore_keys_for_eval: list[str] | None = None,
+    ) -> TrainOutput:
+        """Sets up the state and step, fires ``on_train_begin``, runs the epochs and finishes (transformers'
+        arguments: ``batch_size`` is the per-device train batch size of this run, as ``auto_find_batch_size``
+        passes it (``None``: keep ``_train_batch_size``); ``args`` replaces ``self.args`` when it is another object;
+        ``resume_from_checkpoint`` is a checkpoint folder, already resolved by ``train``)."""
+        return self._loop.inner_training_loop(batch_size, args, resume_from_checkpoint, trial, ignore_keys_for_eval)
 
     def _distribute(self, state: TrainState) -> TrainState:
         """The state laid out over processes by :func:`ftrain.distributed.shard_state`, with the layout and mesh that
@@ -804,29 +845,65 @@ class Trainer:
         (:func:`~ftrain.trainer.loop.enable_activation_checkpointing` with ``activation_checkpointing_kwargs``)."""
         enable_activation_checkpointing(skeleton, self.plan.step.activation_checkpointing)
 
-    def _run_epoch(self, stream: Any, epoch: int, ignore_keys_for_eval: list[str] | None) -> None:
-        """One pass over the epoch from the current global step; transformers' ``_run_epoch``."""
-        self._loop.run_epoch(stream, epoch, ignore_keys_for_eval)
+    def _run_epoch(
+        self,
+        model: Any,
+        epoch: int,
+        train_dataloader: Any,
+        steps_in_epoch: int,
+        num_update_steps_per_epoch: int,
+        trial: Any,
+        ignore_keys_for_eval: list[str] | None,
+        start_time: float,
+        resume_from_checkpoint: str | None,
+        epochs_trained: int,
+        steps_trained_in_current_epoch: int,
+    ) -> None:
+        """One pass over epoch ``epoch`` of ``train_dataloader`` (a BatchStream) from the current global step;
+        transformers' ``_run_epoch`` and arguments. A resume needs no skipping here: the stream starts at
+        ``state.global_step`` (its batches are a function of the step), which ``epochs_trained`` and
+        ``steps_trained_in_current_epoch`` describe; ``model`` is handed on to ``_maybe_log_save_evaluate``."""
+        self._loop.run_epoch(model, epoch, train_dataloader, trial, ignore_keys_for_eval, start_time)
 
-    def _track_num_input_tokens(self, batch: Any) -> None:
-        """Adds the batch's tokens to ``state.num_input_tokens_seen`` (``include_num_input_tokens_seen``)."""
-        self._loop.track_num_input_tokens(batch)
+    def _track_num_input_tokens(self, inputs: Any) -> None:
+        """Adds the tokens of ``inputs`` (a step's microbatches) to ``state.num_input_tokens_seen``
+        (``include_num_input_tokens_seen``)."""
+        self._loop.track_num_input_tokens(inputs)
 
-    def _maybe_log_save_evaluate(self, ignore_keys_for_eval: list[str] | None = None) -> None:
-        """Logs, evaluates and saves as ``control`` asks (transformers' ``_maybe_log_save_evaluate``)."""
-        self._loop.maybe_log_save_evaluate(ignore_keys_for_eval)
+    def _maybe_log_save_evaluate(
+        self,
+        tr_loss: torch.Tensor,
+        grad_norm: torch.Tensor | float | None,
+        model: Any,
+        trial: Any,
+        epoch: float,
+        ignore_keys_for_eval: list[str] | None,
+        start_time: float,
+        learning_rate: float | None = None,
+    ) -> None:
+        """Logs, evaluates and saves as ``control`` asks (transformers' ``_maybe_log_save_evaluate`` and
+        arguments): ``tr_loss`` is the sum of the step losses since the last log (reset when logged), ``grad_norm``
+        the last step's, ``learning_rate`` the logged one (``None``: the last update's)."""
+        self._loop.maybe_log_save_evaluate(tr_loss, grad_norm, model, trial, ignore_keys_for_eval, start_time,
+                                           learning_rate)  # fmt: skip
 
-    def _evaluate(self, ignore_keys_for_eval: list[str] | None, skip_scheduler: bool = False) -> dict[str, float]:
+    def _evaluate(
+        self, trial: Any, ignore_keys_for_eval: list[str] | None, skip_scheduler: bool = False
+    ) -> dict[str, float]:
         """Evaluates, then feeds ``eval_{metric_for_best_model}`` to the optimizer's plateau state (transformers
-        steps ``ReduceLROnPlateau`` there), through :func:`ftrain.schedules.plateau_update`."""
+        steps ``ReduceLROnPlateau`` there), through :func:`ftrain.schedules.plateau_update`. The search's
+        objective is reported for ``trial`` by the search's callback, on ``on_evaluate``."""
         return self._loop.evaluate(ignore_keys_for_eval, skip_scheduler)
 
-    def _determine_best_metric(self, metrics: dict[str, float]) -> bool:
-        """Updates ``best_metric`` / ``best_global_step`` from ``metric_for_best_model``; True on a new best."""
+    def _determine_best_metric(self, metrics: dict[str, float], trial: Any) -> bool:
+        """Updates ``best_metric`` / ``best_global_step`` from ``metric_for_best_model``; True on a new best.
+        (``trial``, transformers' argument, names its output folder there; ftrain's best checkpoint is found by
+        ``best_global_step`` in ``args.output_dir``, which a search trial's arguments already point at.)"""
         return self._loop.determine_best_metric(metrics)
 
-    def _finalize_training(self, num_train_samples: int, start_time: float) -> TrainOutput:
-        """The ``train_*`` metrics and last log, the best model (``load_best_model_at_end``), ``on_train_end``."""
+    def _finalize_training(self, trial: Any, num_train_samples: int, start_time: float) -> TrainOutput:
+        """The ``train_*`` metrics and last log, the best model (``load_best_model_at_end``), ``on_train_end``.
+        (``trial`` as in :meth:`_determine_best_metric`.)"""
         return self._loop.finalize_training(num_train_samples, start_time)
 
     # ---- checkpoints (:class:`~ftrain.trainer.checkpoints.TrainerCheckpoints`) -----------------------------------
@@ -873,7 +950,9 @@ class Trainer:
         """Records the process and device facts transformers' ``Trainer`` keeps after creating its accelerator.
 
         ftrain has no ``accelerate.Accelerator``: devices and process groups come from ``torch.distributed`` (read
-        through ``args``), and gradient accumulation happens inside the pure step. Sets ``device``, ``world_size``,
+        through ``args``), and gradient accumulation happens inside the pure step; ``accelerator`` is a
+        :class:`~ftrain.trainer.accelerator.TrainerAccelerator` with accelerate's API over these facts. Sets
+        ``accelerator``, ``device``, ``world_size``,
         ``process_index``, ``is_deepspeed_enabled`` / ``is_fsdp_xla_enabled`` (always ``False``: ftrain shards
         DTensor state leaves instead), ``is_fsdp_enabled`` (``ParallelConfig.dp_shard > 1``), ``is_tp_enabled``,
         ``gather_function`` (:meth:`_nested_gather`) and ``_train_batch_size``.
@@ -914,8 +993,17 @@ class Trainer:
         if self.parallel_config is not None:
             from ftrain.distributed import build_mesh
 
-            self.mesh = build_mesh(self.parallel_config, self.device.type)
+            self.mesh = build_mesh(self.parallel_config, self.device.type, backend=plan.parallel.backend,
+                                   timeout=plan.parallel.timeout)  # fmt: skip
         self.is_fsdp_enabled = plan.parallel.fsdp_enabled
+        self.accelerator = TrainerAccelerator(
+            device=self.device,
+            num_processes=self.world_size,
+            process_index=self.process_index,
+            local_process_index=process.local_process_index,
+            mixed_precision="bf16" if plan.step.autocast_dtype == torch.bfloat16 else "no",
+            fsdp=self.is_fsdp_enabled,
+        )
         self.is_tp_enabled = self.get_tp_size() > 1
         self.gather_function = self._nested_gather
         self._train_batch_size = plan.data.train_batch_size
@@ -1116,11 +1204,12 @@ class Trainer:
         return self.plan.parallel.sp_size
 
     def get_total_train_batch_size(self, args: Any) -> int:
-        """Examples per optimizer step over all processes: ``train_batch_size × gradient_accumulation_steps ×
+        """Examples per optimizer step over all processes: ``_train_batch_size × gradient_accumulation_steps ×
         dp_world_size``, with ``dp_world_size = world_size // (tp × cp × sp)`` (transformers' formula)."""
         plan = self.plan if args is self.args else make_plan(args)
-        return plan.total_train_batch_size(tp_size=self.get_tp_size(), cp_size=plan.parallel.cp_size,
-                                           sp_size=plan.parallel.sp_size)  # fmt: skip
+        return total_train_batch_size(self._train_batch_size, plan.data.gradient_accumulation_steps,
+                                      plan.process.world_size, tp_size=self.get_tp_size(),
+                                      cp_size=plan.parallel.cp_size, sp_size=plan.parallel.sp_size)  # fmt: skip
 
     def set_initial_training_values(
         self, args: Any, dataloader: Any, total_train_batch_size: int | None = None

@@ -176,7 +176,6 @@ NORMALISATION_CASES = [
     {"include_num_input_tokens_seen": "non_padding"},
     {"torch_compile_mode": "max-autotune"},
     {"torch_compile": True},
-    {"debug": "underflow_overflow tpu_metrics_debug"},
     {"logging_steps": 10.0, "save_steps": 30.0, "eval_strategy": "steps", "eval_steps": 5.0},
     {"logging_strategy": "epoch", "logging_steps": 12.5},
     {"use_cpu": True, "bf16": True, "bf16_full_eval": True},
@@ -220,7 +219,8 @@ def test_normalised_values_by_hand():
     assert TrainingArguments(use_cpu=True).dataloader_pin_memory is False
     args = TrainingArguments(torch_compile_mode="default")
     assert (args.torch_compile, args.torch_compile_backend) == (True, "inductor")
-    assert TrainingArguments(debug="underflow_overflow").debug == [DebugOption.UNDERFLOW_OVERFLOW]
+    with pytest.raises(ValueError, match=r"debug=\['underflow_overflow'\] is not provided"):  # parsed, then refused
+        TrainingArguments(debug=DebugOption.UNDERFLOW_OVERFLOW)
     assert TrainingArguments(include_num_input_tokens_seen=True).include_num_input_tokens_seen == "all"
     assert TrainingArguments(hub_token="secret").to_dict()["hub_token"] == "<HUB_TOKEN>"
     assert "secret" not in repr(TrainingArguments(hub_token="secret"))
@@ -557,7 +557,6 @@ TRAINING_ARGS_COMMAND_LINES = [
     ["--bf16", "true", "--use_cpu", "1", "--bf16_full_eval", "yes"],
     ["--activation_checkpointing"],
     ["--gradient_checkpointing", "--gradient_checkpointing_kwargs", '{"use_reentrant": false}'],
-    ["--debug", "underflow_overflow"],
     ["--tf32", "false", "--max_steps", "100", "--per-device-train-batch-size", "4", "--num_train_epochs", "1.5"],
     ["--include_num_input_tokens_seen"],
     ["--hub_strategy", "checkpoint", "--push_to_hub", "--hub_model_id", "me/m", "--hub_private_repo", "true"],

@@ -94,7 +94,112 @@ def test_dispositions_are_well_formed():
         if disposition.kind == "ignored":
             assert len(disposition.why) > 20 and not disposition.where, name
     kinds = [d.kind for d in DISPOSITIONS.values()]
-    assert kinds.count("refused") == 2 and kinds.count("ignored") >= 30
+    assert kinds.count("refused") == 4 and kinds.count("ignored") >= 20
+
+
+# A value other than the default for each honoured field, where flipping a bool, adding 2 to an int or halving a float
+# does not give one (or needs companions), and the launcher environment where the field acts only with several
+# processes. ``None``: the field changes the plan only on a GPU machine.
+_SEVERAL = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}
+_OTHER_NODE_RANK = {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "0"}
+_ALTERNATIVES = {
+    "output_dir": {"output_dir": "elsewhere"},
+    "lr_scheduler_type": {"lr_scheduler_type": "cosine"},
+    "lr_scheduler_kwargs": {"lr_scheduler_type": "cosine_with_restarts", "lr_scheduler_kwargs": {"num_cycles": 2}},
+    "optim": {"optim": "sgd"},
+    "optim_args": {"optim_args": "momentum=0.9"},
+    "tf32": {"tf32": False},
+    "activation_checkpointing": {"activation_checkpointing": True},
+    "activation_checkpointing_kwargs": {
+        "activation_checkpointing": True,
+        "activation_checkpointing_kwargs": {"use_reentrant": True},
+    },
+    "gradient_checkpointing": {"gradient_checkpointing": True},
+    "gradient_checkpointing_kwargs": {
+        "gradient_checkpointing": True,
+        "gradient_checkpointing_kwargs": {"use_reentrant": 1},
+    },
+    "torch_compile_backend": {"torch_compile_backend": "aot_eager"},
+    "torch_compile_mode": {"torch_compile_mode": "max-autotune"},
+    "neftune_noise_alpha": {"neftune_noise_alpha": 5.0},
+    "torch_empty_cache_steps": {"torch_empty_cache_steps": 3},
+    "log_on_each_node": ({"log_on_each_node": False}, _OTHER_NODE_RANK),
+    "include_num_input_tokens_seen": {"include_num_input_tokens_seen": "non_padding"},
+    "log_level": {"log_level": "error"},
+    "eval_loss_reduction": {"eval_loss_reduction": "token"},
+    "log_level_replica": ({"log_level_replica": "error"}, {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}),
+    "disable_tqdm": {"disable_tqdm": True},
+    "report_to": {"report_to": "tensorboard"},
+    "eval_strategy": {"eval_strategy": "epoch"},
+    "eval_steps": {"eval_steps": 7},
+    "include_for_metrics": {"include_for_metrics": ["inputs"]},
+    "save_strategy": {"save_strategy": "epoch"},
+    "save_on_each_node": ({"save_on_each_node": True}, _OTHER_NODE_RANK),
+    "save_total_limit": {"save_total_limit": 2},
+    "hub_token": {"hub_token": "hf_x"},
+    "hub_private_repo": {"hub_private_repo": True},
+    "hub_model_id": {"hub_model_id": "me/model"},
+    "hub_strategy": {"hub_strategy": "checkpoint"},
+    "hub_revision": {"hub_revision": "dev"},
+    "load_best_model_at_end": {"load_best_model_at_end": True, "eval_strategy": "steps", "save_steps": 500},
+    "metric_for_best_model": {"metric_for_best_model": "accuracy"},
+    "greater_is_better": {"metric_for_best_model": "loss", "greater_is_better": True},
+    "data_seed": {"data_seed": 7},
+    "use_cpu": None,
+    "no_cuda": None,
+    "accelerator_config": {"accelerator_config": {"gradient_accumulation_kwargs": {"num_steps": 3}}},
+    "parallelism_config": "dp_shard=2",  # built in the test (needs ftrain.distributed)
+    "dataloader_pin_memory": {"dataloader_pin_memory": False},
+    "dataloader_prefetch_factor": {"dataloader_num_workers": 1, "dataloader_prefetch_factor": 4},
+    "dataloader_multiprocessing_context": {"dataloader_num_workers": 1, "dataloader_multiprocessing_context": "spawn"},
+    "label_names": {"label_names": ["y"]},
+    "train_sampling_strategy": {"train_sampling_strategy": "sequential"},
+    "length_column_name": {"length_column_name": "len"},
+    "ddp_backend": {"ddp_backend": "gloo"},
+    "fsdp": ({"fsdp": "full_shard"}, _SEVERAL),
+    "fsdp_config": ({"fsdp": True, "fsdp_config": {"reshard_after_forward": False}}, _SEVERAL),
+    "deepspeed": ({"deepspeed": {"zero_optimization": {"stage": 3}}}, _SEVERAL),
+    "evaluation_strategy": {"evaluation_strategy": "epoch"},
+    "warmup_ratio": {"warmup_ratio": 0.1},
+    "group_by_length": {"group_by_length": True},
+}
+
+
+def _alternative(name: str):
+    if name in _ALTERNATIVES:
+        value = _ALTERNATIVES[name]
+        if value == "dp_shard=2":
+            from ftrain.distributed import ParallelConfig
+
+            return {"parallelism_config": ParallelConfig(dp_shard=2)}, _SEVERAL
+        return value if isinstance(value, tuple) or value is None else (value, {})
+    default = next(f.default for f in dataclasses.fields(TrainingArguments) if f.name == name)
+    if isinstance(default, bool):
+        return {name: not default}, {}
+    if isinstance(default, (int, float)):
+        return {name: default + 2 if isinstance(default, int) else (default / 2 if default else 0.25)}, {}
+    raise AssertionError(f"{name}: add a non-default value to _ALTERNATIVES")
+
+
+@pytest.mark.parametrize("name", [n for n, d in DISPOSITIONS.items() if d.kind == "honoured" and d.where])
+def test_honoured_fields_are_read_into_their_plan_entries(name, monkeypatch):
+    """An honoured field must change what its plan entries hold: a field that is accepted but not read (neither
+    refused nor ignored with a reason) fails here."""
+    alternative = _alternative(name)
+    if alternative is None:
+        if not torch.cuda.is_available():
+            pytest.skip(f"{name} changes the device only where a GPU is usable")
+        alternative = ({name: True}, {})
+    kwargs, env = alternative
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    cpu = {} if name in ("use_cpu", "no_cuda", "dataloader_pin_memory") else {"use_cpu": True}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        base = make_plan(TrainingArguments(**{"output_dir": "out", **cpu}))
+        plan = make_plan(TrainingArguments(**{"output_dir": "out", **cpu, **kwargs}))
+    paths = DISPOSITIONS[name].where
+    assert [operator.attrgetter(p)(plan) for p in paths] != [operator.attrgetter(p)(base) for p in paths]
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -140,12 +140,15 @@ def test_neftune_hook_draws_transformers_noise(tmp_path):
 
     args = TrainingArguments(str(tmp_path), **{**ARGS, "neftune_noise_alpha": alpha})
     trainer = Trainer(model=ft_model, args=args, train_dataset=token_rows())
-    handle = trainer._activate_neftune(ft_model)
+    assert trainer._activate_neftune(ft_model) is ft_model  # transformers 4.x: returns the model, keeps the handle
     torch.manual_seed(123)
     ft_out = ft_model.get_input_embeddings()(ids)
     ft_model.eval()
     assert torch.equal(ft_model.get_input_embeddings()(ids), clean)  # eval: no noise (the same lookup: bitwise)
-    trainer._deactivate_neftune(ft_model, handle)
+    trainer._deactivate_neftune(ft_model)
+    assert len(ft_model.get_input_embeddings()._forward_hooks) == 0 and trainer.neftune_hook_handle is None
+    with pytest.raises(ValueError, match="Neftune is not activated"):  # transformers' message when none is active
+        trainer._deactivate_neftune(ft_model)
     ft_model.train()
     assert torch.equal(ft_model.get_input_embeddings()(ids), clean)  # removed
 

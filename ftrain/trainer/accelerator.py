@@ -1,0 +1,195 @@
+"""``trainer.accelerator``: the part of accelerate's ``Accelerator`` API that scripts and callbacks read.
+
+transformers' Trainer keeps an ``accelerate.Accelerator`` and HF code reads it: ``num_processes``,
+``process_index``, ``is_main_process``, ``device``, ``distributed_type``, ``unwrap_model``, ``gather_for_metrics``,
+``print``, ``split_between_processes``... ftrain owns devices, process groups, precision and accumulation itself
+(a real ``Accelerator`` would take them over and keep a process-wide singleton state), so
+:class:`TrainerAccelerator` answers the same questions from the facts the Trainer decided (its plan and mesh), with
+accelerate's values: ``gradient_accumulation_steps`` is 1 as in transformers (which accumulates outside accelerate;
+ftrain accumulates inside the pure step) and ``distributed_type`` is accelerate's ``DistributedType`` member when
+accelerate is imported (an equal string enum otherwise: importing ftrain does not import accelerate).
+
+Example:
+    >>> acc = TrainerAccelerator(device=torch.device("cpu"), num_processes=1, process_index=0,
+    ...                          local_process_index=0, mixed_precision="no")
+    >>> acc.is_main_process, acc.use_distributed, acc.distributed_type == "NO"
+    (True, False, True)
+    >>> with acc.split_between_processes([1, 2, 3]) as mine:
+    ...     mine
+    [1, 2, 3]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import gc
+import math
+import sys
+from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from ftrain.trainer.memory import clear_device_cache
+from ftrain.trainer.utils import nested_gather
+
+__all__ = ["DistributedType", "TrainerAccelerator"]
+
+
+class DistributedType(str, enum.Enum):
+    """accelerate's ``DistributedType`` values ftrain runs as; equal to accelerate's members (both are strings)."""
+
+    NO = "NO"
+    MULTI_CPU = "MULTI_CPU"
+    MULTI_GPU = "MULTI_GPU"
+    FSDP = "FSDP"
+
+
+def _distributed_type(name: str) -> Any:
+    """accelerate's ``DistributedType`` member when accelerate is already imported (so ``isinstance`` checks
+    against it hold), else ftrain's equal one: importing accelerate is left to code that uses it."""
+    accelerate_utils = sys.modules.get("accelerate.utils")
+    if accelerate_utils is not None and hasattr(accelerate_utils, "DistributedType"):
+        return accelerate_utils.DistributedType[name]
+    return DistributedType[name]
+
+
+class TrainerAccelerator:
+    """accelerate's ``Accelerator`` questions, answered from the Trainer's facts (see the module docstring).
+
+    Args:
+        device: this process's device.
+        num_processes, process_index, local_process_index: the world size and this process's ranks.
+        mixed_precision: ``"bf16"`` or ``"no"`` (ftrain runs no fp16).
+        fsdp: the parameters are sharded over the data-parallel ranks (``DistributedType.FSDP``).
+    """
+
+    def __init__(
+        self,
+        *,
+        device: torch.device,
+        num_processes: int,
+        process_index: int,
+        local_process_index: int,
+        mixed_precision: str,
+        fsdp: bool = False,
+    ) -> None:
+        self.device = device
+        self.num_processes = num_processes
+        self.process_index = process_index
+        self.local_process_index = local_process_index
+        self.mixed_precision = mixed_precision
+        self.distributed_type = self._distributed_type(fsdp)
+        self.gradient_accumulation_steps = 1  # transformers' value: accumulation happens outside accelerate
+        self.sync_gradients = True
+        self.state = SimpleNamespace(
+            device=device,
+            num_processes=num_processes,
+            process_index=process_index,
+            local_process_index=local_process_index,
+            distributed_type=self.distributed_type,
+            mixed_precision=mixed_precision,
+            is_main_process=self.is_main_process,
+            is_local_main_process=self.is_local_main_process,
+            use_distributed=self.use_distributed,
+        )
+
+    def _distributed_type(self, fsdp: bool) -> Any:
+        if self.num_processes <= 1:
+            return _distributed_type("NO")
+        if fsdp:
+            return _distributed_type("FSDP")
+        return _distributed_type("MULTI_GPU" if self.device.type == "cuda" else "MULTI_CPU")
+
+    @property
+    def is_main_process(self) -> bool:
+        """Global rank 0."""
+        return self.process_index == 0
+
+    @property
+    def is_local_main_process(self) -> bool:
+        """Rank 0 of this node."""
+        return self.local_process_index == 0
+
+    @property
+    def is_last_process(self) -> bool:
+        """The highest global rank."""
+        return self.process_index == self.num_processes - 1
+
+    @property
+    def use_distributed(self) -> bool:
+        """More than one process trains."""
+        return self.num_processes > 1
+
+    def unwrap_model(self, model: Any, keep_fp32_wrapper: bool = True, keep_torch_compile: bool = True) -> Any:
+        """The user's module: ftrain never wraps it; a ``torch.compile`` wrapper is removed unless
+        ``keep_torch_compile``."""
+        if not keep_torch_compile and hasattr(model, "_orig_mod"):
+            return model._orig_mod
+        return model
+
+    def gather(self, tensor: Any) -> Any:
+        """``tensor`` (or nested lists / tuples / dicts of them) from every process, concatenated on dim 0."""
+        return nested_gather(tensor)
+
+    def gather_for_metrics(self, input_data: Any, use_gather_object: bool = False) -> Any:
+        """:meth:`gather` (ftrain's evaluation streams shard the rows without padding duplicates, so there are
+        none to drop); Python objects are gathered with ``all_gather_object`` when ``use_gather_object``."""
+        if use_gather_object and self.use_distributed:
+            gathered: list[Any] = [None] * self.num_processes
+            torch.distributed.all_gather_object(gathered, input_data)
+            return [x for part in gathered for x in (part if isinstance(part, list) else [part])]
+        return self.gather(input_data)
+
+    def reduce(self, tensor: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+        """``tensor`` summed (``"sum"``) or averaged (``"mean"``) over the processes."""
+        if not self.use_distributed:
+            return tensor
+        out = tensor.clone()
+        torch.distributed.all_reduce(out)
+        return out / self.num_processes if reduction == "mean" else out
+
+    def wait_for_everyone(self) -> None:
+        """A barrier across the processes (nothing on one process)."""
+        if self.use_distributed:
+            torch.distributed.barrier()
+
+    def print(self, *args: Any, **kwargs: Any) -> None:
+        """``print`` on the local main process only."""
+        if self.is_local_main_process:
+            print(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def split_between_processes(self, inputs: Any, apply_padding: bool = False) -> Iterator[Any]:
+        """This process's contiguous share of ``inputs`` (a list, tuple, tensor or dict of them), as accelerate
+        splits it: the first ``len % num_processes`` processes get one more item; with ``apply_padding`` every
+        share is as long as the first, padded with the last item."""
+        yield self._share(inputs, apply_padding)
+
+    def _share(self, inputs: Any, apply_padding: bool) -> Any:
+        if isinstance(inputs, dict):
+            return {k: self._share(v, apply_padding) for k, v in inputs.items()}
+        n, world = len(inputs), self.num_processes
+        per, extra = divmod(n, world)
+        start = self.process_index * per + min(self.process_index, extra)
+        share = inputs[start : start + per + (1 if self.process_index < extra else 0)]
+        if apply_padding and len(share) < math.ceil(n / world) and n > 0:
+            pad = inputs[-1:]
+            if isinstance(share, torch.Tensor):
+                share = torch.cat([share, pad.expand(math.ceil(n / world) - len(share), *pad.shape[1:])])
+            else:
+                share = share + type(share)(pad) * (math.ceil(n / world) - len(share))
+        return share
+
+    def free_memory(self, *objects: Any) -> list[None]:
+        """Collects garbage and releases the device allocator's cache; returns ``[None] * len(objects)`` so that
+        ``a, b = accelerator.free_memory(a, b)`` drops the references, as accelerate."""
+        gc.collect()
+        clear_device_cache(self.device)
+        return [None] * len(objects)
+
+    def clear(self, *objects: Any) -> list[None]:
+        """Alias of :meth:`free_memory`."""
+        return self.free_memory(*objects)
