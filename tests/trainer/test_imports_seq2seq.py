@@ -250,6 +250,17 @@ def test_seq2seq_arguments_round_trip_and_parse(tmp_path):
     assert parsed.generation_config == str(tmp_path)
 
 
+def test_transformers_seq2seq_arguments_are_converted(tmp_path):
+    config = transformers.GenerationConfig(num_beams=3, max_length=9, decoder_start_token_id=0)
+    hf = transformers.Seq2SeqTrainingArguments(
+        str(tmp_path), predict_with_generate=True, generation_num_beams=2, generation_config=config, use_cpu=True
+    )
+    trainer = Seq2SeqTrainer(t5(), hf)
+    assert isinstance(trainer.args, Seq2SeqTrainingArguments)
+    assert (trainer.generation_plan.predict_with_generate, trainer.generation_plan.num_beams) == (True, 2)
+    assert trainer.model.generation_config.to_dict() == config.to_dict()
+
+
 def test_seq2seq_trainer_refuses_what_it_cannot_use(tmp_path):
     with pytest.raises(TypeError, match="has none of the generation fields"):
         Seq2SeqTrainer(t5(), ftrain.TrainingArguments(str(tmp_path)))
@@ -309,7 +320,7 @@ def rows(n: int, seed: int, model_name: str = "t5"):
 ARGS = dict(
     report_to="none", use_cpu=True, max_steps=3, per_device_train_batch_size=4, per_device_eval_batch_size=3,
     learning_rate=1e-2, warmup_steps=1, save_strategy="no", train_sampling_strategy="sequential", disable_tqdm=True,
-    predict_with_generate=True, generation_max_length=8, seed=0,
+    predict_with_generate=True, generation_max_length=8, seed=0, eval_strategy="steps", eval_steps=2,
 )  # fmt: skip
 MODELS = {"t5": t5, "bart": bart}
 
@@ -343,8 +354,9 @@ def _run_both(tmp_path, model_name: str, **extra):
 def test_evaluate_and_predict_with_generate_match_transformers(tmp_path, model_name, one_thread):
     runs = _run_both(tmp_path, model_name)
     (hf_seen, hf_eval, hf_pred, hf_config), (ft_seen, ft_eval, ft_pred, ft_config) = runs["hf"], runs["ft"]
-    # compute_metrics received the same arrays: generated ids (greedy, then 2 beams) and labels, padded alike
-    assert len(ft_seen) == len(hf_seen) == 2
+    # compute_metrics received the same arrays: generated ids (greedy in the evaluations during training, at steps 2
+    # and 3, the last, and in evaluate(); then 2 beams in predict()) and labels, padded alike
+    assert len(ft_seen) == len(hf_seen) == 4
     for (hp, hl), (fp, fl) in zip(hf_seen, ft_seen):
         assert fp.dtype == hp.dtype and fl.dtype == hl.dtype
         np.testing.assert_array_equal(fp, hp)
@@ -377,7 +389,7 @@ def test_generation_config_and_gen_kwargs_match_transformers(tmp_path, one_threa
                 return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys, max_new_tokens=3,
                                                num_beams=1)  # fmt: skip
 
-        args = args_cls(str(tmp_path / side), **{**ARGS, "generation_max_length": None,
+        args = args_cls(str(tmp_path / side), **{**ARGS, "generation_max_length": None, "eval_strategy": "no",
                                                   "generation_config": str(folder)})  # fmt: skip
         plain = base(model=t5(), args=args)
         custom = Greedy3(model=t5(), args=args)
