@@ -3,7 +3,15 @@
 This package holds the HF-compatible pieces: ``TrainingArguments`` and its argument parser, the conversion of
 arguments into core configs (optimizer, schedule, step arithmetic), callbacks, ``TrainerState`` and the result
 types. Nothing in ``ftrain`` outside this package imports it (DESIGN.md rule 1).
+
+Every name a Hugging Face training script imports with the ``Trainer`` is here (and ``from ftrain import X`` gives
+it too): ftrain's own ``Trainer``, ``Seq2SeqTrainer``, arguments, callbacks, result types, ``set_seed`` and the
+``get_scheduler`` family (:mod:`ftrain.trainer.schedulers`), plus transformers' data collators re-exported as they
+are (:data:`FROM_TRANSFORMERS`).
 """
+
+import importlib
+from typing import Any
 
 from ftrain.trainer.args import (
     IntervalStrategy,
@@ -21,9 +29,48 @@ from ftrain.trainer.callbacks import (
     TrainerCallback,
 )
 from ftrain.trainer.hf_argparser import HfArgumentParser
+from ftrain.trainer.schedulers import (
+    get_constant_schedule,
+    get_constant_schedule_with_warmup,
+    get_cosine_schedule_with_warmup,
+    get_cosine_with_hard_restarts_schedule_with_warmup,
+    get_cosine_with_min_lr_schedule_with_warmup,
+    get_cosine_with_min_lr_schedule_with_warmup_lr_rate,
+    get_greedy_schedule,
+    get_inverse_sqrt_schedule,
+    get_linear_schedule_with_warmup,
+    get_polynomial_decay_schedule_with_warmup,
+    get_reduce_on_plateau_schedule,
+    get_scheduler,
+    get_wsd_schedule,
+)
+from ftrain.trainer.seq2seq import Seq2SeqTrainer, Seq2SeqTrainingArguments
 from ftrain.trainer.trainer import Trainer
 from ftrain.trainer.trainer_state import TrainerControl, TrainerState
-from ftrain.trainer.utils import EvalPrediction, PredictionOutput, TrainOutput, get_last_checkpoint, set_seed
+from ftrain.trainer.utils import (
+    EvalPrediction,
+    PredictionOutput,
+    TrainOutput,
+    enable_full_determinism,
+    get_last_checkpoint,
+    set_seed,
+)
+
+#: transformers' data collators, re-exported as they are (imported from transformers on first use): each is a plain
+#: function of a list of rows, which ftrain's Trainer calls like any ``data_collator``. ftrain's own collators are in
+#: :mod:`ftrain.data` (``default_collate``, ``make_padding_collator``, ``make_causal_lm_collator``).
+FROM_TRANSFORMERS: tuple[str, ...] = (
+    "DataCollator",
+    "DataCollatorForLanguageModeling",
+    "DataCollatorForMultipleChoice",
+    "DataCollatorForPermutationLanguageModeling",
+    "DataCollatorForSeq2Seq",
+    "DataCollatorForTokenClassification",
+    "DataCollatorWithFlattening",
+    "DataCollatorWithPadding",
+    "DefaultDataCollator",
+    "default_data_collator",
+)
 
 __all__ = [
     "CallbackHandler",
@@ -38,12 +85,49 @@ __all__ = [
     "ProgressCallback",
     "SaveStrategy",
     "SchedulerType",
+    "Seq2SeqTrainer",
+    "Seq2SeqTrainingArguments",
     "TrainOutput",
     "Trainer",
     "TrainerCallback",
     "TrainerControl",
     "TrainerState",
     "TrainingArguments",
+    "enable_full_determinism",
+    "get_constant_schedule",
+    "get_constant_schedule_with_warmup",
+    "get_cosine_schedule_with_warmup",
+    "get_cosine_with_hard_restarts_schedule_with_warmup",
+    "get_cosine_with_min_lr_schedule_with_warmup",
+    "get_cosine_with_min_lr_schedule_with_warmup_lr_rate",
+    "get_greedy_schedule",
+    "get_inverse_sqrt_schedule",
     "get_last_checkpoint",
+    "get_linear_schedule_with_warmup",
+    "get_polynomial_decay_schedule_with_warmup",
+    "get_reduce_on_plateau_schedule",
+    "get_scheduler",
+    "get_wsd_schedule",
     "set_seed",
+    *FROM_TRANSFORMERS,
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """transformers' data collators (:data:`FROM_TRANSFORMERS`), imported from transformers on first use.
+
+    Raises:
+        ImportError: transformers is not installed (the message says what to use instead).
+        AttributeError: any other unknown name.
+    """
+    if name not in FROM_TRANSFORMERS:
+        raise AttributeError(f"module 'ftrain.trainer' has no attribute {name!r}")
+    try:
+        collators = importlib.import_module("transformers.data.data_collator")
+    except ImportError as e:
+        raise ImportError(
+            f"ftrain.{name} is transformers' {name}, re-exported unchanged, and transformers is not installed "
+            f"({e}). Install it (pip install transformers), or use ftrain.data's collators (default_collate, "
+            "make_padding_collator, make_causal_lm_collator)."
+        ) from e
+    return getattr(collators, name)

@@ -46,13 +46,14 @@ from torch import nn
 from ftrain import optim
 from ftrain import tree as _tree
 from ftrain.optim.base import GradientTransformation, OptState, Schedule
-from ftrain.schedules import ReduceOnPlateauState, get_schedule, reduce_on_plateau
+from ftrain.schedules import ReduceOnPlateauState, get_schedule
 from ftrain.trainer.args import OptimizerNames, SchedulerType
 from ftrain.trainer.plan import (
     OptimPolicy,
     optim_policy,
     resolve_warmup,
 )
+from ftrain.trainer.schedulers import get_reduce_on_plateau_schedule
 
 __all__ = [
     "SUPPORTED_OPTIMIZERS",
@@ -379,24 +380,10 @@ def make_schedule(args: Any, num_training_steps: int) -> Schedule:
     )
 
 
-_PLATEAU_KEYS = ("mode", "factor", "patience", "threshold", "threshold_mode", "cooldown", "min_lr", "eps")
-
-
 def _plateau(policy: OptimPolicy) -> GradientTransformation:
     """``torch.optim.lr_scheduler.ReduceLROnPlateau(**lr_scheduler_kwargs)`` as a scale on the updates
-    (``min_lr`` and ``eps`` are learning rates there; here they are fractions of ``learning_rate``)."""
-    kw = dict(policy.schedule_kwargs)
-    unknown = sorted(set(kw) - set(_PLATEAU_KEYS))
-    if unknown:
-        raise ValueError(
-            f"lr_scheduler_kwargs: {unknown} are not arguments of reduce_lr_on_plateau; it takes {list(_PLATEAU_KEYS)}."
-        )
-    if not policy.learning_rate > 0:
-        raise ValueError("lr_scheduler_type='reduce_lr_on_plateau' needs learning_rate > 0.")
-    min_lr, eps = kw.pop("min_lr", 0.0), kw.pop("eps", 1e-8)
-    if not isinstance(min_lr, (int, float)):
-        raise ValueError(f"lr_scheduler_kwargs: min_lr must be one number (one learning rate), got {min_lr!r}.")
-    return reduce_on_plateau(**kw, min_scale=min_lr / policy.learning_rate, eps=eps / policy.learning_rate)
+    (:func:`~ftrain.trainer.schedulers.get_reduce_on_plateau_schedule`)."""
+    return get_reduce_on_plateau_schedule(policy.learning_rate, **policy.schedule_kwargs)
 
 
 def logged_learning_rate(opt_state: OptState) -> torch.Tensor | None:

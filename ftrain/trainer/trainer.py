@@ -523,9 +523,11 @@ class Trainer:
         return contextlib.nullcontext()
 
     def overrides(self, hook: str) -> bool:
-        """Whether this trainer's class overrides the ``Trainer`` method ``hook`` (the components then call it;
-        otherwise they may take a faster path with the same result)."""
-        return getattr(type(self), hook) is not getattr(Trainer, hook)
+        """Whether this trainer's class overrides the method ``hook`` of the ftrain trainer it derives from
+        (``Trainer``, or ``Seq2SeqTrainer`` whose own hooks the components know); the components then call it,
+        otherwise they may take a faster path with the same result."""
+        ftrain_class = next(c for c in type(self).__mro__ if c.__module__.startswith("ftrain.trainer."))
+        return getattr(type(self), hook) is not getattr(ftrain_class, hook)
 
     # ---- evaluation (:class:`~ftrain.trainer.evaluation.Evaluator`) ---------------------------------------------
 
@@ -1680,12 +1682,12 @@ def _check_training_step_loss(name: str, loss: Any, model: Any) -> None:
         )
 
 
-def _as_ftrain_args(args: Any) -> TrainingArguments:
-    """``args`` as ftrain's :class:`TrainingArguments`; a ``transformers.TrainingArguments`` (or a subclass such
-    as TRL's configs) is converted through its ``to_dict()``, with the real ``*_token`` values (``to_dict`` masks
-    them). ftrain's class has every transformers 5.24 field, so the values are validated by its ``__post_init__``
-    (which refuses what ftrain cannot honour). Fields ftrain does not have are refused unless they keep their
-    default.
+def _as_ftrain_args(args: Any, cls: type[TrainingArguments] = TrainingArguments) -> TrainingArguments:
+    """``args`` as ftrain's :class:`TrainingArguments` (or its subclass ``cls``); a ``transformers.TrainingArguments``
+    (or a subclass such as TRL's configs) is converted through its ``to_dict()``, with the real ``*_token`` values
+    (``to_dict`` masks them). ftrain's class has every transformers 5.24 field, so the values are validated by its
+    ``__post_init__`` (which refuses what ftrain cannot honour). Fields ``cls`` does not have are refused unless they
+    keep their default.
 
     Raises:
         ValueError: a field ftrain does not have set to a non-default value, or a value ftrain cannot honour.
@@ -1702,7 +1704,7 @@ def _as_ftrain_args(args: Any) -> TrainingArguments:
     for name in values:
         if name.endswith("_token"):
             values[name] = getattr(args, name)
-    known = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+    known = {f.name for f in dataclasses.fields(cls) if f.init}
     defaults = {f.name: f for f in dataclasses.fields(type(args)) if f.init}
     extra = sorted(name for name in values if name not in known)
     custom = [name for name in extra if not _is_default(defaults.get(name), getattr(args, name))]
@@ -1713,11 +1715,11 @@ def _as_ftrain_args(args: Any) -> TrainingArguments:
             "ftrain.trainer.TrainingArguments."
         )
     try:
-        return TrainingArguments(**{k: v for k, v in values.items() if k in known})
+        return cls(**{k: v for k, v in values.items() if k in known})
     except (TypeError, ValueError) as e:
         raise ValueError(
             f"Trainer: the {type(args).__name__} cannot be used by ftrain's Trainer (converted field by field to "
-            f"ftrain.trainer.TrainingArguments): {e}"
+            f"ftrain.trainer.{cls.__name__}): {e}"
         ) from e
 
 
