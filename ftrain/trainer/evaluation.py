@@ -154,6 +154,7 @@ class Evaluator:
         trainer = self.trainer
         names = trainer.label_names
         has_labels = bool(names) and all(inputs.get(k) is not None for k in names)
+        inputs = trainer._prepare_inputs(inputs)  # to args.device (and an override's changes), as transformers
         labels = None
         if has_labels:
             labels = tuple(inputs[k].detach() for k in names)
@@ -223,7 +224,7 @@ class Evaluator:
                 batch_losses = (loss.sum / loss.count.clamp_min(1).to(loss.sum.dtype)).reshape(1).repeat(rows)
             if logits is not None and trainer.preprocess_logits_for_metrics is not None:
                 logits = trainer.preprocess_logits_for_metrics(logits, batch_labels)
-            batch_inputs = batch.get(main_input) if want_inputs else None
+            batch_inputs = trainer._prepare_input(batch.get(main_input)) if want_inputs else None
             if distributed:  # every rank's rows, in the global order, padding rows dropped
                 rows, logits, batch_labels, batch_inputs, batch_losses = self._gather_rows(
                     valid, rows, logits, batch_labels, batch_inputs, batch_losses
