@@ -44,7 +44,14 @@ from ftrain.trainer.plan import ActivationCheckpointing
 from ftrain.trainer.trainer_state import TrainerState
 from ftrain.trainer.utils import TrainOutput, speed_metrics
 
-__all__ = ["TRAINER_STATE_NAME", "TRAINING_ARGS_NAME", "RunCounts", "RunTotals", "TrainingLoop", "enable_activation_checkpointing"]
+__all__ = [
+    "TRAINER_STATE_NAME",
+    "TRAINING_ARGS_NAME",
+    "RunCounts",
+    "RunTotals",
+    "TrainingLoop",
+    "enable_activation_checkpointing",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -209,7 +216,11 @@ class TrainingLoop:
             if trainer.place_model_on_device:
                 trainer._move_model_to_device(trainer.model, trainer.plan.process.device)
         # *_full_eval keeps the model where it was when the Trainer was built (transformers casts it at evaluation)
-        if trainer.plan.eval.full_eval_dtype is not None and not trainer.is_model_parallel and trainer.model_init is None:
+        if (
+            trainer.plan.eval.full_eval_dtype is not None
+            and not trainer.is_model_parallel
+            and trainer.model_init is None
+        ):
             trainer._move_model_to_device(trainer.model, trainer.plan.process.device)
         if _is_tokenizer(trainer.processing_class):  # new special tokens for fine-tuning, as transformers
             trainer._align_special_tokens()

@@ -1068,7 +1068,7 @@ DISPOSITIONS: dict[str, Disposition] = {
     ),
     "fp16_full_eval": _honoured(
         "eval.full_eval_dtype",
-        why="as bf16_full_eval, in float16 (on the CPU too, as transformers; it is an evaluation cast, no loss scaling)",
+        why="as bf16_full_eval, in float16 (on the CPU too, as transformers: a cast for evaluation, no loss scaling)",
     ),
     "tf32": _honoured(
         "step.tf32",
