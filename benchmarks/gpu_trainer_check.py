@@ -92,8 +92,9 @@ def run_one(bf16: bool, compile_: bool, steps: int, cpu: bool) -> dict:
 
 
 def trainer_checks(dry_run: bool) -> list[dict]:
-    """Every (bf16, compile) run; a run that raises is reported as a failed row."""
-    rows = []
+    """Every (bf16, compile) run; a run that raises is reported as a failed row. TF32 (the runs turn it off) is
+    restored after."""
+    rows, precision = [], torch.backends.fp32_precision
     for bf16 in (False, True):
         for compile_ in (False,) if dry_run else (False, True):
             try:
@@ -102,6 +103,7 @@ def trainer_checks(dry_run: bool) -> list[dict]:
                 traceback.print_exc()
                 rows.append({"check": f"Trainer bf16={bf16} compile={compile_}", "ok": False,
                              "error": f"{type(err).__name__}: {err}"[:500]})  # fmt: skip
+    torch.backends.fp32_precision = precision
     return rows
 
 
