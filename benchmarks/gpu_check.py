@@ -5,6 +5,9 @@ Parity (one process, a one-rank NCCL mesh from ``ftrain.distributed.build_mesh``
     losses and final parameters must agree;
   - ``all_gather_kv_attention`` over the mesh's ``cp`` dimension against causal SDPA: output and gradients.
 
+Trainer (``gpu_trainer_check.py``): ``ftrain.Trainer`` trains a tiny GPT-2 on the GPU (fp32 / bf16, eager / compiled)
+against ``transformers.Trainer``: model, state and batches on the device, per-step losses equal.
+
 Throughput (same model, data and AdamW hyper-parameters, bf16 autocast, timed in interleaved rounds):
   (a) torch.compile(model) + torch.optim.AdamW(fused=True), a hand-written loop
   (b) ftrain: jit(make_train_step(loss), donate=True) — the whole step compiled
@@ -229,6 +232,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=10, help="timed steps per variant and round")
     p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of the GPU")
     p.add_argument("--skip-parity", action="store_true")
+    p.add_argument("--skip-trainer", action="store_true", help="skip the Trainer placement/parity runs")
     p.add_argument("--out", default=None, help="JSON path (default: $OUT/gpu_check.json when OUT is set)")
     args = p.parse_args()
     if not args.dry_run and not torch.cuda.is_available():
@@ -237,11 +241,16 @@ def main() -> int:
     device = torch.device("cpu" if args.dry_run else "cuda:0")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.fp32_precision = "tf32"  # the API transformers and ftrain's Trainer set (no legacy mix)
     cfg = GPTConfig(**(TINY if args.dry_run else GPT2_SMALL))
     batch_size, rounds, steps = (4, 1, 2) if args.dry_run else (args.batch_size, args.rounds, args.steps)
     t_start = time.perf_counter()
     parity = [] if args.skip_parity else parity_checks(device)
+    if not args.skip_trainer:  # ftrain.Trainer on the device against transformers.Trainer (gpu_trainer_check.py)
+        sys.path.insert(0, str(Path(__file__).parent))
+        from gpu_trainer_check import trainer_checks
+
+        parity += trainer_checks(args.dry_run)
     for row in parity:
         print(f"  parity: {row}", flush=True)
     rows = throughput(cfg, device, batch_size, amp=True, rounds=rounds, steps=steps)

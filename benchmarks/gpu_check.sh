@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # GPU check for one NVIDIA GPU (H100/H200), no internet; finishes in under 8 minutes, compiles included.
 #   1. the distributed tests (multi-process gloo parity on the CPU cores; compiled tests left to CPU CI);
-#   2. benchmarks/gpu_check.py: single-rank NCCL parity of ftrain.distributed, then tokens/s and MFU of a
-#      124M-parameter GPT: ftrain's jitted, donated step against torch.compile(model) + fused AdamW.
+#   2. benchmarks/gpu_check.py: single-rank NCCL parity of ftrain.distributed; ftrain.Trainer on the GPU against
+#      transformers.Trainer (benchmarks/gpu_trainer_check.py: placement, per-step losses; fp32/bf16, eager/compiled);
+#      then tokens/s and MFU of a 124M-parameter GPT: ftrain's jitted, donated step against torch.compile(model) +
+#      fused AdamW.
 # Usage (repo root or anywhere):  bash benchmarks/gpu_check.sh [gpu_check.py options]
 # With OUT set, the pytest log and gpu_check.json are written there. GPU_TESTS_TIMEOUT / GPU_CHECK_TIMEOUT (s)
-# override the two stages' limits (170 / 290), e.g. for the slow CPU smoke run: --dry-run.
+# override the two stages' limits (170 / 340), e.g. for the slow CPU smoke run: --dry-run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -22,7 +24,7 @@ timeout "${GPU_TESTS_TIMEOUT:-170}" python -m pytest -q -x -p no:cacheprovider -
 tests_rc=${PIPESTATUS[0]}
 echo "distributed tests: rc=$tests_rc in $((SECONDS - start)) s"
 
-timeout "${GPU_CHECK_TIMEOUT:-290}" python benchmarks/gpu_check.py "$@"
+timeout "${GPU_CHECK_TIMEOUT:-340}" python benchmarks/gpu_check.py "$@"
 check_rc=$?
 echo "gpu_check.py: rc=$check_rc; total $((SECONDS - start)) s"
 [ "$tests_rc" -eq 0 ] && [ "$check_rc" -eq 0 ]

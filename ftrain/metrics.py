@@ -26,10 +26,14 @@ __all__ = ["Reducer", "RunningMean", "perplexity", "to_host"]
 
 
 def to_host(metrics: Mapping[str, torch.Tensor | float | int], /) -> dict[str, float]:
-    """Converts a dict of 0-d tensors (or numbers) to floats with one device-to-host transfer."""
-    names = [k for k, v in metrics.items() if isinstance(v, torch.Tensor)]
+    """Converts a dict of 0-d tensors (or numbers) to floats with one device-to-host transfer per device the
+    tensors are on (a step's metrics on the GPU, a learning rate on the CPU: two)."""
+    by_device: dict[torch.device, list[str]] = {}
+    for k, v in metrics.items():
+        if isinstance(v, torch.Tensor):
+            by_device.setdefault(v.device, []).append(k)
     out = {k: float(v) for k, v in metrics.items() if not isinstance(v, torch.Tensor)}
-    if names:
+    for names in by_device.values():
         stacked = torch.stack([metrics[k].detach().reshape(()).to(torch.float64) for k in names])
         out.update(zip(names, stacked.cpu().tolist()))
     return dict(sorted(out.items()))

@@ -854,12 +854,12 @@ class TrainingArguments:
     def _check_hardware(self) -> None:
         """Precision settings this machine, or ftrain's pure step, cannot honour."""
         cuda = self._cuda_usable()
-        if (self.fp16 or self.fp16_full_eval) and not cuda:
+        if self.fp16 and not cuda:
             # transformers 5.24 + accelerate 1.15 accept fp16 on the CPU and silently train in float32 (no autocast,
-            # no GradScaler): refusing says so instead of pretending.
-            which = "fp16" if self.fp16 else "fp16_full_eval"
+            # no GradScaler): refusing says so instead of pretending. (fp16_full_eval is a cast of the evaluated
+            # model, which transformers does on the CPU too: it is honoured.)
             raise ValueError(
-                f"TrainingArguments: {which}=True needs a CUDA GPU (float16 training relies on its kernels and "
+                "TrainingArguments: fp16=True needs a CUDA GPU (float16 training relies on its kernels and "
                 "loss scaling); on the CPU transformers ignores it and trains in float32, which is what leaving it "
                 "off gives. For mixed precision on the CPU use bf16=True."
             )
@@ -869,11 +869,12 @@ class TrainingArguments:
                 "ftrain's pure step yet: the loss scale would have to live in the TrainState. Use bf16=True (no "
                 "loss scaling needed), or leave both off."
             )
-        if self.bf16 and cuda and not torch.cuda.is_bf16_supported():
+        if (self.bf16 or self.bf16_full_eval) and cuda and not torch.cuda.is_bf16_supported():
+            which = "bf16" if self.bf16 else "bf16_full_eval"
             raise ValueError(
-                "TrainingArguments: bf16=True but this GPU has no bfloat16 support (that needs an Ampere or newer "
-                "GPU). Leave bf16 off to train in float32: fp16=True, transformers' advice here, is not implemented "
-                "by ftrain yet."
+                f"TrainingArguments: {which}=True but this GPU has no bfloat16 support (that needs an Ampere or newer "
+                f"GPU). Leave {which} off to run in float32: fp16=True, transformers' advice here, is not implemented "
+                "by ftrain yet (fp16_full_eval is, for evaluation)."
             )
         if self.tf32 and not (cuda and torch.cuda.get_device_capability()[0] >= 8):
             raise ValueError(
@@ -910,7 +911,12 @@ class TrainingArguments:
 
     @property
     def device(self) -> torch.device:
-        """The device of this process: ``cuda:<local rank>`` when a GPU is usable, else the CPU."""
+        """The device of this process, as transformers picks it: the CPU with ``use_cpu`` (or
+        ``ACCELERATE_USE_CPU``), else ``mps`` on one process of an Apple-silicon machine, else ``cuda:<local rank>``
+        (``cuda:0`` on one process) when a GPU is usable, else the CPU."""
+        if not (self.use_cpu or _env_flag("ACCELERATE_USE_CPU")) and self.world_size == 1:
+            if torch.backends.mps.is_available():
+                return torch.device("mps")
         if self._cuda_usable():
             return torch.device("cuda", self.local_process_index if self.world_size > 1 else 0)
         return torch.device("cpu")

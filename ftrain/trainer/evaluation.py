@@ -207,6 +207,7 @@ class Evaluator:
         if return_loss is None:
             return_loss = _can_return_loss(trainer.model)
         wants_loss = has_labels or (not names and bool(return_loss))
+        inputs = trainer._prepare_inputs(inputs)  # to args.device (and an override's changes), as transformers
         labels = None
         if wants_loss:  # without label names, an empty tuple (as transformers)
             labels = tuple(inputs[k].detach() for k in names)
@@ -273,10 +274,11 @@ class Evaluator:
             if loss is not None:  # padding rows have labels -100: they add nothing to (sum, count)
                 total_sum = loss.sum if total_sum is None else total_sum + loss.sum
                 total_count = loss.count if total_count is None else total_count + loss.count
-                batch_losses = (loss.sum / loss.count.clamp_min(1).to(loss.sum.dtype)).reshape(1).repeat(rows)
+                batch_losses = (loss.sum / loss.count.clamp_min(1).to(loss.sum.dtype)).reshape(1)
+                batch_losses = batch_losses.repeat(self._loss_repeats(rows))
             if logits is not None and trainer.preprocess_logits_for_metrics is not None:
                 logits = trainer.preprocess_logits_for_metrics(logits, batch_labels)
-            batch_inputs = batch.get(main_input) if want_inputs else None
+            batch_inputs = trainer._prepare_input(batch.get(main_input)) if want_inputs else None
             if distributed:  # every rank's rows, in the global order, padding rows dropped
                 rows, logits, batch_labels, batch_inputs, batch_losses = self._gather_rows(
                     valid, rows, logits, batch_labels, batch_inputs, batch_losses
@@ -314,6 +316,12 @@ class Evaluator:
         loss = self._eval_loss(losses.parts, total_sum, total_count)
         metrics = _loop_metrics(metrics, loss, metric_key_prefix)
         return EvalLoopOutput(all_preds, all_labels, metrics, num_samples)
+
+    def _loss_repeats(self, rows: int) -> int:
+        """How many times a batch's mean loss counts in the ``"batch"`` ``eval_loss``: once per row (transformers'
+        ``Trainer`` repeats it ``eval_batch_size`` times and ``gather_for_metrics`` drops the last batch's
+        padding)."""
+        return rows
 
     def _eval_loss(self, batch_losses: list[np.ndarray], total_sum: Any, total_count: Any) -> float | None:
         """``{prefix}_loss`` by ``eval_loss_reduction``: ``"batch"``, transformers' number — the mean of every

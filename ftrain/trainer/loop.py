@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -40,12 +40,20 @@ from ftrain.trainer.args import SaveStrategy
 from ftrain.trainer.checkpoints import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
 from ftrain.trainer.convert import logged_learning_rate
 from ftrain.trainer.memory import clear_device_cache
+from ftrain.trainer.placement import check_training_wrapper, prepare_step_batch
 from ftrain.trainer.plan import ActivationCheckpointing
 from ftrain.trainer.torch_optim import advance_scheduler
 from ftrain.trainer.trainer_state import TrainerState
 from ftrain.trainer.utils import TrainOutput, speed_metrics
 
-__all__ = ["TRAINER_STATE_NAME", "TRAINING_ARGS_NAME", "RunTotals", "TrainingLoop", "enable_activation_checkpointing"]
+__all__ = [
+    "TRAINER_STATE_NAME",
+    "TRAINING_ARGS_NAME",
+    "RunCounts",
+    "RunTotals",
+    "TrainingLoop",
+    "enable_activation_checkpointing",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +133,25 @@ def enable_activation_checkpointing(skeleton: Any, options: ActivationCheckpoint
             module._gradient_checkpointing_func = _rebinding_checkpoint(func)
 
 
+class RunCounts(NamedTuple):
+    """The run's counts, as ``Trainer.set_initial_training_values`` returns them (transformers' order); they decide
+    the schedule's length, the epochs run, ``state.epoch`` and ``train_samples_per_second``."""
+
+    num_train_epochs: int
+    num_update_steps_per_epoch: int
+    num_examples: int
+    num_train_samples: int | float
+    total_train_batch_size: int
+    steps_in_epoch: int
+    max_steps: int
+
+
+def _zero_loss(device: torch.device) -> torch.Tensor:
+    """The logging accumulator's start: float64 zero on the step's device (as transformers keeps ``tr_loss`` on
+    ``args.device``), so adding each step's loss needs no transfer; it is read at logs only."""
+    return torch.zeros((), dtype=torch.float64, device=device)
+
+
 @dataclasses.dataclass
 class RunTotals:
     """What one ``train()`` call accumulates between logs (transformers keeps it on the trainer as ``tr_loss``,
@@ -134,10 +161,11 @@ class RunTotals:
         start_time: ``time.time()`` when the run started (for ``train_*_per_second``).
         initial_global_step, initial_tokens: ``global_step`` and ``num_input_tokens_seen`` at the start (a resume
             starts above 0).
-        tr_loss: the sum of the step losses since the last log (float64, on the host).
+        tr_loss: the sum of the step losses since the last log (float64, on the step's device).
         total_loss: the sum of every logged ``tr_loss`` (for ``train_loss``).
         last_logged_step: ``global_step`` at the last log.
         last_metrics: the metrics of the last step (``grad_norm``, ``learning_rate``).
+        counts: the run's :class:`RunCounts`.
     """
 
     start_time: float
@@ -147,6 +175,7 @@ class RunTotals:
     total_loss: float = 0.0
     last_logged_step: int = 0
     last_metrics: dict[str, torch.Tensor] | None = None
+    counts: RunCounts | None = None
 
 
 class TrainingLoop:
@@ -185,6 +214,15 @@ class TrainingLoop:
         if trainer.model_init is not None:
             trainer._seed()
             trainer.model = trainer.call_model_init(trial)
+            if trainer.place_model_on_device:
+                trainer._move_model_to_device(trainer.model, trainer.plan.process.device)
+        # *_full_eval keeps the model where it was when the Trainer was built (transformers casts it at evaluation)
+        if (
+            trainer.plan.eval.full_eval_dtype is not None
+            and not trainer.is_model_parallel
+            and trainer.model_init is None
+        ):
+            trainer._move_model_to_device(trainer.model, trainer.plan.process.device)
         if _is_tokenizer(trainer.processing_class):  # new special tokens for fine-tuning, as transformers
             trainer._align_special_tokens()
         trainer.is_in_train = True
@@ -205,45 +243,48 @@ class TrainingLoop:
         """The default ``Trainer._inner_training_loop``: set up, fire ``on_train_begin``, run the epochs, finish.
 
         ``batch_size`` becomes the trainer's ``_train_batch_size`` (the per-process micro-batch of the training
-        stream); ``args``, when another object than ``trainer.args``, replaces them (the plan follows)."""
+        stream); ``args``, when another object than ``trainer.args``, replaces them (the plan follows). The run's
+        counts come from ``trainer.set_initial_training_values`` (whose default asks ``get_total_train_batch_size``),
+        so a subclass's overrides drive them as in transformers."""
         trainer = self.trainer
         if args is not None and args is not trainer.args:
             trainer.args = args
         if batch_size is not None:
             trainer._train_batch_size = int(batch_size)
+        args = trainer.args
         stream = trainer.get_train_dataloader()
-        plan = trainer.plan
-        steps = plan.steps(stream.layout.microbatches_per_epoch)
-        total_batch = trainer.get_total_train_batch_size(trainer.args)
-        self.setup(stream, steps.max_steps, checkpoint)
-        trainer.state.init_training_references(trainer, steps.max_steps, steps.num_train_epochs, trial)
+        counts = RunCounts(*trainer.set_initial_training_values(args, stream))
+        self.setup(stream, counts.max_steps, checkpoint)
+        trainer.state.init_training_references(trainer, counts.max_steps, counts.num_train_epochs, trial)
         trainer.state.train_batch_size = trainer._train_batch_size
-        trainer.state.compute_steps(plan.intervals, steps.max_steps)
+        trainer.state.compute_steps(trainer.plan.intervals, counts.max_steps)
         state = trainer.state
         self.run = RunTotals(time.time(), state.global_step, state.num_input_tokens_seen,
-                             last_logged_step=state.global_step)  # fmt: skip
-        trainer.control = trainer.callback_handler.on_train_begin(trainer.args, state, trainer.control)
+                             last_logged_step=state.global_step, counts=counts,
+                             tr_loss=_zero_loss(trainer.plan.process.device))  # fmt: skip
+        trainer.control = trainer.callback_handler.on_train_begin(args, state, trainer.control)
         if trainer.plan.eval.on_start:
             trainer._evaluate(trial, ignore_keys_for_eval, skip_scheduler=True)
-        epochs_trained = trainer.state.global_step // len(stream)
-        for epoch in range(epochs_trained, steps.num_train_epochs):
-            trainer.control = trainer.callback_handler.on_epoch_begin(trainer.args, trainer.state, trainer.control)
+        epochs_trained = trainer.state.global_step // counts.num_update_steps_per_epoch
+        for epoch in range(epochs_trained, counts.num_train_epochs):
+            trainer.control = trainer.callback_handler.on_epoch_begin(args, trainer.state, trainer.control)
             trainer._run_epoch(
                 model=trainer.model,
                 epoch=epoch,
                 train_dataloader=stream,
-                steps_in_epoch=steps.steps_in_epoch,
-                num_update_steps_per_epoch=steps.num_update_steps_per_epoch,
+                steps_in_epoch=counts.steps_in_epoch,
+                num_update_steps_per_epoch=counts.num_update_steps_per_epoch,
                 trial=trial,
                 ignore_keys_for_eval=ignore_keys_for_eval,
                 start_time=self.run.start_time,
                 resume_from_checkpoint=checkpoint,
                 epochs_trained=epochs_trained,
-                steps_trained_in_current_epoch=self.run.initial_global_step - epochs_trained * len(stream),
+                steps_trained_in_current_epoch=self.run.initial_global_step
+                - epochs_trained * counts.num_update_steps_per_epoch,
             )
             if trainer.control.should_training_stop:
                 break
-        return trainer._finalize_training(trial, steps.max_steps * total_batch, self.run.start_time)
+        return trainer._finalize_training(trial, counts.num_train_samples, self.run.start_time)
 
     def setup(self, stream: Any, max_steps: int, checkpoint: str | None) -> None:
         """Converts the arguments into core pieces once: the optimizer, the state, the step, the manager."""
@@ -252,6 +293,8 @@ class TrainingLoop:
         trainer.current_flos = 0.0
         trainer.callback_handler.train_dataloader = stream
         trainer.create_optimizer_and_scheduler(num_training_steps=max_steps)
+        check_training_wrapper(type(trainer).__name__, trainer._wrap_model(trainer.model), trainer.model)
+        # made from the placed model: params, buffers and opt_state on args.device (shard_state places them on a mesh)
         state = trainer._distribute(TrainState.create(trainer.model, trainer._tx, key=trainer.plan.seeding.seed))
         if checkpoint is not None:
             state = trainer._restore_checkpoint(checkpoint, state)
@@ -306,7 +349,7 @@ class TrainingLoop:
     ) -> None:
         """The default ``Trainer._run_epoch``: one pass over the epoch from the current global step."""
         trainer = self.trainer
-        per_epoch = len(stream)
+        per_epoch = self.run.counts.num_update_steps_per_epoch
         stop = min((epoch + 1) * per_epoch, trainer.state.max_steps)
         ran = False
         for batch in stream.iter_from(trainer.state.global_step, stop=stop):
@@ -335,25 +378,26 @@ class TrainingLoop:
         trainer = self.trainer
         handler, args, state = trainer.callback_handler, trainer.args, trainer.state
         trainer.control = handler.on_step_begin(args, state, trainer.control)
-        for _ in range(len(batch) - 1 if isinstance(batch, list) else 0):
-            trainer.control = handler.on_substep_end(args, state, trainer.control)
+        prepared = prepare_step_batch(trainer, batch)  # to args.device via _prepare_inputs; fires on_substep_end
         trainer.control = handler.on_pre_optimizer_step(args, state, trainer.control)
-        trainer._train_state, metrics = trainer._train_step(trainer._train_state, batch)
+        trainer._train_state, metrics = trainer._train_step(trainer._train_state, prepared)
         trainer._model_stale = True
         advance_scheduler(trainer.lr_scheduler)  # the torch view follows the schedule inside the step
         trainer.control = handler.on_optimizer_step(args, state, trainer.control)
         self.accumulate_loss(metrics["loss"].detach().to(self.run.tr_loss.dtype))
         self.run.last_metrics = metrics
+        # counted on the batch as loaded (host tensors, no device sync), as transformers counts the batch it has
+        # not yet passed through _prepare_inputs
         trainer._count_flos(batch)  # flushed into state.total_flos by store_flos() at saves and at the end
         trainer._track_num_input_tokens(batch)
         empty_cache_steps = trainer.plan.step.empty_cache_steps  # transformers checks before counting the step
         if empty_cache_steps is not None and state.global_step % empty_cache_steps == 0:
             clear_device_cache(trainer.plan.process.device)
         state.global_step += 1
-        per_epoch = len(stream)
-        micro_done = min((state.global_step - epoch * per_epoch) * stream.layout.accum_steps,
-                         stream.layout.microbatches_per_epoch)  # fmt: skip
-        state.epoch = epoch + micro_done / stream.layout.microbatches_per_epoch
+        counts = self.run.counts
+        micro_done = min((state.global_step - epoch * counts.num_update_steps_per_epoch) * stream.layout.accum_steps,
+                         counts.steps_in_epoch)  # fmt: skip
+        state.epoch = epoch + micro_done / counts.steps_in_epoch
         trainer.control = handler.on_step_end(args, state, trainer.control)
 
     def accumulate_loss(self, step_loss: torch.Tensor) -> None:
@@ -443,7 +487,7 @@ class TrainingLoop:
             pending["grad_norm"] = grad_norm
         host = to_host({k: v for k, v in pending.items() if v is not None})
         tr_loss_scalar = host["loss"]
-        run.tr_loss = torch.zeros((), dtype=torch.float64)
+        run.tr_loss = _zero_loss(run.tr_loss.device)
         logs: dict[str, float] = {"loss": tr_loss_scalar / (trainer.state.global_step - run.last_logged_step)}
         if grad_norm is not None:
             logs["grad_norm"] = host.get("grad_norm", grad_norm)
@@ -502,7 +546,7 @@ class TrainingLoop:
     def finalize_training(self, num_train_samples: int, start_time: float) -> TrainOutput:
         """The default ``Trainer._finalize_training``: the ``train_*`` metrics, the best model, ``on_train_end``."""
         trainer, run = self.trainer, self.run
-        run.total_loss += float(run.tr_loss)
+        run.total_loss += to_host({"loss": run.tr_loss})["loss"]
         steps_run = trainer.state.global_step - run.initial_global_step
         train_loss = run.total_loss / max(steps_run, 0.001)
         metrics = speed_metrics(

@@ -500,6 +500,8 @@ class EvalPolicy:
         metric_key: ``metric_for_best_model`` with the ``eval_`` prefix (as evaluation metrics are named), or
             ``None``.
         greater_is_better: whether a larger metric is better.
+        full_eval_dtype: ``torch.bfloat16`` (``bf16_full_eval``) or ``torch.float16`` (``fp16_full_eval``): an
+            evaluation outside ``train()`` runs a copy of the model cast to it; ``None`` evaluates the model as is.
     """
 
     strategy: IntervalStrategy
@@ -514,6 +516,7 @@ class EvalPolicy:
     loss_reduction: str
     metric_key: str | None
     greater_is_better: bool | None
+    full_eval_dtype: torch.dtype | None
 
 
 @dataclass(frozen=True)
@@ -870,10 +873,24 @@ def _step_policy(args: TrainingArguments) -> StepPolicy:
         neftune_noise_alpha=args.neftune_noise_alpha,
         label_smoothing_factor=args.label_smoothing_factor,
         average_tokens_across_devices=args.average_tokens_across_devices,
-        tf32=args.tf32,
+        tf32=_tf32(args),
         empty_cache_steps=args.torch_empty_cache_steps,
         use_cache=args.use_cache,
     )
+
+
+def tf32_available() -> bool:
+    """Whether this process has a CUDA GPU with TF32 (compute capability 8.0, Ampere, or newer)."""
+    return torch.cuda.is_available() and torch.version.cuda is not None and torch.cuda.get_device_capability()[0] >= 8
+
+
+def _tf32(args: TrainingArguments) -> bool | None:
+    """The TF32 setting to apply, transformers' rule: ``tf32=True`` (the arguments refuse it without a GPU that
+    has TF32); ``tf32=False`` where the GPU has TF32 (elsewhere there is nothing to turn off); unset, on for
+    ``torch_compile`` where the GPU has it (its speed-ups need it); ``None`` leaves torch's setting."""
+    if args.tf32 is not None:
+        return args.tf32 if args.tf32 or tf32_available() else None
+    return True if args.torch_compile and tf32_available() else None
 
 
 def _report_to(value: Any) -> tuple[str, ...]:
@@ -912,6 +929,7 @@ def _eval_policy(args: TrainingArguments) -> EvalPolicy:
         loss_reduction=args.eval_loss_reduction,
         metric_key=None if name is None else name if name.startswith("eval_") else f"eval_{name}",
         greater_is_better=args.greater_is_better,
+        full_eval_dtype=torch.bfloat16 if args.bf16_full_eval else torch.float16 if args.fp16_full_eval else None,
     )
 
 
@@ -966,8 +984,10 @@ def _parallel_policy(args: TrainingArguments, accum: int, process: ProcessFacts)
 def apply_process_settings(plan: TrainerPlan) -> None:
     """Applies the process-wide settings the arguments ask for, as transformers does when it builds them.
 
-    - ``tf32`` (``plan.step.tf32``): TF32 for CUDA matmuls and cuDNN on (True) or off (False) through
-      ``torch.backends.cuda.matmul.allow_tf32`` and ``torch.backends.cudnn.allow_tf32``; ``None`` leaves them.
+    - ``tf32`` (``plan.step.tf32``): TF32 for float32 matmuls and convolutions on (True) or off (False), through
+      the API transformers sets (``torch.backends.fp32_precision = "tf32" / "ieee"`` from torch 2.9, else the
+      ``allow_tf32`` flags of ``torch.backends.cuda.matmul`` and ``cudnn``; torch refuses to read a mix of the
+      two); ``None`` leaves them.
     - ``log_level`` / ``log_level_replica`` (``plan.log.process_log_level``): the level of the ``ftrain`` logger;
       ``"passive"`` leaves it.
 
@@ -975,18 +995,25 @@ def apply_process_settings(plan: TrainerPlan) -> None:
         plan: the Trainer's plan.
 
     Example:
-        >>> plan = make_plan(TrainingArguments("out", tf32=False))
-        >>> before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        >>> plan = make_plan(TrainingArguments("out"))
+        >>> plan = dataclasses.replace(plan, step=dataclasses.replace(plan.step, tf32=False))  # tf32=False on a GPU
+        >>> before = torch.backends.fp32_precision
         >>> apply_process_settings(plan)
-        >>> torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-        (False, False)
-        >>> torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+        >>> torch.backends.fp32_precision
+        'ieee'
+        >>> torch.backends.fp32_precision = before
     """
     if plan.step.tf32 is not None:
-        torch.backends.cuda.matmul.allow_tf32 = plan.step.tf32
-        torch.backends.cudnn.allow_tf32 = plan.step.tf32
+        _enable_tf32(plan.step.tf32)
     if plan.log.process_log_level is not None:
         logging.getLogger("ftrain").setLevel(plan.log.process_log_level)
+
+
+def _enable_tf32(enable: bool) -> None:
+    if hasattr(torch.backends, "fp32_precision"):  # torch >= 2.9, where transformers sets this one
+        torch.backends.fp32_precision = "tf32" if enable else "ieee"
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enable
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1069,15 +1096,20 @@ DISPOSITIONS: dict[str, Disposition] = {
         "TrainingArguments: fp16=True",
         "float16 needs dynamic loss scaling, which the pure step does not implement (and a CUDA GPU)",
     ),
-    "bf16_full_eval": _ignored(
-        "the Evaluator does not cast the model: evaluation runs in the "
-        "training dtype (it fills only DeepSpeed's 'auto' bf16.enabled)"
+    "bf16_full_eval": _honoured(
+        "eval.full_eval_dtype",
+        why="evaluate()/predict() outside train() run a bfloat16 copy of the model (Trainer._model_for_inference), "
+        "as transformers casts it; evaluations inside train() use the model as is, as transformers",
     ),
-    "fp16_full_eval": _ignored(
-        "refused without a CUDA GPU; on a GPU the Evaluator does not cast "
-        "the model (it fills only DeepSpeed's 'auto' fp16.enabled)"
+    "fp16_full_eval": _honoured(
+        "eval.full_eval_dtype",
+        why="as bf16_full_eval, in float16 (on the CPU too, as transformers: a cast for evaluation, no loss scaling)",
     ),
-    "tf32": _honoured("step.tf32", why="applied by apply_process_settings; True needs an Ampere or newer GPU"),
+    "tf32": _honoured(
+        "step.tf32",
+        why="applied by apply_process_settings; True needs an Ampere or newer GPU; unset, torch_compile turns it on "
+        "where the GPU has it (transformers' rule)",
+    ),
     # --- memory and speed ---
     "activation_checkpointing": _honoured(
         "step.activation_checkpointing", why="refused together with torch_compile (Trainer._validate)"

@@ -201,6 +201,12 @@ class Seq2SeqEvaluator(Evaluator):
     a batch's loss is the Trainer's, its predictions the generated ids (padded by the trainer's
     ``_pad_tensors_to_max_len``), its labels ``inputs["labels"]`` padded the same way."""
 
+    def _loss_repeats(self, rows: int) -> int:
+        """``eval_batch_size`` for every batch, the last partial one included: transformers' ``Seq2SeqTrainer``
+        gathers the repeated losses with ``accelerator.gather`` (not ``gather_for_metrics``), so its ``eval_loss``
+        weights each batch alike."""
+        return self.trainer.plan.data.eval_batch_size
+
     def _prediction_parts(
         self,
         model: Any,

@@ -46,10 +46,16 @@ Differences from transformers, on purpose:
   ``_save_optimizer_and_scheduler`` / ``_save_rng_state`` write those parts as safetensors / JSON next to a
   checkpoint (never a pickle), and the ``_load_*`` twins read them back into the current state (or from a committed
   ftrain checkpoint's ``state.safetensors``).
-- **No wrappers, no accelerate state.** ``_wrap_model`` returns the model, ``create_accelerator_and_postprocess``
-  records the device / process facts the shell reads and answers accelerate's questions through
-  ``trainer.accelerator`` (:class:`~ftrain.trainer.accelerator.TrainerAccelerator`, which takes over nothing), and
-  there is no loss scaler (``_save_scaler`` is a no-op).
+- **No wrappers, no accelerate state.** ``_wrap_model`` returns the model (an override's module is evaluated, but
+  training refuses one that is not the model: the pure step trains the state's skeleton),
+  ``create_accelerator_and_postprocess`` records the device / process facts the shell reads and answers
+  accelerate's questions through ``trainer.accelerator`` (:class:`~ftrain.trainer.accelerator.TrainerAccelerator`,
+  which takes over nothing), and there is no loss scaler (``_save_scaler`` is a no-op).
+- **Placement** follows transformers (:mod:`ftrain.trainer.placement`): the model is moved to ``args.device`` by
+  ``_move_model_to_device`` when the Trainer is built (``place_model_on_device``), the ``TrainState`` is made from
+  it, and every training microbatch and evaluation batch goes through ``_prepare_inputs`` before the step or the
+  forward. ``bf16_full_eval`` / ``fp16_full_eval`` evaluate a cast copy of the model outside ``train()``, never
+  the model itself.
 - **Weights load strictly.** ``_load_from_checkpoint`` reads an ftrain checkpoint or a transformers-written folder
   (``model.safetensors`` or a sharded index) and refuses pickled ``pytorch_model.bin`` files.
 - Methods transformers 5 moved out of the class (``_sorted_checkpoints``, ``_nested_gather``, ``num_tokens``,
@@ -121,6 +127,7 @@ from ftrain.trainer.integrations import get_reporting_integration_callbacks
 from ftrain.trainer.jit_checkpoint import JITCheckpointCallback
 from ftrain.trainer.loop import TRAINER_STATE_NAME, TRAINING_ARGS_NAME, TrainingLoop, enable_activation_checkpointing
 from ftrain.trainer.memory import TrainerMemoryTracker
+from ftrain.trainer.placement import cast_for_full_eval, is_model_parallel, place_model_on_device
 from ftrain.trainer.plan import TrainerPlan, apply_process_settings, make_plan, total_train_batch_size
 from ftrain.trainer.trainer_state import TrainerControl, TrainerState
 from ftrain.trainer.utils import (
@@ -207,6 +214,7 @@ class Trainer:
         self._validate(model, train_dataset, eval_dataset, optimizers, optimizer_cls_and_kwargs)
         self.model = self.call_model_init() if model is None else model
         self.create_accelerator_and_postprocess()  # devices, world size and (several processes) the mesh
+        self._place_model()
         self.processing_class = processing_class
         self.data_collator = data_collator if data_collator is not None else self._default_collator()
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
@@ -310,6 +318,18 @@ class Trainer:
                 "Passing a `model_init` is incompatible with providing the `optimizers` argument. You should "
                 "subclass `Trainer` and override the `create_optimizer_and_scheduler` method."
             )
+
+    def _place_model(self) -> None:
+        """Sets ``is_model_parallel`` and ``place_model_on_device`` (transformers' rules, see
+        :mod:`ftrain.trainer.placement`) and moves the model to ``args.device`` through :meth:`_move_model_to_device`
+        when it should be."""
+        device = self.plan.process.device
+        self.is_model_parallel = is_model_parallel(self.model, device)
+        sharded = self.is_fsdp_enabled or self.args.deepspeed is not None  # shard_state places the leaves
+        full_eval = self.plan.eval.full_eval_dtype is not None
+        self.place_model_on_device = place_model_on_device(self.args, self.model, sharded=sharded, full_eval=full_eval)
+        if self.place_model_on_device:
+            self._move_model_to_device(self.model, device)
 
     def call_model_init(self, trial: Any = None) -> nn.Module:
         """Calls ``model_init`` with 0 or 1 argument (the trial), as transformers."""
@@ -690,9 +710,19 @@ class Trainer:
         return len(dataloader.source)
 
     def _model_for_inference(self) -> nn.Module:
+        """The model ``evaluation_loop`` runs, as transformers prepares it: the train state's weights synced into
+        ``self.model``, ``_wrap_model(model, training=False)``, then — for ``bf16_full_eval`` / ``fp16_full_eval``
+        outside ``train()`` — a copy cast to that dtype on ``args.device`` (:func:`~ftrain.trainer.placement.
+        cast_for_full_eval`; transformers casts the model itself, ftrain leaves it and the train state as they
+        are), in eval mode."""
         self._sync_model()
-        self.model.eval()
-        return self.model
+        model = self._wrap_model(self.model, training=False)
+        dtype = self.plan.eval.full_eval_dtype
+        if dtype is not None and not self.is_in_train:
+            model = cast_for_full_eval(model, dtype, self.plan.process.device)
+        if callable(getattr(model, "eval", None)):
+            model.eval()
+        return model
 
     # ---- saving and logging ---------------------------------------------------------------------------------------
 
@@ -1376,6 +1406,11 @@ class Trainer:
         ``TrainState``'s leaves (DTensor placements chosen by a plan) and the step calls ``functional_call`` on a
         hook-free skeleton; a DDP or FSDP2 wrapper's hooks would replace the tensors the step passes in (see
         DESIGN.md, "FSDP").
+
+        Called where transformers calls it: by ``train()`` once the optimizer is created (``training=True``; an
+        override may change ``model`` in place, but returning another module is refused, since the pure step
+        trains the ``TrainState``'s skeleton) and by every ``evaluation_loop`` (``training=False``; the module
+        returned is the one evaluated).
         """
         return model
 

@@ -193,6 +193,8 @@ def test_honoured_fields_are_read_into_their_plan_entries(name, monkeypatch):
     kwargs, env = alternative
     for key, value in env.items():
         monkeypatch.setenv(key, value)
+    if name == "tf32":  # tf32=False is applied only where the GPU has TF32 (transformers' rule): pretend it has
+        monkeypatch.setattr(sys.modules["ftrain.trainer.plan"], "tf32_available", lambda: True)
     cpu = {} if name in ("use_cpu", "no_cuda", "dataloader_pin_memory") else {"use_cpu": True}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
@@ -561,21 +563,50 @@ def test_convert_builds_the_same_optimizer_from_the_plan():
 # Process settings
 
 
+def _tf32_flags():
+    """TF32 of float32 matmuls and convolutions as torch resolves it (the setting transformers writes too)."""
+    backends = torch.backends
+    return backends.fp32_precision, backends.cuda.matmul.fp32_precision, backends.cudnn.conv.fp32_precision
+
+
 def test_apply_process_settings_sets_tf32_and_the_log_level():
-    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    precision = torch.backends.fp32_precision
     ftrain_logger = logging.getLogger("ftrain")
     level = ftrain_logger.level
     try:
-        plan = make_plan(TrainingArguments(tf32=False, log_level="error"))
+        plan = make_plan(TrainingArguments(log_level="error"))
+        plan = dataclasses.replace(plan, step=dataclasses.replace(plan.step, tf32=False))  # tf32=False on a GPU
         apply_process_settings(plan)
-        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False)
+        assert _tf32_flags()[0] == "ieee"
         assert ftrain_logger.level == logging.ERROR
         on = dataclasses.replace(plan, step=dataclasses.replace(plan.step, tf32=True))  # tf32=True needs a GPU
         apply_process_settings(on)
-        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
+        assert _tf32_flags()[0] == "tf32"
         ftrain_logger.setLevel(logging.WARNING)
         apply_process_settings(make_plan(TrainingArguments()))  # tf32=None, log_level="passive": left alone
-        assert torch.backends.cuda.matmul.allow_tf32 and ftrain_logger.level == logging.WARNING
+        assert _tf32_flags()[0] == "tf32" and ftrain_logger.level == logging.WARNING
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+        torch.backends.fp32_precision = precision
         ftrain_logger.setLevel(level)
+
+
+def test_tf32_is_set_as_transformers_sets_it(HFArgs, monkeypatch):
+    """The TF32 setting transformers' TrainingArguments writes (through ``enable_tf32``) is the one ftrain's plan
+    applies, for tf32 off / unset, with and without torch_compile, on a GPU with and without TF32 (unset with
+    torch_compile turns it on where the GPU has it)."""
+    import transformers.training_args as hf_training_args
+
+    import ftrain.trainer.plan as plan_module
+
+    writes = {"hf": [], "ftrain": []}
+    monkeypatch.setattr(hf_training_args, "enable_tf32", writes["hf"].append)
+    monkeypatch.setattr(plan_module, "_enable_tf32", writes["ftrain"].append)
+    for tf32 in (False, None):
+        for compile_, available in ((False, True), (True, True), (True, False)):
+            monkeypatch.setattr(hf_training_args, "is_torch_tf32_available", lambda a=available: a)
+            monkeypatch.setattr(plan_module, "tf32_available", lambda a=available: a)
+            writes["hf"].clear(), writes["ftrain"].clear()
+            HFArgs("out", tf32=tf32, torch_compile=compile_, use_cpu=True, report_to="none")
+            apply_process_settings(make_plan(TrainingArguments("out", tf32=tf32, torch_compile=compile_)))
+            last = {k: v[-1] if v else None for k, v in writes.items()}
+            assert last["ftrain"] == last["hf"], (tf32, compile_, available, writes)
