@@ -186,6 +186,8 @@ class TrainingLoop:
             trainer.model = trainer.call_model_init()
         if _is_tokenizer(trainer.processing_class):  # new special tokens for fine-tuning, as transformers
             trainer._align_special_tokens()
+        if checkpoint is not None:  # the weights first, into the model the state is built from, as transformers
+            trainer._load_from_checkpoint(checkpoint)
         trainer.is_in_train = True
         try:
             return trainer._inner_training_loop(checkpoint, ignore_keys_for_eval)
@@ -370,7 +372,7 @@ class TrainingLoop:
             if trainer.plan.save.strategy == SaveStrategy.BEST:
                 trainer.control.should_save = is_new_best
         if trainer.control.should_save:
-            trainer._save_checkpoint()
+            trainer._save_checkpoint(trainer.model, None)
             trainer.control = trainer.callback_handler.on_save(trainer.args, trainer.state, trainer.control)
 
     def log_training_metrics(self) -> None:
