@@ -1,7 +1,6 @@
 """One pytree in one safetensors file: :func:`save_tree_file` and :func:`load_tree_file`.
 
-For a part of a state kept next to a checkpoint rather than in it — the Trainer's ``optimizer.safetensors``, written
-by transformers' hook ``_save_optimizer_and_scheduler``. The tensors are stored by key path (as in
+For a part of a state kept next to a checkpoint rather than in it (an optimizer state, say). The tensors are stored by key path (as in
 :mod:`ftrain.checkpoint.treeio`), and the leaf list — every leaf's path, kind, dtype and shape, and the values of
 Python scalars — is JSON in the file's safetensors metadata under ``"leaves"``, next to ``"format": "pt"``, so
 ``safetensors.torch.load_file`` reads the tensors too. A load checks the file against the template before it reads
