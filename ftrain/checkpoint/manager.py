@@ -50,7 +50,7 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -276,6 +276,7 @@ class CheckpointManager:
         metrics: Mapping[str, Any] | None = None,
         extra: Any = None,
         force: bool = False,
+        write_files: Callable[[Path], None] | None = None,
     ) -> bool:
         """Saves ``state`` as ``step`` if :meth:`should_save` says so (or ``force``); returns whether it did.
 
@@ -289,15 +290,27 @@ class CheckpointManager:
             metrics: numbers (or 1-element tensors) stored with the checkpoint; the options' ``metric`` ranks it.
             extra: JSON-able data stored in ``meta.json`` (config, data position, ...); see :meth:`metadata`.
             force: save even if no policy says the step is due.
+            write_files: called with the uncommitted directory once the state is written there and before the
+                commit (synchronous saves only; with a collective backend on every rank, else on rank 0): the files
+                it writes are hashed into the manifest and committed with the state, so a crash never leaves a
+                listed checkpoint with some of them missing. For files that belong with the state (an export in
+                another library's format, say).
 
         Raises:
             StepAlreadyExistsError: ``step`` is already committed.
             TypeError: ``extra`` or ``metrics`` cannot be stored as JSON, or a leaf is not storable (names it).
+            ValueError: ``write_files`` with ``async_save`` (it would run while the caller changes the state).
             KeyError: ``metrics`` lacks the options' ``metric``.
             Exception: the error of a previous asynchronous write.
         """
         self._check_open()
         step = _as_step(step)
+        if write_files is not None and self.options.async_save:
+            raise ValueError(
+                "save(write_files=...) needs a synchronous save: with async_save=True the files would be written in "
+                "the background while the caller goes on changing what they describe. Write them after "
+                "wait_until_finished(), or build the manager with async_save=False."
+            )
         self.wait_until_finished()
         if not (force or self.should_save(step)):
             return False
@@ -316,7 +329,7 @@ class CheckpointManager:
                 self._pending_step = step
                 self._pending = self._executor.submit(self._write, step, staged, meta)
         else:
-            self._write(step, tensors, meta)
+            self._write(step, tensors, meta, write_files)
         self._last_save_time = time.monotonic()
         return True
 
@@ -345,8 +358,15 @@ class CheckpointManager:
         }
         return meta, tensors
 
-    def _write(self, step: int, tensors: Mapping[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        """Writes into a temporary directory, commits, applies retention. Runs on the writer thread when async."""
+    def _write(
+        self,
+        step: int,
+        tensors: Mapping[str, torch.Tensor],
+        meta: dict[str, Any],
+        write_files: Callable[[Path], None] | None = None,
+    ) -> None:
+        """Writes into a temporary directory (the state, then ``write_files``), commits, applies retention. Runs on
+        the writer thread when async."""
         collective = self.backend.collective
         tmp = None
         try:
@@ -356,6 +376,8 @@ class CheckpointManager:
             token = dist_broadcast_token(self._group) if collective else None
             tmp = atomic.make_tmp_dir(self.directory, name, token)
             entries = dict(self.backend.write(tmp, tensors, meta, hash_algorithm=self.options.hash_algorithm))
+            if write_files is not None:
+                write_files(tmp)
             if collective:
                 dist_barrier(self._group)
             if self._rank == 0:

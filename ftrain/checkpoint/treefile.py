@@ -1,12 +1,12 @@
 """One pytree in one safetensors file: :func:`save_tree_file` and :func:`load_tree_file`.
 
-For a part of a state kept next to a checkpoint rather than in it — the Trainer's ``optimizer.safetensors``, written
-by transformers' hook ``_save_optimizer_and_scheduler``. The tensors are stored by key path (as in
-:mod:`ftrain.checkpoint.treeio`), and the leaf list — every leaf's path, kind, dtype and shape, and the values of
-Python scalars — is JSON in the file's safetensors metadata under ``"leaves"``, next to ``"format": "pt"``, so
-``safetensors.torch.load_file`` reads the tensors too. A load checks the file against the template before it reads
-any tensor, with a :class:`~ftrain.checkpoint.CheckpointMismatchError` that names the leaves that differ. A save
-writes a temporary file, fsyncs it and renames it, so a crash never leaves half a file under the name.
+For a part of a state kept next to a checkpoint rather than in it (an optimizer state, say). The tensors are
+stored by key path (as in :mod:`ftrain.checkpoint.treeio`), and the leaf list — every leaf's path, kind, dtype and
+shape, and the values of Python scalars — is JSON in the file's safetensors metadata under ``"leaves"``, next to
+``"format": "pt"``, so ``safetensors.torch.load_file`` reads the tensors too. A load checks the file against the
+template before it reads any tensor, with a :class:`~ftrain.checkpoint.CheckpointMismatchError` that names the
+leaves that differ. A save writes a temporary file, fsyncs it and renames it, so a crash never leaves half a file
+under the name.
 
 Example:
     >>> import os, tempfile, torch

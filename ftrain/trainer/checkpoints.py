@@ -2,26 +2,42 @@
 :class:`~ftrain.checkpoint.CheckpointManager` and the checkpoint package's public functions.
 
 **Layout.** ``output_dir/checkpoint-{global_step}/`` is a ``CheckpointManager`` checkpoint (``step_prefix=
-"checkpoint-"``, no zero padding), written atomically: ``state.safetensors`` (the whole ``TrainState``: params,
-buffers, optimizer state, step, key), ``meta.json`` (whose ``extra`` holds the ``TrainerState`` at that step),
-``manifest.json`` and ``COMMIT`` (written last). Once committed, the folder gets the Hugging Face views: the
-trainer's ``save_model`` writes ``model.safetensors`` + ``config.json``, the processing class and
-``training_args.json``; then come ``trainer_state.json`` (JSON, never a pickle) and the hub push. A resume reads only
-committed data — the state and the ``TrainerState`` in ``meta.json`` — so a crash after the commit but before the
-views are written still resumes. The data position is ``state.step`` (``BatchStream.iter_from``) and dropout keys
-are ``fold_in(key, step)``, so a resume continues bitwise. ``save_only_model=True`` writes the views only (no
-state: such a folder does not resume), as transformers.
+"checkpoint-"``, no zero padding) that also holds transformers' files, so transformers' ``Trainer`` resumes it and
+users' tooling reads it: ``state.safetensors`` (the whole ``TrainState``: params, buffers, optimizer state, step,
+key), ``meta.json`` (whose ``extra`` holds the ``TrainerState``), then, through the trainer's overridable hooks in
+the order transformers' ``_save_checkpoint`` calls them, ``save_model`` (``model.safetensors``, ``config.json``, the
+processing class, ``training_args.json`` and ``training_args.bin``), ``_save_optimizer_and_scheduler``
+(``optimizer.pt``, ``scheduler.pt``), ``_save_scaler`` (nothing: no loss scaler), ``_save_rng_state``
+(``rng_state.pth``), and ``trainer_state.json``; last ``manifest.json`` and ``COMMIT``. Every file is written into
+the manager's uncommitted ``.tmp-checkpoint-N-<id>`` folder and committed at once (the hooks receive that folder as
+``output_dir``), so a crash never leaves a ``checkpoint-N`` that looks complete and is not. The hub push follows the
+commit. ``save_only_model=True`` writes the ``save_model`` files and ``trainer_state.json`` only (no state: such a
+folder does not resume), also under a temporary name renamed into place when complete.
+
+**Resume** calls transformers' hooks in transformers' order, so a subclass's overrides take effect:
+``_load_from_checkpoint`` (weights, from ``train()``), then the ``TrainerState`` and the callbacks' states,
+``_load_optimizer_and_scheduler``, ``_load_scaler``, ``_load_rng_state``. For a committed ftrain checkpoint each
+hook takes its part of the committed ``TrainState`` (weights, then optimizer state and step, then key), so a resume
+continues bitwise: the data position is ``state.step`` (``BatchStream.iter_from``) and dropout keys are
+``fold_in(key, step)``. A folder transformers wrote resumes from ``model.safetensors``, ``trainer_state.json``,
+``optimizer.pt`` + ``scheduler.pt`` (mapped onto ftrain's optimizer state by :mod:`ftrain.trainer.hf_checkpoint`,
+read with ``torch.load(weights_only=True)``) and ``rng_state.pth`` (the global generators).
+
+**training_args.bin** is ``torch.save(args)`` of ftrain's ``TrainingArguments``, as transformers pickles its own:
+tooling reads it with ``torch.load(weights_only=False)`` (which needs ftrain importable). ftrain itself never
+reads it (a pickle can run code); ``training_args.json`` holds the same arguments as JSON.
 
 **Several processes** (torchrun): the state is sharded; every rank writes its shards of ``checkpoint-N`` with the
-``dcp`` backend (``dcp/`` instead of ``state.safetensors``), and rank 0 (``args.should_save``) writes the views from
-the gathered full weights. A resume needs the same layout of the state (``like=``), which DCP fills from any number
-of writers.
+``dcp`` backend (``dcp/`` instead of ``state.safetensors``) and its ``rng_state_{rank}.pth``; the weights and the
+optimizer state are gathered (every rank takes part) and rank 0 (``args.should_save``) writes them. A resume needs
+the same layout of the state (``like=``), which DCP fills from any number of writers.
 
 **Retention** is the manager's: ``save_total_limit`` becomes ``max_to_keep`` with ``retention="total"``, transformers'
 rule (the newest and the best are kept and count toward the limit, so ``save_total_limit=1`` can keep 2). The manager
 applies it after each commit, and ``_rotate_checkpoints`` applies it again counting the folders the manager does not
-list (``save_only_model`` folders, transformers-written ones), which transformers counts and deletes too. Folders go
-through the manager only: it unlists (renames) a folder before deleting its files.
+list (``save_only_model`` folders, transformers-written ones), which transformers counts and deletes too; with
+``use_mtime=True`` it orders the folders by modification time, as transformers' rotation. Folders go through the
+manager only: it unlists (renames) a folder before deleting its files.
 
 **The best checkpoint** is transformers' ``state.best_model_checkpoint``: at a save, ``checkpoint-{best_global_step}``
 if that folder exists (or is this save), else unchanged. The manager keeps it through ``should_keep_fn``, asked at
@@ -29,46 +45,55 @@ each retention, rather than through a ``metric``: a checkpoint's metrics are fix
 transformers can name as best a folder committed before its evaluation (``eval_strategy="epoch"`` with
 ``save_strategy="steps"``: the step-end save comes before the epoch-end evaluation of the same step), a folder the
 manager does not list (``save_only_model``), or, after a resume, a different folder than the best metric among the
-checkpoints left by an earlier run in the same directory.
+checkpoints left by an earlier run in the same directory. ``_load_best_model`` restores the best checkpoint's whole
+state (weights bitwise).
 
-**Hooks.** The Trainer keeps transformers' method names (``_save_checkpoint``, ``_load_from_checkpoint``,
-``_save_optimizer_and_scheduler``...) as thin delegations to this component, and the component calls back through
-the trainer's overridable methods: ``save_model``, ``store_flos``, ``_push_from_checkpoint``, ``_write_hf_views``
-and ``_rotate_checkpoints``. Where ftrain deliberately differs: the optimizer, schedule and RNG of a checkpoint are
-its committed ``TrainState``, so ``_save_checkpoint`` does not call ``_save_optimizer_and_scheduler`` /
-``_save_scaler`` / ``_save_rng_state`` (they would write a second copy), a resume restores the whole state rather
-than calling ``_load_from_checkpoint`` / ``_load_optimizer_and_scheduler`` / ``_load_rng_state``, and
-``_load_best_model`` restores the best checkpoint's whole state (weights bitwise). Those hooks, called directly,
-read and write their own files: ``optimizer.safetensors`` (:func:`~ftrain.checkpoint.save_tree_file`),
-``scheduler.json`` and ``rng_state.json``.
+**Optimizers without a torch form** (Lion, Adafactor, ``reduce_lr_on_plateau``, a user's ``GradientTransformation``)
+have no ``optimizer.pt`` / ``scheduler.pt``: a warning says so once per trainer, the state is in ``state.safetensors``
+and ftrain resumes from it, but transformers cannot.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import re
-from collections.abc import Mapping
+import shutil
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from ftrain import optim as _optim
 from ftrain.checkpoint import (
     CheckpointManager,
     CheckpointManagerOptions,
     StepNaming,
     is_committed,
     list_step_dirs,
-    load_tree_file,
-    save_tree_file,
 )
+from ftrain.checkpoint.atomic import fsync_dir, make_tmp_dir
 from ftrain.state import TrainState
 from ftrain.trainer.callbacks import restore_callback_states
-from ftrain.trainer.convert import logged_learning_rate
+from ftrain.trainer.hf_checkpoint import (
+    OPTIMIZER_NAME,
+    RNG_STATE_NAME,
+    SCALER_NAME,
+    SCHEDULER_NAME,
+    TRAINING_ARGS_BIN,
+    UnmappableOptimizerError,
+    check_param_groups,
+    hf_param_groups,
+    lambda_lr_state_dict,
+    load_torch_file,
+    opt_state_from_torch,
+    opt_state_to_torch,
+    rng_states,
+    set_rng_states,
+)
 from ftrain.trainer.trainer_state import ExportableState, TrainerState, export_callback_states
 from ftrain.trainer.utils import (
     CHECKPOINT_NAMING,
@@ -84,8 +109,10 @@ if TYPE_CHECKING:
 __all__ = [
     "OPTIMIZER_NAME",
     "RNG_STATE_NAME",
+    "SCALER_NAME",
     "SCHEDULER_NAME",
     "TRAINER_STATE_NAME",
+    "TRAINING_ARGS_BIN",
     "TRAINING_ARGS_NAME",
     "TrainerCheckpoints",
 ]
@@ -94,9 +121,6 @@ logger = logging.getLogger(__name__)
 
 TRAINER_STATE_NAME = "trainer_state.json"
 TRAINING_ARGS_NAME = "training_args.json"
-OPTIMIZER_NAME = "optimizer.safetensors"
-SCHEDULER_NAME = "scheduler.json"
-RNG_STATE_NAME = "rng_state.json"
 _PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 _STATE_KEY = re.compile(r"^\['(params|buffers)'\]\['(.+)'\]$")  # a key path of the TrainState's weights
 
@@ -120,9 +144,10 @@ class TrainerCheckpoints:
 
     Args:
         trainer: the Trainer it serves. Read at each call, never cached: ``args``, ``state``, ``control``,
-            ``mesh``, ``_train_state``, ``model``, ``callback_handler``; called back: ``save_model``,
-            ``store_flos``, ``_write_hf_views``, ``_push_from_checkpoint``,
-            ``_rotate_checkpoints``.
+            ``mesh``, ``_train_state``, ``model``, ``callback_handler``, ``lr_scheduler``; called back:
+            ``save_model``, ``store_flos``, ``_write_hf_views``, ``_save_optimizer_and_scheduler``,
+            ``_save_scaler``, ``_save_rng_state``, ``_load_optimizer_and_scheduler``, ``_load_scaler``,
+            ``_load_rng_state``, ``_push_from_checkpoint``, ``_rotate_checkpoints``.
 
     Attributes:
         trainer: the Trainer.
@@ -131,6 +156,8 @@ class TrainerCheckpoints:
     def __init__(self, trainer: Trainer) -> None:
         self.trainer = trainer
         self._manager: CheckpointManager | None = None  # of the directory last used, with the options then
+        self._resuming: dict[str, TrainState] | None = None  # during a resume: the committed state, read once
+        self._warned_unmappable = False  # the missing optimizer.pt is reported once per trainer
 
     # ---- the manager ----------------------------------------------------------------------------------------------
 
@@ -190,29 +217,75 @@ class TrainerCheckpoints:
         return str(resume_from_checkpoint)
 
     def restore_checkpoint(self, checkpoint: str, state: TrainState) -> TrainState:
-        """The ``TrainState`` saved in ``checkpoint`` (rebuilt on ``state``); sets the trainer's ``TrainerState``
-        from it (a best folder that no longer exists is dropped, as transformers) and, with
-        ``restore_callback_states_from_checkpoint``, its callbacks' states.
+        """Resumes from ``checkpoint`` onto the fresh ``state`` (built from the weights ``_load_from_checkpoint``
+        loaded) and returns the resumed ``TrainState``.
+
+        Sets the trainer's ``TrainerState`` from the checkpoint (a best folder that no longer exists is dropped, as
+        transformers) and, with ``restore_callback_states_from_checkpoint``, its callbacks' states; then calls the
+        trainer's ``_load_optimizer_and_scheduler``, ``_load_scaler`` and ``_load_rng_state`` in transformers'
+        order. A committed ftrain checkpoint is read once for all of them.
 
         Raises:
-            ValueError: ``checkpoint`` is not a committed ftrain checkpoint.
+            ValueError: ``checkpoint`` cannot be resumed (says what it lacks and why).
         """
         trainer = self.trainer
-        committed = self._committed(checkpoint)
-        if committed is None:
-            raise ValueError(
-                f"{checkpoint} is not a committed ftrain checkpoint (no COMMIT marker / ftrain state): it was written "
-                "by transformers, with save_only_model=True, or interrupted. ftrain resumes only from its own "
-                "checkpoints; load the weights with from_pretrained and train without resume_from_checkpoint."
-            )
-        manager, step = committed
-        restored = manager.restore(step, like=state)
-        trainer.state = TrainerState(**manager.restore_extra(step)["trainer_state"])
+        self._check_resumable(checkpoint)
+        trainer._train_state = state
+        trainer.state = self._saved_trainer_state(checkpoint)
         if trainer.state.best_model_checkpoint and not os.path.isdir(trainer.state.best_model_checkpoint):
             trainer.state.best_model_checkpoint = None
         if trainer.plan.save.restore_callback_states:
             stored = trainer.state.stateful_callbacks
             trainer.control = restore_callback_states(trainer.callback_handler, trainer.control, stored)
+        self._resuming = {}
+        try:
+            trainer._load_optimizer_and_scheduler(checkpoint)
+            trainer._load_scaler(checkpoint)
+            trainer._load_rng_state(checkpoint)
+        finally:
+            self._resuming = None
+        return trainer._train_state
+
+    def _check_resumable(self, checkpoint: str) -> None:
+        """Raises unless ``checkpoint`` is a committed ftrain checkpoint or a folder transformers can resume."""
+        if self._committed(checkpoint) is not None:
+            return
+        needed = (TRAINER_STATE_NAME, OPTIMIZER_NAME, SCHEDULER_NAME)
+        missing = [n for n in needed if not os.path.isfile(os.path.join(checkpoint, n))]
+        if not missing:
+            return
+        if os.path.isfile(os.path.join(checkpoint, "meta.json")):
+            why = "an ftrain checkpoint whose save did not finish (no COMMIT marker)"
+        elif os.path.isfile(os.path.join(checkpoint, TRAINER_STATE_NAME)):
+            why = "a weights-only folder (save_only_model=True), or one whose optimizer has no torch form"
+        else:
+            why = "not a checkpoint folder of ftrain's or transformers' Trainer"
+        raise ValueError(
+            f"{checkpoint} cannot be resumed: it lacks {missing} ({why}). Resume from another checkpoint-N, or load "
+            "the weights with from_pretrained and train without resume_from_checkpoint."
+        )
+
+    def _saved_trainer_state(self, checkpoint: str) -> TrainerState:
+        """The ``TrainerState`` of ``checkpoint``: a committed ftrain checkpoint's ``meta.json``, else its
+        ``trainer_state.json``."""
+        committed = self._committed(checkpoint)
+        if committed is None:
+            return TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME))
+        manager, step = committed
+        return TrainerState(**manager.restore_extra(step)["trainer_state"])
+
+    def _committed_train_state(self, checkpoint: str, like: TrainState) -> TrainState | None:
+        """The ``TrainState`` committed in ``checkpoint`` rebuilt on ``like``, else ``None``; read once per resume."""
+        key = os.path.abspath(checkpoint)
+        if self._resuming is not None and key in self._resuming:
+            return self._resuming[key]
+        committed = self._committed(checkpoint)
+        if committed is None:
+            return None
+        manager, step = committed
+        restored = manager.restore(step, like=like)
+        if self._resuming is not None:
+            self._resuming[key] = restored
         return restored
 
     def load_best_model(self) -> None:
@@ -233,7 +306,7 @@ class TrainerCheckpoints:
     # ---- saving ---------------------------------------------------------------------------------------------------
 
     def save_checkpoint(self) -> None:
-        """Writes ``output_dir/checkpoint-{global_step}`` (see the module docstring), then rotates.
+        """Writes ``output_dir/checkpoint-{global_step}`` (see the module docstring), pushes it, then rotates.
 
         Every process calls it. A folder of the same step is replaced, as transformers overwrites it.
         """
@@ -245,34 +318,55 @@ class TrainerCheckpoints:
         if step in manager.all_steps() or folder.is_dir():
             manager.delete(step, include_uncommitted=True)  # every rank forgets it; rank 0 deletes the folder
         _barrier()
+        trainer.store_flos()  # trainer_state.json holds the flops up to this step, as transformers
         best = state.best_global_step
         if best and (best == step or manager.step_path(best).exists()):
             state.best_model_checkpoint = os.path.join(save.output_dir, CHECKPOINT_NAMING.name(best))
         self._refresh_stateful_callbacks()
-        trainer.store_flos()  # trainer_state.json holds the flops up to this step, as transformers
         if save.only_model:
-            if save.should_save:
-                folder.mkdir(parents=True)
+            self._publish(folder, trainer._write_hf_views)
         else:  # every rank: with a sharded state each writes its shards (DCP)
             extra = {"trainer_state": dataclasses.asdict(state)}
-            manager.save(step, trainer._train_state, extra=extra, force=True)
-        trainer._write_hf_views(folder)  # save_model gathers a sharded state's weights: every rank calls it
-        _barrier()  # the views exist before any rank lists checkpoints to rotate
+            manager.save(step, trainer._train_state, extra=extra, force=True, write_files=trainer._write_hf_views)
+        _barrier()  # the folder is in place before any rank pushes or lists checkpoints to rotate
+        if save.should_save and trainer.plan.hub.push_to_hub:
+            trainer._push_from_checkpoint(str(folder))
         trainer._rotate_checkpoints()
 
-    def write_hf_views(self, folder: Path) -> None:
-        """transformers' files in ``folder``: the trainer's ``save_model`` (weights + config, processing class,
-        ``training_args.json``), then, on the saving process, ``trainer_state.json`` and the hub push.
+    def _publish(self, folder: Path, write: Callable[[Path], None]) -> None:
+        """``write(tmp)`` into a temporary folder next to ``folder``, renamed to ``folder`` once complete (a folder
+        the manager does not commit: ``save_only_model``). Only the saving process has a folder; the others call
+        ``write`` with ``folder`` itself, where (not saving) they write nothing, for the collectives inside."""
+        if not self.trainer.plan.save.should_save:
+            write(folder)
+            return
+        tmp = make_tmp_dir(folder.parent, folder.name)
+        try:
+            write(tmp)
+            fsync_dir(tmp)
+            os.rename(tmp, folder)
+            fsync_dir(folder.parent)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
-        Every process calls it, as transformers calls ``save_model``: gathering a sharded state's weights is a
-        collective.
+    def write_hf_views(self, output_dir: Path) -> None:
+        """transformers' files of a checkpoint, written into ``output_dir`` (the uncommitted folder) through the
+        trainer's hooks in the order transformers' ``_save_checkpoint`` calls them: ``save_model(output_dir,
+        _internal_call=True)``, then (unless ``save_only_model``) ``_save_optimizer_and_scheduler``,
+        ``_save_scaler`` and ``_save_rng_state``, then ``trainer_state.json`` on the saving process.
+
+        Every process calls it, as transformers calls these hooks: gathering a sharded state's weights and
+        optimizer state is a collective, and each rank writes its own RNG file.
         """
-        trainer = self.trainer
-        trainer.save_model(str(folder), _internal_call=True)
+        trainer, folder = self.trainer, str(output_dir)
+        trainer.save_model(folder, _internal_call=True)
+        if not trainer.plan.save.only_model:
+            trainer._save_optimizer_and_scheduler(folder)
+            trainer._save_scaler(folder)
+            trainer._save_rng_state(folder)
         if trainer.plan.save.should_save:
             trainer.state.save_to_json(Path(folder) / TRAINER_STATE_NAME)
-            if trainer.plan.hub.push_to_hub:
-                trainer._push_from_checkpoint(str(folder))
 
     def _refresh_stateful_callbacks(self) -> None:
         trainer = self.trainer
@@ -295,14 +389,31 @@ class TrainerCheckpoints:
         if os.path.isdir(path):
             self.manager(Path(path).parent).delete(step, include_uncommitted=True)
 
-    def rotate_checkpoints(self) -> None:
-        """transformers' rotation (``save_total_limit``) over every ``checkpoint-N`` folder of ``output_dir``,
-        including those the manager does not list: ``CheckpointManager.apply_retention``. Every process calls it
-        (they list, wait for each other, then rank 0 deletes)."""
+    def rotate_checkpoints(self, use_mtime: bool = False, output_dir: str | None = None) -> None:
+        """transformers' rotation (``save_total_limit``) over every ``checkpoint-N`` folder of ``output_dir``
+        (default ``args.output_dir``), including those the manager does not list.
+
+        By step (default): ``CheckpointManager.apply_retention``. With ``use_mtime``: the folders ordered by
+        modification time (by step when all times lie within one second), the newest and the best protected, the
+        oldest others deleted until ``max(save_total_limit, protected)`` remain, as transformers'
+        ``rotate_checkpoints``. Every process calls it (they list, wait for each other, then rank 0 deletes)."""
         limit = self.trainer.plan.save.total_limit
         if limit is None or limit <= 0:
             return
-        self.manager(self.trainer.plan.save.output_dir).apply_retention(include_uncommitted=True)
+        directory = self.trainer.plan.save.output_dir if output_dir is None else output_dir
+        if not use_mtime:
+            self.manager(directory).apply_retention(include_uncommitted=True)
+            return
+        paths = self._ordered_checkpoints(directory, PREFIX_CHECKPOINT_DIR, use_mtime=True)
+        best = self.trainer.state.best_model_checkpoint
+        protected = {p for p in paths[-1:]} | ({str(Path(best))} if best is not None else set())
+        remaining = len(paths)
+        for path in paths:
+            if remaining <= max(limit, len(protected)):
+                break
+            if path not in protected:
+                self.delete_checkpoint(CHECKPOINT_NAMING.parse(Path(path).name, exact=False), path)
+                remaining -= 1
 
     def keep_only_best(self) -> None:
         """At the end of training with ``save_total_limit == 1`` and a best checkpoint, deletes every other
@@ -318,15 +429,23 @@ class TrainerCheckpoints:
         self, output_dir: str | None = None, checkpoint_prefix: str = PREFIX_CHECKPOINT_DIR, use_mtime: bool = False
     ) -> list[str]:
         """The ``{checkpoint_prefix}-N`` folders of ``output_dir`` (default ``args.output_dir``), oldest first, as
-        transformers' ``sort_checkpoints``.
-
-        Ordered by ``N`` (a name may go on after the digits: ``checkpoint-3x`` is 3), or with ``use_mtime`` by
-        modification time, every ``{checkpoint_prefix}-*`` folder (when all times lie within one second the
-        filesystem's times are not trusted and ``N`` is used). ``state.best_model_checkpoint``, when listed and not
-        the newest, moves to the second-to-last place, so rotation (which deletes from the front) keeps it and the
-        newest stays last.
+        transformers' ``sort_checkpoints`` (:meth:`_ordered_checkpoints`). ``state.best_model_checkpoint``, when
+        listed and not the newest, moves to the second-to-last place, so rotation (which deletes from the front)
+        keeps it and the newest stays last.
         """
         output_dir = self.trainer.plan.save.output_dir if output_dir is None else output_dir
+        paths = self._ordered_checkpoints(output_dir, checkpoint_prefix, use_mtime)
+        best = self.trainer.state.best_model_checkpoint
+        if best is not None and str(Path(best)) in paths and paths[-1] != str(Path(best)):
+            best, newest = str(Path(best)), paths[-1]
+            paths = [p for p in paths if p not in (best, newest)] + [best, newest]
+        return paths
+
+    def _ordered_checkpoints(self, output_dir: str, checkpoint_prefix: str, use_mtime: bool) -> list[str]:
+        """The ``{checkpoint_prefix}-N`` folders of ``output_dir``, oldest first: by ``N`` (a name may go on after
+        the digits: ``checkpoint-3x`` is 3), or with ``use_mtime`` every ``{checkpoint_prefix}-*`` folder by
+        modification time (when all times lie within one second the filesystem's times are not trusted and ``N``
+        is used)."""
         if not os.path.isdir(output_dir):
             return []
         if use_mtime:
@@ -334,16 +453,11 @@ class TrainerCheckpoints:
             found = sorted((os.path.getmtime(p), str(p)) for p in folders)
             if len(found) > 1 and found[-1][0] - found[0][0] < 1.0:
                 logger.warning("mtime may not be reliable on this filesystem, falling back to numerical ordering")
-                return self.sorted_checkpoints(output_dir, checkpoint_prefix, use_mtime=False)
+                return self._ordered_checkpoints(output_dir, checkpoint_prefix, use_mtime=False)
         else:
             naming = StepNaming(f"{checkpoint_prefix}-", 0)
             found = sorted((step, str(p)) for step, p in list_step_dirs(output_dir, naming, exact=False))
-        paths = [path for _, path in found]
-        best = self.trainer.state.best_model_checkpoint
-        if best is not None and str(Path(best)) in paths and paths[-1] != str(Path(best)):
-            best, newest = str(Path(best)), paths[-1]
-            paths = [p for p in paths if p not in (best, newest)] + [best, newest]
-        return paths
+        return [path for _, path in found]
 
     # ---- weights --------------------------------------------------------------------------------------------------
 
@@ -425,99 +539,167 @@ class TrainerCheckpoints:
             )
         return state
 
-    def save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        """Writes the optimizer and schedule state: ``optimizer.safetensors`` and ``scheduler.json``.
+    def _torch_param_groups(self, lr: float) -> list[dict[str, Any]]:
+        """transformers' param groups for this trainer's optimizer (parameter names in ``"params"``).
 
-        In ftrain both are part of the ``TrainState``: the optimizer state is ``state.opt_state``, written as
-        the tree ``{"opt_state": ...}`` by :func:`~ftrain.checkpoint.save_tree_file` (its tensors by key path, the
-        leaf list in the safetensors metadata), and the schedule is a function of the update count inside it, so
-        ``scheduler.json`` only records ``{"step", "learning_rate"}`` for readers. Committed ftrain checkpoints
-        already hold both in ``state.safetensors``.
+        Raises:
+            UnmappableOptimizerError: the optimizer is the user's (``optimizers=``, ``optimizer_cls_and_kwargs``,
+                an overridden ``create_optimizer``) or not a torch one in transformers.
+        """
+        trainer = self.trainer
+        if trainer._user_optimizer is not None or trainer.optimizer_cls_and_kwargs is not None:
+            raise UnmappableOptimizerError(
+                "the optimizer was given to the Trainer (optimizers= / optimizer_cls_and_kwargs=): transformers "
+                "would not know its torch class and param groups, so optimizer.pt cannot describe it."
+            )
+        if trainer.overrides("create_optimizer"):
+            raise UnmappableOptimizerError(
+                f"{type(trainer).__name__}.create_optimizer is overridden: its optimizer may not be the one the "
+                "arguments name, so optimizer.pt cannot describe it."
+            )
+        return hf_param_groups(trainer.plan.optim, _optim.hf_decay_mask(trainer.model), lr=lr)
+
+    def _schedule_value(self, step: int) -> float:
+        """The schedule's learning rate for update ``step`` (0-based), as a float: ``lr_scheduler`` is the
+        Trainer's ``LambdaLR`` view (base lr × factor, as torch computes it) or, with an ftrain transformation given
+        by the user, the schedule itself.
+
+        Raises:
+            UnmappableOptimizerError: another torch scheduler (it has no ``LambdaLR`` form).
+        """
+        scheduler, step = self.trainer.lr_scheduler, max(step, 0)
+        if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+            return float(scheduler.base_lrs[0] * scheduler.lr_lambdas[0](step))
+        if callable(scheduler) and not hasattr(scheduler, "state_dict"):
+            return float(scheduler(torch.tensor(step)))
+        raise UnmappableOptimizerError(
+            f"the learning-rate scheduler is a {type(scheduler).__name__}: scheduler.pt holds transformers' LambdaLR."
+        )
+
+    def torch_optimizer_files(self, state: TrainState) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``(optimizer.pt, scheduler.pt)`` contents for ``state``: transformers' AdamW / SGD / Adagrad / RMSprop
+        ``state_dict()`` (:func:`~ftrain.trainer.hf_checkpoint.opt_state_to_torch`) and its ``LambdaLR``'s.
+
+        Gathers a sharded optimizer state: every rank calls it.
+
+        Raises:
+            UnmappableOptimizerError: the optimizer or schedule has no torch form (says why).
+        """
+        step = int(state.step)
+        next_lr = self._schedule_value(step)
+        groups = self._torch_param_groups(next_lr)
+        optimizer = opt_state_to_torch(state.opt_state, groups, step=step)
+        scheduler = lambda_lr_state_dict(self.trainer.plan.optim.learning_rate, len(groups), step=step,
+                                         last_lr=next_lr)  # fmt: skip
+        return optimizer, scheduler
+
+    def save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """Writes ``optimizer.pt`` and ``scheduler.pt`` (``torch.save``, as transformers) on the saving process.
+
+        The optimizer state and the schedule's position are the ``TrainState``'s (``opt_state``, ``step``), in the
+        format of the torch optimizer and ``LambdaLR`` transformers builds for the same arguments, so transformers'
+        ``Trainer`` resumes from them. An optimizer with no torch form writes neither file, with a warning (once).
 
         Raises:
             RuntimeError: before ``train()`` built the state.
         """
         state = self._require_state("_save_optimizer_and_scheduler")
-        os.makedirs(output_dir, exist_ok=True)
-        save_tree_file(os.path.join(output_dir, OPTIMIZER_NAME), {"opt_state": state.opt_state})
-        lr = logged_learning_rate(state.opt_state)
-        info = {"step": int(state.step), "learning_rate": None if lr is None else float(lr)}
-        Path(output_dir, SCHEDULER_NAME).write_text(json.dumps(info, indent=2) + "\n")
+        try:
+            optimizer, scheduler = self.torch_optimizer_files(state)
+        except UnmappableOptimizerError as e:
+            if not self._warned_unmappable:
+                self._warned_unmappable = True
+                logger.warning("optimizer.pt and scheduler.pt are not written: %s", e)
+            return
+        if self.trainer.plan.save.should_save:
+            os.makedirs(output_dir, exist_ok=True)
+            torch.save(optimizer, os.path.join(output_dir, OPTIMIZER_NAME))
+            torch.save(scheduler, os.path.join(output_dir, SCHEDULER_NAME))
 
     def load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        """Restores ``state.opt_state`` (optimizer moments and the schedule's update count) from ``checkpoint``:
-        its ``optimizer.safetensors``, else its committed ftrain state; nothing when there is neither (or
-        ``checkpoint`` is None), as transformers.
+        """Restores ``state.opt_state`` and ``state.step`` from ``checkpoint``: its committed ftrain state, else
+        transformers' ``optimizer.pt`` + ``scheduler.pt`` (both needed, as transformers; read with
+        ``torch.load(weights_only=True)``); nothing when there is neither (or ``checkpoint`` is None).
 
         Raises:
-            CheckpointMismatchError: the saved state does not fit the current one (names the leaves).
+            CheckpointMismatchError: a committed state that does not fit the current one (names the leaves).
+            UnmappableOptimizerError: ``optimizer.pt`` of another optimizer, other hyper-parameters or other param
+                groups than this run's (says which).
+            ValueError: ``scheduler.pt`` with another peak learning rate than ``learning_rate``.
             RuntimeError: before ``train()`` built the state.
         """
         if checkpoint is None:
             return
         state = self._require_state("_load_optimizer_and_scheduler")
-        path = os.path.join(checkpoint, OPTIMIZER_NAME)
-        if os.path.isfile(path):
-            opt_state = load_tree_file(path, {"opt_state": state.opt_state})["opt_state"]
-        else:
-            committed = self._committed(checkpoint)
-            if committed is None:
-                return
-            manager, step = committed
-            opt_state = manager.restore(step, like=state).opt_state
-        self.trainer._train_state = state.replace(opt_state=opt_state)
+        restored = self._committed_train_state(checkpoint, state)
+        if restored is not None:
+            self.trainer._train_state = state.replace(opt_state=restored.opt_state, step=restored.step)
+            return
+        files = [os.path.join(checkpoint, n) for n in (OPTIMIZER_NAME, SCHEDULER_NAME)]
+        if all(os.path.isfile(f) for f in files):
+            self.trainer._train_state = self._state_from_torch_files(state, *files)
+
+    def _state_from_torch_files(self, state: TrainState, optimizer_file: str, scheduler_file: str) -> TrainState:
+        """``state`` continuing transformers' optimizer and ``LambdaLR`` saved in these files."""
+        scheduler = load_torch_file(scheduler_file)
+        step = int(scheduler["last_epoch"])
+        base_lr = self.trainer.plan.optim.learning_rate
+        if any(float(lr) != base_lr for lr in scheduler.get("base_lrs", [])):
+            raise ValueError(
+                f"{scheduler_file}: the run that wrote it had learning_rate={scheduler['base_lrs'][0]!r} (base_lrs), "
+                f"these TrainingArguments have learning_rate={base_lr!r}; set learning_rate to the checkpoint's to "
+                "continue the run (transformers' resume keeps the checkpoint's)."
+            )
+        saved = load_torch_file(optimizer_file)
+        groups = self._torch_param_groups(self._schedule_value(step))
+        check_param_groups(saved.get("param_groups", []), groups)
+        opt_state = opt_state_from_torch(saved, state.opt_state, [g["params"] for g in groups], step=step,
+                                         learning_rate=self._schedule_value(step - 1))  # fmt: skip
+        return state.replace(opt_state=opt_state, step=torch.tensor(step, dtype=torch.int64))
 
     def rng_file(self, folder: str) -> str:
-        """``folder/rng_state.json``, or ``rng_state_{rank}.json`` with several processes (transformers' naming)."""
+        """``folder/rng_state.pth``, or ``rng_state_{rank}.pth`` with several processes (transformers' naming)."""
         process = self.trainer.plan.process
-        name = RNG_STATE_NAME if process.world_size <= 1 else f"rng_state_{process.process_index}.json"
+        name = RNG_STATE_NAME if process.world_size <= 1 else f"rng_state_{process.process_index}.pth"
         return os.path.join(folder, name)
 
     def save_rng_state(self, output_dir: str) -> None:
-        """Writes ``rng_state.json`` (``rng_state_{rank}.json`` with several processes, as transformers names its
-        ``.pth``): ``{"key": [hi, lo], "step": n}``.
+        """Writes ``rng_state.pth`` (``rng_state_{rank}.pth`` with several processes), as transformers: the global
+        Python, numpy, torch CPU (and CUDA) generators (:func:`~ftrain.trainer.hf_checkpoint.rng_states`).
 
-        In ftrain the RNG is the key in the ``TrainState``: the step's dropout / NEFTune draws are seeded from
-        ``fold_in(key, step)``, and the global torch / numpy / Python generators play no part, so the key and the
-        step are the whole RNG state. JSON, never a pickle.
-
-        Raises:
-            RuntimeError: before ``train()`` built the state.
+        ftrain's own randomness (dropout, NEFTune) is the ``TrainState``'s key, saved with the state; the global
+        generators matter to user code (a collator's masking, say) and to transformers resuming the folder.
         """
-        state = self._require_state("_save_rng_state")
         os.makedirs(output_dir, exist_ok=True)
-        doc = {"key": [int(x) for x in state.key.tolist()], "step": int(state.step)}
-        Path(self.rng_file(output_dir)).write_text(json.dumps(doc) + "\n")
+        distributed = self.trainer.plan.process.world_size > 1
+        torch.save(rng_states(distributed=distributed), self.rng_file(output_dir))
 
     def load_rng_state(self, checkpoint: str | None) -> None:
-        """Sets the ``TrainState``'s key from ``checkpoint``'s ``rng_state.json`` (see :meth:`save_rng_state`).
-
-        Nothing happens without ``checkpoint`` or without the file (logged, as transformers). The step is not
-        changed: it comes with the weights and optimizer state.
+        """Restores the RNG of ``checkpoint``: the ``TrainState``'s key from a committed ftrain checkpoint, and the
+        global generators from its ``rng_state.pth`` (read with ``torch.load(weights_only=True)``). Without the
+        file the global generators are left alone (logged, as transformers).
 
         Raises:
-            ValueError: a file that is not ftrain's (e.g. transformers' pickled ``rng_state.pth`` is never read).
-            RuntimeError: before ``train()`` built the state.
+            pickle.UnpicklingError: an RNG file holding other objects than transformers writes.
         """
         if checkpoint is None:
             return
+        if self.trainer._train_state is not None:
+            restored = self._committed_train_state(checkpoint, self.trainer._train_state)
+            if restored is not None:
+                self.trainer._train_state = self.trainer._train_state.replace(key=restored.key)
         path = self.rng_file(checkpoint)
         if not os.path.isfile(path):
-            logger.info("Didn't find an RNG file (%s); reproducibility of the resumed run is not guaranteed.", path)
+            logger.info("Didn't find an RNG file (%s); the global generators are not restored.", path)
             return
-        state = self._require_state("_load_rng_state")
-        doc = json.loads(Path(path).read_text())
-        key = doc.get("key") if isinstance(doc, dict) else None
-        if not (isinstance(key, list) and len(key) == 2 and all(isinstance(x, int) for x in key)):
-            raise ValueError(f"{path}: expected {{'key': [int, int], 'step': int}} (ftrain's RNG file), got {doc!r}")
-        self.trainer._train_state = state.replace(key=torch.tensor(key, dtype=torch.int64))
+        set_rng_states(load_torch_file(path), distributed=self.trainer.plan.process.world_size > 1)
 
     def save_scaler(self, output_dir: str) -> None:
         """Does nothing, as transformers without a scaler: ftrain keeps no ``GradScaler`` (mixed precision is bf16
         autocast, which needs no loss scaling), so there is no scaler state to save."""
 
     def load_scaler(self, checkpoint: str | None) -> None:
-        """Does nothing (ftrain has no loss scaler); a transformers ``scaler.pt`` in ``checkpoint`` is not read
-        (a pickle), and a warning says so."""
-        if checkpoint is not None and os.path.isfile(os.path.join(checkpoint, "scaler.pt")):
-            logger.warning("%s/scaler.pt is ignored: ftrain trains without a loss scaler.", checkpoint)
+        """Does nothing (ftrain has no loss scaler); a transformers ``scaler.pt`` in ``checkpoint`` (an fp16 run's)
+        is not read, and a warning says so."""
+        if checkpoint is not None and os.path.isfile(os.path.join(checkpoint, SCALER_NAME)):
+            logger.warning("%s/%s is ignored: ftrain trains without a loss scaler.", checkpoint, SCALER_NAME)

@@ -225,6 +225,8 @@ class TrainingLoop:
             trainer._move_model_to_device(trainer.model, trainer.plan.process.device)
         if _is_tokenizer(trainer.processing_class):  # new special tokens for fine-tuning, as transformers
             trainer._align_special_tokens()
+        if checkpoint is not None:  # the weights first, into the model the state is built from, as transformers
+            trainer._load_from_checkpoint(checkpoint)
         trainer.is_in_train = True
         try:
             return trainer._inner_training_loop(

@@ -36,16 +36,17 @@ Differences from transformers, on purpose:
   so ``torch_compile`` traces it) and adds noise in training mode only, drawn from the step's seeded RNG; ``bf16``
   runs the forward under ``torch.autocast``; activation checkpointing is enabled on the skeleton, with a checkpoint
   function that re-binds the layer's tensors when it recomputes (eager only: refused with ``torch_compile``).
-- **Checkpoints** hold the whole pure state (``state.safetensors``) next to transformers' views
-  (``model.safetensors``, ``config.json``, ``trainer_state.json``), and ``training_args.json`` instead of the
-  pickled ``training_args.bin``; see :mod:`ftrain.trainer.loop`.
+- **Checkpoints** hold the whole pure state (``state.safetensors``) next to transformers' files
+  (``model.safetensors``, ``config.json``, ``optimizer.pt``, ``scheduler.pt``, ``rng_state.pth``,
+  ``training_args.bin``, ``trainer_state.json``), all committed at once, so either library resumes the other's
+  checkpoints; see :mod:`ftrain.trainer.checkpoints`.
 - ``eval_loss_reduction="token"`` (an argument of ftrain's own) reports the exact ``(sum, count)`` mean as
   ``eval_loss`` (token-weighted for causal LMs) instead of transformers' number, each batch's mean loss weighted by
   its examples (the default).
 - **Optimizer, scheduler and RNG state live in the** :class:`~ftrain.TrainState` (``opt_state``, ``step``, ``key``):
-  ``_save_optimizer_and_scheduler`` / ``_save_rng_state`` write those parts as safetensors / JSON next to a
-  checkpoint (never a pickle), and the ``_load_*`` twins read them back into the current state (or from a committed
-  ftrain checkpoint's ``state.safetensors``).
+  ``_save_optimizer_and_scheduler`` / ``_save_rng_state`` write them in transformers' torch formats
+  (:mod:`ftrain.trainer.hf_checkpoint`), and the ``_load_*`` twins read them back into the current state (from a
+  committed ftrain checkpoint's ``state.safetensors``, else with ``torch.load(weights_only=True)``).
 - **No wrappers, no accelerate state.** ``_wrap_model`` returns the model (an override's module is evaluated, but
   training refuses one that is not the model: the pure step trains the state's skeleton),
   ``create_accelerator_and_postprocess`` records the device / process facts the shell reads and answers
@@ -118,7 +119,7 @@ from ftrain.trainer import torch_optim as _torch_optim
 from ftrain.trainer.accelerator import TrainerAccelerator
 from ftrain.trainer.args import IntervalStrategy, SchedulerType, TrainingArguments
 from ftrain.trainer.callbacks import DEFAULT_CALLBACKS, DEFAULT_PROGRESS_CALLBACK, CallbackHandler, PrinterCallback
-from ftrain.trainer.checkpoints import TrainerCheckpoints
+from ftrain.trainer.checkpoints import TRAINING_ARGS_BIN, TrainerCheckpoints
 from ftrain.trainer.convert import logged_learning_rate, make_schedule
 from ftrain.trainer.evaluation import Evaluator, loss_item_count, make_loss_fn
 from ftrain.trainer.hp_search import BestRun, HPSearchBackend, HyperparameterSearch
@@ -727,8 +728,9 @@ class Trainer:
     # ---- saving and logging ---------------------------------------------------------------------------------------
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Writes ``model.safetensors`` + ``config.json`` (``from_pretrained`` loads them), the processing class and
-        ``training_args.json`` into ``output_dir`` (default ``args.output_dir``). With several processes every rank
+        """Writes ``model.safetensors`` + ``config.json`` (``from_pretrained`` loads them), the processing class,
+        ``training_args.json`` and ``training_args.bin`` (``torch.save(args)``, as transformers) into
+        ``output_dir`` (default ``args.output_dir``). With several processes every rank
         calls it (the sharded weights are gathered) and ``args.should_save`` (rank 0) writes the full model."""
         output_dir = self.plan.save.output_dir if output_dir is None else output_dir
         self._sync_model()  # a collective when the state is sharded: before the rank check
@@ -741,6 +743,7 @@ class Trainer:
             self.processing_class.save_pretrained(output_dir)
         with open(os.path.join(output_dir, TRAINING_ARGS_NAME), "w", encoding="utf-8") as f:
             f.write(self.args.to_json_string())
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_BIN))  # for tooling; see trainer.checkpoints
 
     def save_state(self) -> None:
         """Writes ``trainer_state.json`` into ``args.output_dir``."""
@@ -949,7 +952,8 @@ class Trainer:
         return self._checkpoints.manager(directory)
 
     def _restore_checkpoint(self, checkpoint: str, state: TrainState) -> TrainState:
-        """The ``TrainState`` and ``TrainerState`` saved in ``checkpoint`` (a ``checkpoint-N`` directory)."""
+        """Resumes from ``checkpoint`` (ftrain's or transformers'): sets the ``TrainerState``, then calls
+        ``_load_optimizer_and_scheduler``, ``_load_scaler`` and ``_load_rng_state`` on ``state``; the resumed state."""
         return self._checkpoints.restore_checkpoint(checkpoint, state)
 
     def _load_best_model(self) -> None:
@@ -957,11 +961,14 @@ class Trainer:
         self._checkpoints.load_best_model()
 
     def _save_checkpoint(self, model: Any = None, trial: Any = None) -> None:
-        """Writes ``output_dir/checkpoint-{global_step}`` (the state, then transformers' views), then rotates."""
+        """Writes ``output_dir/checkpoint-{global_step}`` atomically (the state and transformers' files, through
+        ``_write_hf_views``), pushes it, then rotates. ``model`` and ``trial`` are transformers' (unused)."""
         self._checkpoints.save_checkpoint()
 
     def _write_hf_views(self, folder: Path) -> None:
-        """transformers' files in a committed ``folder``: ``save_model``, ``trainer_state.json``, the hub push."""
+        """transformers' files of a checkpoint into the uncommitted ``folder``, in transformers' order:
+        ``save_model``, ``_save_optimizer_and_scheduler``, ``_save_scaler``, ``_save_rng_state``,
+        ``trainer_state.json``."""
         self._checkpoints.write_hf_views(folder)
 
     def _checkpoint_dirs(self) -> list[tuple[int, str]]:
@@ -972,9 +979,10 @@ class Trainer:
         """Deletes the checkpoint folder ``path`` of ``step`` through the manager."""
         self._checkpoints.delete_checkpoint(step, path)
 
-    def _rotate_checkpoints(self) -> None:
-        """transformers' rule: keep the newest and the best; delete the oldest others down to ``save_total_limit``."""
-        self._checkpoints.rotate_checkpoints()
+    def _rotate_checkpoints(self, use_mtime: bool = False, output_dir: str | None = None) -> None:
+        """transformers' rule: keep the newest and the best; delete the oldest others (by step, or by modification
+        time with ``use_mtime``) down to ``save_total_limit``, in ``output_dir`` (default ``args.output_dir``)."""
+        self._checkpoints.rotate_checkpoints(use_mtime, output_dir)
 
     # ---- set-up ---------------------------------------------------------------------------------------------------
 
@@ -1487,7 +1495,8 @@ class Trainer:
         return self._checkpoints.committed_weights(folder)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        """Writes ``optimizer.safetensors`` (the ``TrainState``'s ``opt_state``) and ``scheduler.json``.
+        """Writes transformers' ``optimizer.pt`` and ``scheduler.pt`` from the ``TrainState`` (the torch optimizer's
+        and ``LambdaLR``'s ``state_dict()``; neither, with a warning, for an optimizer without a torch form).
 
         Raises:
             RuntimeError: before ``train()`` built the state.
@@ -1495,10 +1504,12 @@ class Trainer:
         self._checkpoints.save_optimizer_and_scheduler(output_dir)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        """Restores ``state.opt_state`` from ``checkpoint``'s ``optimizer.safetensors`` or committed ftrain state.
+        """Restores ``state.opt_state`` and ``state.step`` from ``checkpoint``'s committed ftrain state, else from
+        transformers' ``optimizer.pt`` + ``scheduler.pt`` (``torch.load(weights_only=True)``); nothing without them.
 
         Raises:
             CheckpointMismatchError: the saved optimizer state does not fit the current one (names the leaves).
+            UnmappableOptimizerError: an ``optimizer.pt`` of another optimizer or other hyper-parameters.
             RuntimeError: before ``train()`` built the state.
         """
         self._checkpoints.load_optimizer_and_scheduler(checkpoint)
@@ -1508,24 +1519,17 @@ class Trainer:
         return self._checkpoints.saved_specs(checkpoint)
 
     def _rng_file(self, folder: str) -> str:
-        """``folder/rng_state.json``, or ``rng_state_{rank}.json`` with several processes."""
+        """``folder/rng_state.pth``, or ``rng_state_{rank}.pth`` with several processes."""
         return self._checkpoints.rng_file(folder)
 
     def _save_rng_state(self, output_dir: str) -> None:
-        """Writes ``rng_state.json``: the ``TrainState``'s key and step, the whole of ftrain's RNG state (JSON).
-
-        Raises:
-            RuntimeError: before ``train()`` built the state.
-        """
+        """Writes ``rng_state.pth`` as transformers (the global Python / numpy / torch generators); ftrain's own key
+        is saved with the ``TrainState``."""
         self._checkpoints.save_rng_state(output_dir)
 
     def _load_rng_state(self, checkpoint: str | None) -> None:
-        """Sets the ``TrainState``'s key from ``checkpoint``'s ``rng_state.json`` (nothing without the file).
-
-        Raises:
-            ValueError: a file that is not ftrain's.
-            RuntimeError: before ``train()`` built the state.
-        """
+        """Restores the ``TrainState``'s key (a committed ftrain checkpoint) and the global generators
+        (``rng_state.pth``, ``torch.load(weights_only=True)``; nothing without the file)."""
         self._checkpoints.load_rng_state(checkpoint)
 
     def _save_scaler(self, output_dir: str) -> None:
@@ -1533,7 +1537,7 @@ class Trainer:
         self._checkpoints.save_scaler(output_dir)
 
     def _load_scaler(self, checkpoint: str | None) -> None:
-        """Does nothing; warns about a transformers ``scaler.pt`` (a pickle, never read)."""
+        """Does nothing (no loss scaler); warns about a transformers ``scaler.pt``, which is not read."""
         self._checkpoints.load_scaler(checkpoint)
 
     # ---- the Hub (:class:`~ftrain.trainer.hub.HubClient`) ---------------------------------------------------------

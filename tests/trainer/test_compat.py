@@ -5,7 +5,6 @@ save/load round trip), and the rest are counts, configuration values and structu
 """
 
 import contextlib
-import json
 import logging
 import os
 from types import SimpleNamespace
@@ -22,7 +21,7 @@ from transformers.trainer_utils import align_special_tokens, sort_checkpoints  #
 
 from ftrain.distributed.config import ParallelConfig  # noqa: E402
 from ftrain.trainer import Trainer, TrainingArguments  # noqa: E402
-from ftrain.trainer.convert import get_optimizer_cls_and_kwargs, logged_learning_rate  # noqa: E402
+from ftrain.trainer.convert import get_optimizer_cls_and_kwargs  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -464,24 +463,28 @@ def test_load_from_checkpoint_of_an_ftrain_checkpoint(trained, tmp_path):
 
 
 def test_optimizer_scheduler_and_rng_state_round_trip(trained, tmp_path):
+    """The hooks write transformers' torch files; the _load_* twins read them (or the committed state) back exactly."""
     trainer, checkpoint = trained
     state = trainer._train_state
     trainer._save_optimizer_and_scheduler(str(tmp_path))
     trainer._save_rng_state(str(tmp_path))
-    assert json.loads((tmp_path / "rng_state.json").read_text()) == {"key": state.key.tolist(), "step": 2}
-    info = json.loads((tmp_path / "scheduler.json").read_text())
-    # the schedule's lr at step 2, written as JSON (a Python float round-trips exactly): the same number
-    assert info["step"] == 2 and info["learning_rate"] == float(logged_learning_rate(state.opt_state))
+    assert {"optimizer.pt", "scheduler.pt", "rng_state.pth"} <= {p.name for p in tmp_path.iterdir()}
+    assert torch.load(tmp_path / "scheduler.pt", weights_only=True)["last_epoch"] == 2
     zeroed = state.replace(opt_state=torch.utils._pytree.tree_map(lambda t: torch.zeros_like(t), state.opt_state),
-                           key=torch.tensor([1, 2]))  # fmt: skip
+                           key=torch.tensor([1, 2]), step=torch.tensor(0))  # fmt: skip
     leaves = lambda s: [t for t in torch.utils._pytree.tree_leaves(s.opt_state)]  # noqa: E731
-    for source in (str(tmp_path), str(checkpoint)):  # our files, then a committed ftrain checkpoint
+    for source in (str(tmp_path), str(checkpoint)):  # transformers' files, then a committed ftrain checkpoint
         trainer._train_state = zeroed
         trainer._load_optimizer_and_scheduler(source)
+        assert int(trainer._train_state.step) == 2
         for a, b in zip(leaves(trainer._train_state), leaves(state), strict=True):
             assert torch.equal(a, b)
+    trainer._load_rng_state(str(checkpoint))
+    assert torch.equal(trainer._train_state.key, state.key)  # the committed key
+    saved = torch.get_rng_state()
+    torch.rand(3)
     trainer._load_rng_state(str(tmp_path))
-    assert torch.equal(trainer._train_state.key, state.key)
+    assert torch.equal(torch.get_rng_state(), saved)
     trainer._train_state = state
     trainer._load_optimizer_and_scheduler(None)
     trainer._load_rng_state(str(tmp_path / "nothing-here"))
@@ -490,16 +493,12 @@ def test_optimizer_scheduler_and_rng_state_round_trip(trained, tmp_path):
 
 def test_state_helpers_need_a_train_state_and_the_scaler_is_a_no_op(tmp_path, caplog):
     trainer = Trainer(tiny_gpt2(), TrainingArguments(str(tmp_path), **COMMON))
-    with pytest.raises(RuntimeError, match="_save_rng_state: there is no TrainState yet"):
-        trainer._save_rng_state(str(tmp_path))
-    (tmp_path / "rng_state.json").write_text('{"cpu": "x"}')
-    trainer._train_state = SimpleNamespace()
-    with pytest.raises(ValueError, match=r"expected \{'key': \[int, int\]"):
-        trainer._load_rng_state(str(tmp_path))
+    with pytest.raises(RuntimeError, match="_save_optimizer_and_scheduler: there is no TrainState yet"):
+        trainer._save_optimizer_and_scheduler(str(tmp_path))
     trainer._save_scaler(str(tmp_path / "scaler"))
     assert not (tmp_path / "scaler").exists()
     (tmp_path / "scaler.pt").write_bytes(b"pickle")
-    with caplog.at_level(logging.WARNING, logger="ftrain.trainer.compat"):
+    with caplog.at_level(logging.WARNING, logger="ftrain.trainer.checkpoints"):
         trainer._load_scaler(str(tmp_path))
     assert "scaler.pt is ignored" in caplog.text
 

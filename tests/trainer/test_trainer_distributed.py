@@ -131,6 +131,13 @@ def test_checkpoints_hold_sharded_state_and_full_hf_views(two, one):
     for key, value in weights.items():
         # full tensors, not one rank's shard: float64 params after 4 steps, as in the params test above
         torch.testing.assert_close(value, ref[key], **FLOAT64)
+    # transformers' optimizer.pt holds the gathered optimizer state (every rank's shard), as one process writes it
+    ours, theirs = (torch.load(f / "optimizer.pt", weights_only=True) for f in (folder, one[0] / "checkpoint-4"))
+    assert ours["param_groups"] == theirs["param_groups"] and ours["state"].keys() == theirs["state"].keys()
+    for i, entry in theirs["state"].items():
+        for key, value in entry.items():
+            torch.testing.assert_close(ours["state"][i][key], value, **FLOAT64)
+    assert {"rng_state_0.pth", "rng_state_1.pth", "scheduler.pt"} <= {p.name for p in folder.iterdir()}
 
 
 def test_save_model_writes_the_full_model_from_rank_zero(two):
