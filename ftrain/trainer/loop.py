@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from typing import Any
 
@@ -39,6 +40,7 @@ from ftrain.state import TrainState
 from ftrain.trainer.args import SaveStrategy
 from ftrain.trainer.checkpoints import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
 from ftrain.trainer.convert import logged_learning_rate
+from ftrain.trainer.dataloaders import TrainFeed, find_executable_batch_size, is_out_of_memory, loader_length
 from ftrain.trainer.plan import ActivationCheckpointing
 from ftrain.trainer.trainer_state import TrainerState
 from ftrain.trainer.utils import TrainOutput, speed_metrics
@@ -163,6 +165,8 @@ class TrainingLoop:
     Attributes:
         run: the :class:`RunTotals` of the ``train()`` call in progress (``None`` before the first).
         neftune_handle: the NEFTune hook registered on the step's skeleton during ``train()``, else ``None``.
+        feed: the :class:`~ftrain.trainer.dataloaders.TrainFeed` of the ``train()`` call in progress.
+        steps_in_epoch: microbatches per epoch of that call (transformers' ``steps_in_epoch``).
         gathered: ``(params, buffers, full state)``: the last gathered full state of a sharded run, reused while
             the state's parameters are the same objects.
     """
@@ -171,6 +175,8 @@ class TrainingLoop:
         self.trainer = trainer
         self.run: RunTotals | None = None
         self.neftune_handle: Any = None
+        self.feed: TrainFeed | None = None
+        self.steps_in_epoch = 0
         self.gathered: tuple[Any, Any, TrainState] | None = None
 
     # ---- set-up ---------------------------------------------------------------------------------------------------
@@ -188,32 +194,65 @@ class TrainingLoop:
             trainer._align_special_tokens()
         trainer.is_in_train = True
         try:
-            return trainer._inner_training_loop(checkpoint, ignore_keys_for_eval)
+            if not trainer.plan.data.auto_find_batch_size:
+                return trainer._inner_training_loop(checkpoint, ignore_keys_for_eval)
+            return self.find_batch_size(checkpoint, ignore_keys_for_eval)
         finally:
             trainer.is_in_train = False
 
+    def find_batch_size(self, checkpoint: str | None, ignore_keys_for_eval: list[str] | None) -> TrainOutput:
+        """``auto_find_batch_size``: ``_inner_training_loop`` with ``trainer._train_batch_size`` shrunk by 0.9 after
+        each out-of-memory error (:func:`~ftrain.trainer.dataloaders.find_executable_batch_size`), starting from the
+        checkpoint's ``train_batch_size`` on a resume, as transformers. A retry starts the loop again from the
+        weights trained so far (copied into ``trainer.model``), with a fresh optimizer, as transformers' does."""
+        trainer = self.trainer
+        start = trainer._train_batch_size
+        if checkpoint is not None:
+            saved = TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME)).train_batch_size
+            start = saved if saved is not None else start
+
+        def attempt(batch_size: int) -> TrainOutput:
+            trainer._train_batch_size = batch_size
+            return trainer._inner_training_loop(checkpoint, ignore_keys_for_eval)
+
+        def on_retry(batch_size: int, err: BaseException) -> None:
+            logger.warning("auto_find_batch_size: out of memory (%s); retrying with batch size %d", err, batch_size)
+            self.sync_model()
+            trainer._train_state = trainer._train_step = None
+
+        return find_executable_batch_size(attempt, start, on_retry=on_retry)
+
     def inner_training_loop(self, checkpoint: str | None, ignore_keys_for_eval: list[str] | None) -> TrainOutput:
-        """The default ``Trainer._inner_training_loop``: set up, fire ``on_train_begin``, run the epochs, finish."""
+        """The default ``Trainer._inner_training_loop``: set up, fire ``on_train_begin``, run the epochs, finish.
+
+        The loader is whatever ``get_train_dataloader`` returns (see :mod:`ftrain.trainer.dataloaders`); its length
+        in microbatches, if it has one, sets the step arithmetic."""
         trainer, args = self.trainer, self.trainer.args
-        stream = trainer.get_train_dataloader()
+        loader = trainer.get_train_dataloader()
         plan = trainer.plan
-        steps = plan.steps(stream.layout.microbatches_per_epoch)
-        self.setup(stream, steps.max_steps, checkpoint)
+        steps = plan.steps(loader_length(loader))
+        total_batch_size = trainer.get_total_train_batch_size(args)
+        self.setup(loader, steps.max_steps, checkpoint)
         trainer.state.init_training_references(trainer, steps.max_steps, steps.num_train_epochs, None)
-        trainer.state.train_batch_size = trainer.plan.data.train_batch_size
+        trainer.state.train_batch_size = trainer._train_batch_size
         trainer.state.compute_steps(plan.intervals, steps.max_steps)
         state = trainer.state
         self.run = RunTotals(time.time(), state.global_step, state.num_input_tokens_seen,
                              last_logged_step=state.global_step)  # fmt: skip
+        first_epoch = state.global_step // steps.num_update_steps_per_epoch
+        skip = 0 if plan.data.ignore_data_skip else state.global_step % steps.num_update_steps_per_epoch
+        self.feed = TrainFeed(loader, accum_steps=plan.data.gradient_accumulation_steps, first_epoch=first_epoch,
+                              updates_per_epoch=steps.num_update_steps_per_epoch, skip_updates=skip)  # fmt: skip
+        self.steps_in_epoch = steps.steps_in_epoch
         trainer.control = trainer.callback_handler.on_train_begin(args, state, trainer.control)
         if trainer.plan.eval.on_start:
             trainer._evaluate(ignore_keys_for_eval, skip_scheduler=True)
-        for epoch in range(trainer.state.global_step // len(stream), steps.num_train_epochs):
+        for epoch in range(first_epoch, steps.num_train_epochs):
             trainer.control = trainer.callback_handler.on_epoch_begin(args, trainer.state, trainer.control)
-            trainer._run_epoch(stream, epoch, ignore_keys_for_eval)
+            trainer._run_epoch(loader, epoch, ignore_keys_for_eval)
             if trainer.control.should_training_stop:
                 break
-        return trainer._finalize_training(steps.max_steps * steps.total_train_batch_size, self.run.start_time)
+        return trainer._finalize_training(steps.max_steps * total_batch_size, self.run.start_time)
 
     def setup(self, stream: Any, max_steps: int, checkpoint: str | None) -> None:
         """Converts the arguments into core pieces once: the optimizer, the state, the step, the manager."""
@@ -270,29 +309,53 @@ class TrainingLoop:
 
     # ---- the loop -------------------------------------------------------------------------------------------------
 
-    def run_epoch(self, stream: Any, epoch: int, ignore_keys_for_eval: list[str] | None) -> None:
-        """The default ``Trainer._run_epoch``: one pass over the epoch from the current global step."""
-        trainer = self.trainer
-        per_epoch = len(stream)
-        stop = min((epoch + 1) * per_epoch, trainer.state.max_steps)
-        ran = False
-        for batch in stream.iter_from(trainer.state.global_step, stop=stop):
-            ran = True
-            self.update(batch, stream, epoch)
+    def run_epoch(self, loader: Any, epoch: int, ignore_keys_for_eval: list[str] | None) -> None:
+        """The default ``Trainer._run_epoch``: the optimizer steps of one epoch, from the first not yet trained.
+
+        As transformers, each step's microbatches come from ``get_batch_samples(epoch_iterator, n, device)`` with
+        ``n = gradient_accumulation_steps``, fewer for the epoch's last step (``steps_in_epoch % n``); the epoch
+        ends early when the loader runs out (an iterable source's pass), and training stops when an epoch
+        yielded nothing."""
+        trainer, feed = self.trainer, self.feed
+        accum = feed.accum_steps
+        remainder = self.steps_in_epoch % accum or accum
+        epoch_iterator = feed.epoch(epoch)
+        done = feed.skipped(epoch)
+        micro, ran = done * accum, False
+        for update_step in range(done, feed.updates_per_epoch):
+            if trainer.state.global_step >= trainer.state.max_steps:
+                break
+            num_batches = accum if update_step != feed.updates_per_epoch - 1 else remainder
+            batches = trainer._batch_samples(epoch_iterator, num_batches)
+            if not batches:
+                break
+            micro, ran = micro + len(batches), True
+            self.update(batches, epoch + micro / self.steps_in_epoch)
             trainer._maybe_log_save_evaluate(ignore_keys_for_eval)
             if trainer.control.should_epoch_stop or trainer.control.should_training_stop:
                 break
-        if not ran and trainer.state.global_step < trainer.state.max_steps:
+        if not ran and not done and trainer.state.global_step < trainer.state.max_steps:
+            logger.warning(
+                "The training data yielded no batch in epoch %d: stopping at step %d of %d. This is expected with an "
+                "iterable dataset shorter than max_steps needs.",
+                epoch,
+                trainer.state.global_step,
+                trainer.state.max_steps,
+            )
             trainer.control.should_training_stop = True
         trainer.control = trainer.callback_handler.on_epoch_end(trainer.args, trainer.state, trainer.control)
         trainer._maybe_log_save_evaluate(ignore_keys_for_eval)
 
-    def update(self, batch: Any, stream: Any, epoch: int) -> None:
-        """One optimizer update with its callbacks; the update itself is one call of the pure step."""
+    def update(self, batches: list[Any], epoch: float) -> None:
+        """One optimizer update on ``batches`` (a step's microbatches) with its callbacks; the update itself is one
+        call of the pure step. ``epoch`` is the float epoch after it (transformers' ``epoch + micro /
+        steps_in_epoch``)."""
         trainer = self.trainer
         handler, args, state = trainer.callback_handler, trainer.args, trainer.state
+        # the step's batch as a BatchStream gives it: one dict without accumulation, else a list of microbatches
+        batch = batches[0] if len(batches) == 1 and trainer.plan.data.gradient_accumulation_steps == 1 else batches
         trainer.control = handler.on_step_begin(args, state, trainer.control)
-        for _ in range(len(batch) - 1 if isinstance(batch, list) else 0):
+        for _ in range(len(batches) - 1):
             trainer.control = handler.on_substep_end(args, state, trainer.control)
         trainer.control = handler.on_pre_optimizer_step(args, state, trainer.control)
         trainer._train_state, metrics = trainer._train_step(trainer._train_state, batch)
@@ -303,10 +366,7 @@ class TrainingLoop:
         trainer._count_flos(batch)  # flushed into state.total_flos by store_flos() at saves and at the end
         trainer._track_num_input_tokens(batch)
         state.global_step += 1
-        per_epoch = len(stream)
-        micro_done = min((state.global_step - epoch * per_epoch) * stream.layout.accum_steps,
-                         stream.layout.microbatches_per_epoch)  # fmt: skip
-        state.epoch = epoch + micro_done / stream.layout.microbatches_per_epoch
+        state.epoch = epoch
         trainer.control = handler.on_step_end(args, state, trainer.control)
 
     def accumulate_loss(self, step_loss: torch.Tensor) -> None:
@@ -402,7 +462,17 @@ class TrainingLoop:
         optimizer's plateau state (transformers steps ``ReduceLROnPlateau`` there), through
         :func:`ftrain.schedules.plateau_update`."""
         trainer = self.trainer
-        metrics = trainer.evaluate(ignore_keys=ignore_keys_for_eval)
+        try:
+            metrics = trainer.evaluate(ignore_keys=ignore_keys_for_eval)
+        except RuntimeError as err:
+            # auto_find_batch_size shrinks only the training batch: an evaluation that runs out of memory must not
+            # reach the batch-size search, which would restart training with ever smaller batches (transformers).
+            if trainer.plan.data.auto_find_batch_size and is_out_of_memory(err):
+                raise RuntimeError(
+                    "Evaluation hit an out-of-memory error. auto_find_batch_size only adjusts the training batch size; "
+                    "lower per_device_eval_batch_size instead."
+                ) from err
+            raise
         if skip_scheduler or not self._has_plateau():
             return metrics
         key = _metric_key(trainer.plan.eval.metric_key, metrics)
