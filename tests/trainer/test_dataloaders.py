@@ -67,9 +67,11 @@ def _iterable(kind):
 @pytest.mark.parametrize("kind", ["torch", "datasets"])
 def test_iterable_dataset_trains_and_evaluates_like_transformers(tmp_path, kind, one_thread):
     # 24 rows in microbatches of 4, GA 2: 3 updates per pass, so max_steps=5 reads the stream a second time.
-    out = {}
+    # One dataset object for both, transformers first: ftrain must read it from its start although transformers'
+    # run left the stream's live state_dict() in the middle of a pass.
+    out, data = {}, _iterable(kind)
     for name, cls, args in _pair(tmp_path, kind, max_steps=5):
-        trainer = cls(model=tiny_gpt2(), args=args, train_dataset=_iterable(kind))
+        trainer = cls(model=tiny_gpt2(), args=args, train_dataset=data)
         trainer.train()
         evals = token_rows(10, seed=2)
         evals = TokenStream(list(evals)) if kind == "torch" else evals.to_iterable_dataset()
