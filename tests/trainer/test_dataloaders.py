@@ -6,6 +6,8 @@ same rows, and compare what transformers logs step by step. The tolerances are t
 ``hf_loss_rtol(GA)`` for a loss transformers accumulates in float32, ``FLOAT64`` for float64 on both sides.
 """
 
+import warnings
+
 import pytest
 import torch
 from tolerances import FLOAT64
@@ -269,17 +271,21 @@ def _first_rows(cls, seen):
 
 
 @pytest.mark.parametrize("ignore_data_skip", [True, False])
-def test_resume_with_and_without_ignore_data_skip_matches_transformers(tmp_path, ignore_data_skip, one_thread):
-    # 24 rows, microbatches of 4, GA 1: 6 updates per epoch; the run saves at step 4 and is resumed there.
+@pytest.mark.parametrize("kind", ["map", "iterable"])
+def test_resume_with_and_without_ignore_data_skip_matches_transformers(tmp_path, kind, ignore_data_skip, one_thread):
+    # 24 rows, microbatches of 4, GA 1: 6 updates per epoch (or pass); the run saves at step 4 and is resumed there.
+    # An iterable stream is replayed to step 4 (ftrain, with a warning) or skipped to it (transformers).
     first, resumed, seen = {}, {}, {}
-    common = dict(max_steps=8, gradient_accumulation_steps=1, save_strategy="steps", save_steps=4)
+    common = dict(max_steps=5, gradient_accumulation_steps=1, save_strategy="steps", save_steps=4)
+    data = (lambda: token_rows()) if kind == "map" else (lambda: TokenStream(list(token_rows())))
     for name, cls, args in _pair(tmp_path, "skip", **common):
-        first[name] = cls(model=tiny_gpt2(), args=args, train_dataset=token_rows())
+        first[name] = cls(model=tiny_gpt2(), args=args, train_dataset=data())
         first[name].train()
     for name, cls, args in _pair(tmp_path, "skip", **common, ignore_data_skip=ignore_data_skip):
         seen[name] = []
-        resumed[name] = _first_rows(cls, seen[name])(model=tiny_gpt2(), args=args, train_dataset=token_rows())
-        resumed[name].train(resume_from_checkpoint=f"{args.output_dir}/checkpoint-4")
+        resumed[name] = _first_rows(cls, seen[name])(model=tiny_gpt2(), args=args, train_dataset=data())
+        with warnings.catch_warnings(record=True):  # ftrain's replay of an iterable stream says what it reads
+            resumed[name].train(resume_from_checkpoint=f"{args.output_dir}/checkpoint-4")
     assert seen["ft"] == seen["hf"]
     epoch0 = token_rows()["input_ids"]
     expected_first = 0 if ignore_data_skip else 4  # the resumed epoch from its start, or from its 5th batch
