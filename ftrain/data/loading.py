@@ -27,7 +27,7 @@ import torch
 from ftrain import random as _random
 from ftrain.data.collate import check_batch
 
-__all__ = ["Microbatch", "MicrobatchBuilder", "seeded", "worker_loader"]
+__all__ = ["Microbatch", "MicrobatchBuilder", "make_worker_loader", "seeded", "worker_loader"]
 
 
 class Microbatch(NamedTuple):
@@ -150,7 +150,8 @@ class _PlanDataset:
 
 
 class _PlanSampler:
-    """A batch sampler over precomputed microbatch plans."""
+    """A batch sampler over precomputed microbatch plans; ``plans`` is read when an iteration starts, so a
+    persistent loader is pointed at the next pass by setting it."""
 
     def __init__(self, plans: Callable[[], Iterable[Microbatch]]):
         self.plans = plans
@@ -170,6 +171,33 @@ def _init_worker(base_seed: int, rank: int, num_workers: int, worker_id: int) ->
     np.random.seed(seed % 2**32)
 
 
+def make_worker_loader(
+    builder: MicrobatchBuilder,
+    *,
+    num_workers: int,
+    pin_memory: bool = False,
+    prefetch_factor: int | None = None,
+    multiprocessing_context: Any = None,
+    persistent_workers: bool = False,
+) -> torch.utils.data.DataLoader:
+    """A DataLoader whose ``num_workers`` workers build microbatches with ``builder``, in the order of the plans
+    its batch sampler yields: set ``loader.batch_sampler.plans`` (a callable returning the plans) before each
+    iteration. With ``persistent_workers`` the workers outlive an iteration and serve the next one."""
+    base_seed = _random.seed_for_step(builder.key, builder.rank)
+    return torch.utils.data.DataLoader(
+        _PlanDataset(builder),
+        batch_sampler=_PlanSampler(lambda: ()),
+        collate_fn=_identity,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        prefetch_factor=prefetch_factor,
+        worker_init_fn=functools.partial(_init_worker, base_seed, builder.rank, num_workers),
+        generator=torch.Generator().manual_seed(base_seed),
+        multiprocessing_context=multiprocessing_context,
+        persistent_workers=persistent_workers,
+    )
+
+
 def worker_loader(
     builder: MicrobatchBuilder,
     plans: Callable[[], Iterable[Microbatch]],
@@ -180,16 +208,9 @@ def worker_loader(
     multiprocessing_context: Any = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """An iterator over the microbatches of ``plans()``, built by ``num_workers`` DataLoader workers, in order."""
-    base_seed = _random.seed_for_step(builder.key, builder.rank)
-    loader = torch.utils.data.DataLoader(
-        _PlanDataset(builder),
-        batch_sampler=_PlanSampler(plans),
-        collate_fn=_identity,
-        num_workers=num_workers,
-        pin_memory=pin_memory,
-        prefetch_factor=prefetch_factor,
-        worker_init_fn=functools.partial(_init_worker, base_seed, builder.rank, num_workers),
-        generator=torch.Generator().manual_seed(base_seed),
+    loader = make_worker_loader(
+        builder, num_workers=num_workers, pin_memory=pin_memory, prefetch_factor=prefetch_factor,
         multiprocessing_context=multiprocessing_context,
-    )
+    )  # fmt: skip
+    loader.batch_sampler.plans = plans
     return iter(loader)

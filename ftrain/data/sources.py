@@ -114,6 +114,7 @@ class IterableSource:
         self.data = data
         self.stateful = callable(getattr(data, "state_dict", None)) and callable(getattr(data, "load_state_dict", None))
         self._initial = self._try_state() if self.stateful else None
+        self._loaded = False  # whether start_epoch loaded a state into the source (a resume)
 
     def _try_state(self) -> Any:
         try:
@@ -126,14 +127,19 @@ class IterableSource:
         return copy.deepcopy(self.data.state_dict())
 
     def start_epoch(self, epoch: int, state: Any = None) -> Iterator[Any]:
-        """A fresh iterator for ``epoch``: ``set_epoch(epoch)`` when the source has it, then ``state`` (or the
-        source's initial state, so an earlier ``load_state_dict`` does not leak into a new epoch) loaded."""
+        """A fresh iterator for ``epoch``: ``set_epoch(epoch)`` when the source has it, then ``state`` loaded.
+
+        Without ``state`` the source is read from its start: nothing is loaded (a fresh ``iter()`` starts at the
+        beginning, however far an earlier iteration got — the live ``state_dict()`` of a ``datasets`` stream that
+        was peeked at or read by another run would start mid-stream), except after this adapter loaded a state,
+        when the source's state from before that is loaded back so the resume does not leak into a new epoch."""
         set_epoch = getattr(self.data, "set_epoch", None)
         if callable(set_epoch):
             set_epoch(epoch)
         if state is not None:
             self.data.load_state_dict(copy.deepcopy(state))
-        elif self.stateful and self._initial is not None:
+            self._loaded = True
+        elif self._loaded and self._initial is not None:
             self.data.load_state_dict(copy.deepcopy(self._initial))
         return iter(self.data)
 

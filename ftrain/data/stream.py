@@ -38,7 +38,7 @@ import torch
 from ftrain import random as _random
 from ftrain.data import columns as _columns
 from ftrain.data.collate import default_collate
-from ftrain.data.loading import Microbatch, MicrobatchBuilder, worker_loader
+from ftrain.data.loading import Microbatch, MicrobatchBuilder, make_worker_loader
 from ftrain.data.sampling import Order, epoch_order
 from ftrain.data.sharding import BatchLayout, _check_step
 from ftrain.data.sources import IterableSource, MapSource, as_source, is_hf_dataset
@@ -69,6 +69,8 @@ class BatchStream:
         num_workers: DataLoader worker processes that fetch and collate (map-style only); the order never changes.
         pin_memory, prefetch_factor, multiprocessing_context: passed to the DataLoader (``pin_memory`` also pins
             batches built in the main process).
+        persistent_workers: keep the worker processes between passes (``iter_from`` calls) instead of starting
+            them for each; needs ``num_workers > 0``.
         group_by_length: transformers' length grouping over the keyed permutation (map-style only).
         lengths: per-example lengths for grouping, or a column name; default the ``"length"`` column if there is
             one, else ``len(example["input_ids"])``.
@@ -113,6 +115,7 @@ class BatchStream:
         pin_memory: bool = False,
         prefetch_factor: int | None = None,
         multiprocessing_context: Any = None,
+        persistent_workers: bool = False,
         group_by_length: bool = False,
         lengths: Sequence[int] | str | None = None,
         mega_batch_mult: int | None = None,
@@ -134,6 +137,8 @@ class BatchStream:
         self.key = _random.fold_in(base, _DATA_TAG)
         self._order_key = _random.fold_in(self.key, 0)
         self._check_loading(num_workers, prefetch_factor, group_by_length)
+        if persistent_workers and not num_workers:
+            raise ValueError("BatchStream: persistent_workers needs num_workers > 0 (there are no workers to keep)")
         self._lengths = self._resolve_lengths(lengths) if group_by_length else None
         if columns is not None and isinstance(src, MapSource) and is_hf_dataset(src.data):
             src = self.source = MapSource(_columns.remove_unused_columns(src.data, columns, strict=strict_columns))
@@ -151,6 +156,8 @@ class BatchStream:
         )
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.prefetch_factor, self.multiprocessing_context = prefetch_factor, multiprocessing_context
+        self.persistent_workers = bool(persistent_workers)
+        self._workers: torch.utils.data.DataLoader | None = None  # the kept loader, with persistent_workers
         if validate and not self.is_iterable:
             self.builder(self.microbatches_at(0)[0])
 
@@ -296,11 +303,18 @@ class BatchStream:
                 yield self.batch_at(step)
             return
         plans = lambda: (mb for s in range(start, stop) for mb in self.microbatches_at(s))  # noqa: E731
-        loader = worker_loader(
-            self.builder, plans, num_workers=self.num_workers,
-            pin_memory=self.pin_memory and torch.accelerator.is_available(),
-            prefetch_factor=self.prefetch_factor, multiprocessing_context=self.multiprocessing_context,
-        )  # fmt: skip
+        workers = self._workers
+        if workers is None:
+            workers = make_worker_loader(
+                self.builder, num_workers=self.num_workers,
+                pin_memory=self.pin_memory and torch.accelerator.is_available(),
+                prefetch_factor=self.prefetch_factor, multiprocessing_context=self.multiprocessing_context,
+                persistent_workers=self.persistent_workers,
+            )  # fmt: skip
+            if self.persistent_workers:
+                self._workers = workers
+        workers.batch_sampler.plans = plans
+        loader = iter(workers)
         for step in range(start, stop):
             yield self._window([next(loader) for _ in self.layout.microbatches_of(step)], pin=False)
 
@@ -309,7 +323,7 @@ class BatchStream:
         unknown = sorted(set(changes) - set(self._args))
         if unknown:
             raise TypeError(f"BatchStream.replace: unknown arguments {unknown}")
-        return BatchStream(**{**self._args, **changes})
+        return type(self)(**{**self._args, **changes})
 
     def __iter__(self) -> Iterator[Batch]:
         raise TypeError(
@@ -329,6 +343,18 @@ class BatchIterator(Iterator[Batch]):
         batch = next(self._batches)
         self.step += 1
         return batch
+
+    def next_epoch(self) -> BatchIterator:
+        """The batches of the following epoch, from where this iterator stopped.
+
+        For an iterable source that is the next pass over the source, read by the same reader (nothing is replayed);
+        this iterator must have reached the end of its pass. For a map-style source it is ``iter_from(self.step)``.
+        """
+        if self._reader is None:
+            return self.stream.iter_from(self.step)
+        reader = self._reader
+        reader.start, reader.replay = self.step, False
+        return BatchIterator(self.stream, self.step, reader.batches(None), reader=reader)
 
     def state_dict(self) -> dict[str, Any]:
         """``{"step": next step}``, plus for iterable sources the epoch, microbatch and the source's own state."""

@@ -739,9 +739,34 @@ class TrainingArguments:
                 "TrainingArguments: dataloader_prefetch_factor only applies to worker processes; set "
                 "dataloader_num_workers > 0 or leave dataloader_prefetch_factor unset."
             )
+        self._check_loader_settings()
         self._check_types()
         self._check_hardware()
         self._check_unsupported()
+
+    def _check_loader_settings(self) -> None:
+        """Refuses the loader settings ftrain's batch layout cannot give (every microbatch has the same size on
+        every process; a short last one is padded with masked rows)."""
+        if self.dataloader_persistent_workers and self.dataloader_num_workers == 0:
+            raise ValueError(
+                "TrainingArguments: dataloader_persistent_workers keeps worker processes alive between epochs; set "
+                "dataloader_num_workers > 0 or leave dataloader_persistent_workers unset (torch's DataLoader refuses "
+                "it without workers too)."
+            )
+        if self.train_sampling_strategy == "batch_rebalance":
+            raise ValueError(
+                "TrainingArguments: train_sampling_strategy='batch_rebalance' is not supported by ftrain: it makes "
+                "microbatches of different sizes (fewer long sequences, more short ones), while ftrain's BatchStream "
+                "gives every microbatch per_device_train_batch_size rows. Use 'group_by_length' to batch sequences "
+                "of similar length (less padding), or 'random'."
+            )
+        if not self.accelerator_config.even_batches and self.world_size > 1:
+            raise ValueError(
+                "TrainingArguments: accelerator_config['even_batches']=False is not supported with several "
+                "processes: every process takes part in every step, so ftrain gives each one a batch at the end of "
+                "an epoch too, padding a short last batch with masked rows (labels -100) that add nothing to the "
+                "loss or the metrics. Remove the key (the default, even_batches=True, is what ftrain does)."
+            )
 
     def _whole_steps(self, name: str, used: bool) -> float | int | None:
         """``*_steps`` above 1 must be whole numbers (they become ints); below 1 they are ratios."""

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ftrain.data import BatchStream
 from ftrain.losses import Loss
 from ftrain.step import LossWithOutputs, loss_item_count, make_loss_fn, model_kind
 from ftrain.trainer.utils import EvalLoopOutput, EvalPrediction, PredictionOutput, denumpify_detensorize, speed_metrics
@@ -143,6 +144,12 @@ def _select_rows(tensors: Any, keep: torch.Tensor) -> Any:
     if not isinstance(tensors, torch.Tensor):
         return tensors
     return tensors[keep.to(tensors.device)]
+
+
+def _batches(dataloader: Any) -> Any:
+    """The batches of an evaluation loader: a BatchStream's one pass, or what any other loader (a torch
+    ``DataLoader`` or a list that an overridden ``get_eval_dataloader`` returns) yields when iterated."""
+    return dataloader.iter_from(0) if isinstance(dataloader, BatchStream) else iter(dataloader)
 
 
 def _with_last(iterable: Any) -> Any:
@@ -265,7 +272,7 @@ class Evaluator:
         metrics: dict[str, Any] | None = None
         num_samples = 0
         distributed = trainer.mesh is not None
-        for batch, is_last in _with_last(dataloader.iter_from(0)):
+        for batch, is_last in _with_last(_batches(dataloader)):
             valid = batch.get("_valid")  # False on the rows that pad a short last batch over the ranks
             batch = {k: v for k, v in batch.items() if k != "_valid"}
             rows = _rows(batch)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from typing import Any, NamedTuple
 
@@ -39,6 +40,7 @@ from ftrain.state import TrainState
 from ftrain.trainer.args import SaveStrategy
 from ftrain.trainer.checkpoints import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
 from ftrain.trainer.convert import logged_learning_rate
+from ftrain.trainer.dataloaders import TrainFeed, find_executable_batch_size, is_out_of_memory
 from ftrain.trainer.memory import clear_device_cache
 from ftrain.trainer.placement import check_training_wrapper, prepare_step_batch
 from ftrain.trainer.plan import ActivationCheckpointing
@@ -193,6 +195,9 @@ class TrainingLoop:
 
     Attributes:
         run: the :class:`RunTotals` of the ``train()`` call in progress (``None`` before the first).
+        neftune_handle: the NEFTune hook registered on the step's skeleton during ``train()``, else ``None``.
+        feed: the :class:`~ftrain.trainer.dataloaders.TrainFeed` of the ``train()`` call in progress.
+        steps_in_epoch: microbatches per epoch of that call (transformers' ``steps_in_epoch``).
         gathered: ``(params, buffers, full state)``: the last gathered full state of a sharded run, reused while
             the state's parameters are the same objects.
     """
@@ -200,6 +205,9 @@ class TrainingLoop:
     def __init__(self, trainer: Any) -> None:
         self.trainer = trainer
         self.run: RunTotals | None = None
+        self.neftune_handle: Any = None
+        self.feed: TrainFeed | None = None
+        self.steps_in_epoch = 0
         self.gathered: tuple[Any, Any, TrainState] | None = None
 
     # ---- set-up ---------------------------------------------------------------------------------------------------
@@ -229,15 +237,46 @@ class TrainingLoop:
             trainer._load_from_checkpoint(checkpoint)
         trainer.is_in_train = True
         try:
+            if not trainer.plan.data.auto_find_batch_size:
+                return trainer._inner_training_loop(
+                    batch_size=trainer._train_batch_size,
+                    args=trainer.args,
+                    resume_from_checkpoint=checkpoint,
+                    trial=trial,
+                    ignore_keys_for_eval=ignore_keys_for_eval,
+                )
+            return self.find_batch_size(checkpoint, trial, ignore_keys_for_eval)
+        finally:
+            trainer.is_in_train = False
+
+    def find_batch_size(
+        self, checkpoint: str | None, trial: Any, ignore_keys_for_eval: list[str] | None
+    ) -> TrainOutput:
+        """``auto_find_batch_size``: ``_inner_training_loop(batch_size=...)`` with the batch size shrunk by 0.9 after
+        each out-of-memory error (:func:`~ftrain.trainer.dataloaders.find_executable_batch_size`), starting from the
+        checkpoint's ``train_batch_size`` on a resume, as transformers. A retry starts the loop again from the
+        weights trained so far (copied into ``trainer.model``), with a fresh optimizer, as transformers' does."""
+        trainer = self.trainer
+        start = trainer._train_batch_size
+        if checkpoint is not None:
+            saved = TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME)).train_batch_size
+            start = saved if saved is not None else start
+
+        def attempt(batch_size: int) -> TrainOutput:
             return trainer._inner_training_loop(
-                batch_size=trainer._train_batch_size,
+                batch_size=batch_size,
                 args=trainer.args,
                 resume_from_checkpoint=checkpoint,
                 trial=trial,
                 ignore_keys_for_eval=ignore_keys_for_eval,
             )
-        finally:
-            trainer.is_in_train = False
+
+        def on_retry(batch_size: int, err: BaseException) -> None:
+            logger.warning("auto_find_batch_size: out of memory (%s); retrying with batch size %d", err, batch_size)
+            self.sync_model()
+            trainer._train_state = trainer._train_step = None
+
+        return find_executable_batch_size(attempt, start, on_retry=on_retry)
 
     def inner_training_loop(
         self, batch_size: int | None, args: Any, checkpoint: str | None, trial: Any, ignore_keys_for_eval: Any
@@ -245,44 +284,49 @@ class TrainingLoop:
         """The default ``Trainer._inner_training_loop``: set up, fire ``on_train_begin``, run the epochs, finish.
 
         ``batch_size`` becomes the trainer's ``_train_batch_size`` (the per-process micro-batch of the training
-        stream); ``args``, when another object than ``trainer.args``, replaces them (the plan follows). The run's
-        counts come from ``trainer.set_initial_training_values`` (whose default asks ``get_total_train_batch_size``),
-        so a subclass's overrides drive them as in transformers."""
+        stream); ``args``, when another object than ``trainer.args``, replaces them (the plan follows). The loader
+        is whatever ``get_train_dataloader`` returns (see :mod:`ftrain.trainer.dataloaders`); the run's counts come
+        from ``trainer.set_initial_training_values`` (whose default asks ``get_total_train_batch_size``), so a
+        subclass's overrides drive them as in transformers."""
         trainer = self.trainer
         if args is not None and args is not trainer.args:
             trainer.args = args
         if batch_size is not None:
             trainer._train_batch_size = int(batch_size)
-        args = trainer.args
-        stream = trainer.get_train_dataloader()
-        counts = RunCounts(*trainer.set_initial_training_values(args, stream))
-        self.setup(stream, counts.max_steps, checkpoint)
+        args, plan = trainer.args, trainer.plan
+        loader = trainer.get_train_dataloader()
+        counts = RunCounts(*trainer.set_initial_training_values(args, loader))
+        self.setup(loader, counts.max_steps, checkpoint)
         trainer.state.init_training_references(trainer, counts.max_steps, counts.num_train_epochs, trial)
         trainer.state.train_batch_size = trainer._train_batch_size
-        trainer.state.compute_steps(trainer.plan.intervals, counts.max_steps)
+        trainer.state.compute_steps(plan.intervals, counts.max_steps)
         state = trainer.state
         self.run = RunTotals(time.time(), state.global_step, state.num_input_tokens_seen,
                              last_logged_step=state.global_step, counts=counts,
-                             tr_loss=_zero_loss(trainer.plan.process.device))  # fmt: skip
+                             tr_loss=_zero_loss(plan.process.device))  # fmt: skip
+        per_epoch = counts.num_update_steps_per_epoch
+        epochs_trained = state.global_step // per_epoch
+        skip = 0 if plan.data.ignore_data_skip else state.global_step % per_epoch
+        self.feed = TrainFeed(loader, accum_steps=plan.data.gradient_accumulation_steps, first_epoch=epochs_trained,
+                              updates_per_epoch=per_epoch, skip_updates=skip)  # fmt: skip
+        self.steps_in_epoch = counts.steps_in_epoch
         trainer.control = trainer.callback_handler.on_train_begin(args, state, trainer.control)
-        if trainer.plan.eval.on_start:
+        if plan.eval.on_start:
             trainer._evaluate(trial, ignore_keys_for_eval, skip_scheduler=True)
-        epochs_trained = trainer.state.global_step // counts.num_update_steps_per_epoch
         for epoch in range(epochs_trained, counts.num_train_epochs):
             trainer.control = trainer.callback_handler.on_epoch_begin(args, trainer.state, trainer.control)
             trainer._run_epoch(
                 model=trainer.model,
                 epoch=epoch,
-                train_dataloader=stream,
+                train_dataloader=loader,
                 steps_in_epoch=counts.steps_in_epoch,
-                num_update_steps_per_epoch=counts.num_update_steps_per_epoch,
+                num_update_steps_per_epoch=per_epoch,
                 trial=trial,
                 ignore_keys_for_eval=ignore_keys_for_eval,
                 start_time=self.run.start_time,
                 resume_from_checkpoint=checkpoint,
                 epochs_trained=epochs_trained,
-                steps_trained_in_current_epoch=self.run.initial_global_step
-                - epochs_trained * counts.num_update_steps_per_epoch,
+                steps_trained_in_current_epoch=skip if epoch == epochs_trained else 0,
             )
             if trainer.control.should_training_stop:
                 break
@@ -347,20 +391,40 @@ class TrainingLoop:
     # ---- the loop -------------------------------------------------------------------------------------------------
 
     def run_epoch(
-        self, model: Any, epoch: int, stream: Any, trial: Any, ignore_keys_for_eval: Any, start_time: float
+        self, model: Any, epoch: int, loader: Any, trial: Any, ignore_keys_for_eval: Any, start_time: float
     ) -> None:
-        """The default ``Trainer._run_epoch``: one pass over the epoch from the current global step."""
-        trainer = self.trainer
-        per_epoch = self.run.counts.num_update_steps_per_epoch
-        stop = min((epoch + 1) * per_epoch, trainer.state.max_steps)
-        ran = False
-        for batch in stream.iter_from(trainer.state.global_step, stop=stop):
-            ran = True
-            self.update(batch, stream, epoch)
+        """The default ``Trainer._run_epoch``: the optimizer steps of one epoch, from the first not yet trained.
+
+        As transformers, each step's microbatches come from ``get_batch_samples(epoch_iterator, n, device)`` with
+        ``n = gradient_accumulation_steps``, fewer for the epoch's last step (``steps_in_epoch % n``); the epoch
+        ends early when the loader runs out (an iterable source's pass), and training stops when an epoch
+        yielded nothing."""
+        trainer, feed = self.trainer, self.feed
+        accum = feed.accum_steps
+        remainder = self.steps_in_epoch % accum or accum
+        epoch_iterator = feed.epoch(epoch)
+        done = feed.skipped(epoch)
+        micro, ran = done * accum, False
+        for update_step in range(done, feed.updates_per_epoch):
+            if trainer.state.global_step >= trainer.state.max_steps:
+                break
+            num_batches = accum if update_step != feed.updates_per_epoch - 1 else remainder
+            batches = trainer._batch_samples(epoch_iterator, num_batches)
+            if not batches:
+                break
+            micro, ran = micro + len(batches), True
+            self.update(batches, epoch + micro / self.steps_in_epoch)
             self.call_maybe_log_save_evaluate(model, trial, ignore_keys_for_eval, start_time)
             if trainer.control.should_epoch_stop or trainer.control.should_training_stop:
                 break
-        if not ran and trainer.state.global_step < trainer.state.max_steps:
+        if not ran and not done and trainer.state.global_step < trainer.state.max_steps:
+            logger.warning(
+                "The training data yielded no batch in epoch %d: stopping at step %d of %d. This is expected with an "
+                "iterable dataset shorter than max_steps needs.",
+                epoch,
+                trainer.state.global_step,
+                trainer.state.max_steps,
+            )
             trainer.control.should_training_stop = True
         trainer.control = trainer.callback_handler.on_epoch_end(trainer.args, trainer.state, trainer.control)
         self.call_maybe_log_save_evaluate(model, trial, ignore_keys_for_eval, start_time)
@@ -375,10 +439,14 @@ class TrainingLoop:
             ignore_keys_for_eval, start_time,
         )  # fmt: skip
 
-    def update(self, batch: Any, stream: Any, epoch: int) -> None:
-        """One optimizer update with its callbacks; the update itself is one call of the pure step."""
+    def update(self, batches: list[Any], epoch: float) -> None:
+        """One optimizer update on ``batches`` (a step's microbatches) with its callbacks; the update itself is one
+        call of the pure step. ``epoch`` is the float epoch after it (transformers' ``epoch + micro /
+        steps_in_epoch``)."""
         trainer = self.trainer
         handler, args, state = trainer.callback_handler, trainer.args, trainer.state
+        # the step's batch as a BatchStream gives it: one dict without accumulation, else a list of microbatches
+        batch = batches[0] if len(batches) == 1 and trainer.plan.data.gradient_accumulation_steps == 1 else batches
         trainer.control = handler.on_step_begin(args, state, trainer.control)
         prepared = prepare_step_batch(trainer, batch)  # to args.device via _prepare_inputs; fires on_substep_end
         trainer.control = handler.on_pre_optimizer_step(args, state, trainer.control)
@@ -396,10 +464,7 @@ class TrainingLoop:
         if empty_cache_steps is not None and state.global_step % empty_cache_steps == 0:
             clear_device_cache(trainer.plan.process.device)
         state.global_step += 1
-        counts = self.run.counts
-        micro_done = min((state.global_step - epoch * counts.num_update_steps_per_epoch) * stream.layout.accum_steps,
-                         counts.steps_in_epoch)  # fmt: skip
-        state.epoch = epoch + micro_done / counts.steps_in_epoch
+        state.epoch = epoch
         trainer.control = handler.on_step_end(args, state, trainer.control)
 
     def accumulate_loss(self, step_loss: torch.Tensor) -> None:
@@ -511,7 +576,17 @@ class TrainingLoop:
         optimizer's plateau state (transformers steps ``ReduceLROnPlateau`` there), through
         :func:`ftrain.schedules.plateau_update`."""
         trainer = self.trainer
-        metrics = trainer.evaluate(ignore_keys=ignore_keys_for_eval)
+        try:
+            metrics = trainer.evaluate(ignore_keys=ignore_keys_for_eval)
+        except RuntimeError as err:
+            # auto_find_batch_size shrinks only the training batch: an evaluation that runs out of memory must not
+            # reach the batch-size search, which would restart training with ever smaller batches (transformers).
+            if trainer.plan.data.auto_find_batch_size and is_out_of_memory(err):
+                raise RuntimeError(
+                    "Evaluation hit an out-of-memory error. auto_find_batch_size only adjusts the training batch size; "
+                    "lower per_device_eval_batch_size instead."
+                ) from err
+            raise
         if skip_scheduler or not self._has_plateau():
             return metrics
         key = _metric_key(trainer.plan.eval.metric_key, metrics)

@@ -335,14 +335,19 @@ class DataPolicy:
         gradient_accumulation_steps: micro-batches per optimizer step; ``accelerator_config``'s
             ``gradient_accumulation_kwargs["num_steps"]`` when given (as transformers takes it over).
         seed: seed of the data order: ``data_seed``, else ``seed``.
-        sampling_strategy: ``train_sampling_strategy`` (``random``, ``sequential``, ``group_by_length``,
-            ``batch_rebalance``).
+        sampling_strategy: ``train_sampling_strategy`` (``random``, ``sequential``, ``group_by_length``).
         drop_last, num_workers: ``dataloader_drop_last``, ``dataloader_num_workers``.
         pin_memory, prefetch_factor, multiprocessing_context: the ``dataloader_*`` loader options (``pin_memory``
             acts only where an accelerator is available).
         remove_unused_columns: drop the columns the model's ``forward`` does not take.
         label_names: batch keys holding labels, or ``None`` (found from the model).
         length_column_name: the column of precomputed lengths for ``group_by_length``.
+        split_batches: ``accelerator_config["split_batches"]``: the batch sizes are global, split over processes.
+        persistent_workers: ``dataloader_persistent_workers``: loader workers outlive an epoch (and evaluation
+            loaders are kept per dataset name).
+        ignore_data_skip: on a resume, read the resumed epoch's data from its start instead of skipping the
+            batches already trained on.
+        auto_find_batch_size: retry training with a smaller batch after running out of memory.
     """
 
     per_device_train_batch_size: int
@@ -360,11 +365,15 @@ class DataPolicy:
     remove_unused_columns: bool
     label_names: tuple[str, ...] | None
     length_column_name: str
+    split_batches: bool = False
+    persistent_workers: bool = False
+    ignore_data_skip: bool = False
+    auto_find_batch_size: bool = False
 
     @property
     def shuffle(self) -> bool:
         """Whether training batches are drawn in a seeded random order (not ``sequential`` nor
-        ``group_by_length``, which shuffles by its own rule; ``batch_rebalance`` samples like ``random``)."""
+        ``group_by_length``, which shuffles by its own rule)."""
         return self.sampling_strategy not in ("sequential", "group_by_length")
 
     @property
@@ -857,6 +866,10 @@ def _data_policy(args: TrainingArguments, accum: int) -> DataPolicy:
         remove_unused_columns=args.remove_unused_columns,
         label_names=None if args.label_names is None else tuple(args.label_names),
         length_column_name=args.length_column_name,
+        split_batches=bool(args.accelerator_config.split_batches),
+        persistent_workers=bool(args.dataloader_persistent_workers),
+        ignore_data_skip=bool(args.ignore_data_skip),
+        auto_find_batch_size=bool(args.auto_find_batch_size),
     )
 
 
@@ -1129,7 +1142,9 @@ DISPOSITIONS: dict[str, Disposition] = {
     "use_cache": _honoured("step.use_cache", why="set on model.config.use_cache when the Trainer is built"),
     "neftune_noise_alpha": _honoured("step.neftune_noise_alpha"),
     "torch_empty_cache_steps": _honoured("step.empty_cache_steps"),
-    "auto_find_batch_size": _ignored("no retry with a smaller batch after an out-of-memory error"),
+    "auto_find_batch_size": _honoured(
+        "data.auto_find_batch_size", why="TrainingLoop.find_batch_size: x0.9 after each out-of-memory error"
+    ),
     # --- logging ---
     "logging_strategy": _honoured(by="DefaultFlowCallback"),
     "logging_steps": _honoured("log.steps"),
@@ -1180,9 +1195,7 @@ DISPOSITIONS: dict[str, Disposition] = {
     "metric_for_best_model": _honoured("eval.metric_key"),
     "greater_is_better": _honoured("eval.greater_is_better"),
     # --- resuming and reproducibility ---
-    "ignore_data_skip": _ignored(
-        "a resume always continues the data at the state's step (batches are a function of the step)"
-    ),
+    "ignore_data_skip": _honoured("data.ignore_data_skip", why="read by TrainFeed: the resumed epoch starts over"),
     "restore_callback_states_from_checkpoint": _honoured("save.restore_callback_states"),
     "full_determinism": _honoured("seeding.full_determinism", "step.jit_options"),
     "seed": _honoured("seeding.seed", "data.seed"),
@@ -1191,9 +1204,12 @@ DISPOSITIONS: dict[str, Disposition] = {
     "use_cpu": _honoured("process.device"),
     "accelerator_config": _honoured(
         "data.gradient_accumulation_steps",
-        why="gradient_accumulation_kwargs['num_steps'] (its other keys, accelerate's plugin fields, change nothing "
-        "in transformers' Trainer either; unknown ones are refused); the loader keys are ignored (BatchStream "
-        "shards, pads and seeds itself) and use_configured_state=True is refused",
+        "data.split_batches",
+        why="gradient_accumulation_kwargs['num_steps'] (its other accelerate plugin fields change nothing in "
+        "transformers' Trainer either; unknown ones are refused) and split_batches are honoured; each process reads "
+        "the rows dispatch_batches (any value) gives it; the order is always seeded (use_seedable_sampler=False "
+        "too); even_batches=False with several processes and use_configured_state=True are refused; non_blocking "
+        "only changes how a copy overlaps, not what is computed",
     ),
     "parallelism_config": _honoured(
         "parallel.layout", "parallel.tp_size", "parallel.cp_size", "parallel.sp_size", "parallel.fsdp_enabled"
@@ -1201,14 +1217,16 @@ DISPOSITIONS: dict[str, Disposition] = {
     "dataloader_drop_last": _honoured("data.drop_last"),
     "dataloader_num_workers": _honoured("data.num_workers"),
     "dataloader_pin_memory": _honoured("data.pin_memory", why="pins only where an accelerator is available"),
-    "dataloader_persistent_workers": _ignored("BatchStream starts its workers for each epoch's pass"),
+    "dataloader_persistent_workers": _honoured(
+        "data.persistent_workers", why="BatchStream keeps its workers; evaluation loaders are kept per name"
+    ),
     "dataloader_prefetch_factor": _honoured("data.prefetch_factor"),
     "dataloader_multiprocessing_context": _honoured("data.multiprocessing_context"),
     "dataloader_in_order": _ignored("BatchStream always yields batches in order"),
     "remove_unused_columns": _honoured("data.remove_unused_columns"),
     "label_names": _honoured("data.label_names"),
     "train_sampling_strategy": _honoured(
-        "data.sampling_strategy", why="'batch_rebalance' samples like 'random' (no rank-aware rebalancing)"
+        "data.sampling_strategy", why="'batch_rebalance' (microbatches of varying size) is refused by the arguments"
     ),
     "length_column_name": _honoured("data.length_column_name"),
     # --- distributed ---

@@ -121,6 +121,7 @@ from ftrain.trainer.args import IntervalStrategy, SchedulerType, TrainingArgumen
 from ftrain.trainer.callbacks import DEFAULT_CALLBACKS, DEFAULT_PROGRESS_CALLBACK, CallbackHandler, PrinterCallback
 from ftrain.trainer.checkpoints import TRAINING_ARGS_BIN, TrainerCheckpoints
 from ftrain.trainer.convert import logged_learning_rate, make_schedule
+from ftrain.trainer.dataloaders import TrainerDataLoader, loader_length
 from ftrain.trainer.evaluation import Evaluator, loss_item_count, make_loss_fn
 from ftrain.trainer.hp_search import BestRun, HPSearchBackend, HyperparameterSearch
 from ftrain.trainer.hub import HubClient, PushInProgress
@@ -209,6 +210,7 @@ class Trainer:
         self._model_stale, self.is_in_train = False, False
         self.current_flos, self._flos_params, self._signature_columns = 0.0, None, None
         self._num_steps_taken: int | None = None  # accelerator_config's num_steps, once taken over
+        self._eval_dataloaders: dict[str, Any] = {}  # kept by key with dataloader_persistent_workers
         self._build_components()
         self._seed()
         self.model_init = model_init
@@ -649,15 +651,23 @@ class Trainer:
 
     # ---- data -----------------------------------------------------------------------------------------------------
 
-    def _stream(self, dataset: Any, batch_size: int, *, train: bool) -> BatchStream:
+    def _stream(self, dataset: Any, batch_size: int, *, train: bool) -> TrainerDataLoader:
+        """The :class:`~ftrain.trainer.dataloaders.TrainerDataLoader` over ``dataset`` with ``batch_size`` rows per
+        process and microbatch (the global microbatch, split over the processes, with
+        ``accelerator_config["split_batches"]``)."""
         data = self.plan.data
         columns = signature_columns(self.model, label_names=data.label_names) if data.remove_unused_columns else None
         strategy = data.sampling_strategy if train else "sequential"
         by_length = strategy == "group_by_length"
         rank, world = self._data_parallel()
-        return BatchStream(
+        if data.split_batches and batch_size % world:
+            raise ValueError(
+                f"accelerator_config['split_batches']=True splits each batch of {batch_size} rows over {world} "
+                "processes, so the batch size must be a multiple of the number of processes."
+            )
+        return TrainerDataLoader(
             dataset,
-            batch_size * world,
+            batch_size if data.split_batches else batch_size * world,
             seed=data.seed,
             shuffle=strategy not in ("sequential", "group_by_length") if train else False,
             drop_last=data.drop_last,
@@ -669,6 +679,7 @@ class Trainer:
             pin_memory=data.pin_memory,
             prefetch_factor=data.prefetch_factor,
             multiprocessing_context=data.multiprocessing_context,
+            persistent_workers=data.persistent_workers,
             group_by_length=by_length,
             lengths=data.length_column_name if by_length and _has_column(dataset, data.length_column_name) else None,
             columns=columns,
@@ -683,32 +694,46 @@ class Trainer:
 
         return data_parallel_rank(self.mesh), data_parallel_size(self.mesh)
 
-    def get_train_dataloader(self) -> BatchStream:
-        """The training :class:`~ftrain.data.BatchStream` (one list of ``gradient_accumulation_steps`` microbatches
-        of ``_train_batch_size × world_size`` examples per optimizer step; ``_train_batch_size`` is
-        ``per_device_train_batch_size`` unless ``_inner_training_loop`` was given another ``batch_size``)."""
+    def get_train_dataloader(self) -> TrainerDataLoader:
+        """The training loader: ``_get_dataloader(train_dataset, "Training", _train_batch_size, is_training=True)``,
+        a :class:`~ftrain.trainer.dataloaders.TrainerDataLoader` (one list of ``gradient_accumulation_steps``
+        microbatches of ``_train_batch_size × world_size`` examples per optimizer step). An override may return any
+        re-iterable loader of batches (a torch ``DataLoader``, a list); ``train()`` reads it as transformers does."""
         if self.train_dataset is None:
             raise ValueError("Trainer: training requires a train_dataset.")
-        return self._stream(self.train_dataset, self._train_batch_size, train=True)
+        return self._get_dataloader(self.train_dataset, "Training", self._train_batch_size, is_training=True)
 
-    def get_eval_dataloader(self, eval_dataset: Any = None) -> BatchStream:
-        """The evaluation stream (in order); a ``str`` names one of ``self.eval_dataset``'s entries."""
+    def get_eval_dataloader(self, eval_dataset: Any = None) -> TrainerDataLoader:
+        """The evaluation loader (in order): ``_get_dataloader(dataset, "Evaluation", eval_batch_size)``; a ``str``
+        names one of ``self.eval_dataset``'s entries. With ``dataloader_persistent_workers`` it is kept per name
+        (``"eval"`` for the default) and reused, as transformers, so its worker processes stay alive."""
+        if eval_dataset is None and self.eval_dataset is None:
+            raise ValueError("Trainer: evaluation requires an eval_dataset.")
+        key = eval_dataset if isinstance(eval_dataset, str) else "eval"
+        cached = self._eval_dataloaders.get(key) if self.plan.data.persistent_workers else None
+        if cached is not None:
+            self.callback_handler.eval_dataloader = cached
+            return cached
         if isinstance(eval_dataset, str):
             eval_dataset = self.eval_dataset[eval_dataset]
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-        if dataset is None:
-            raise ValueError("Trainer: evaluation requires an eval_dataset.")
-        stream = self._stream(dataset, self.plan.data.per_device_eval_batch_size, train=False)
-        self.callback_handler.eval_dataloader = stream
-        return stream
+        loader = self._get_dataloader(dataset, "Evaluation", self.plan.data.eval_batch_size, dataloader_key=key)
+        self.callback_handler.eval_dataloader = loader
+        return loader
 
-    def get_test_dataloader(self, test_dataset: Any) -> BatchStream:
-        """The prediction stream over ``test_dataset`` (in order)."""
-        return self._stream(test_dataset, self.plan.data.per_device_eval_batch_size, train=False)
+    def get_test_dataloader(self, test_dataset: Any) -> TrainerDataLoader:
+        """The prediction loader over ``test_dataset`` (in order): ``_get_dataloader(test_dataset, "test", ...)``."""
+        return self._get_dataloader(test_dataset, "test", self.plan.data.eval_batch_size)
 
     def num_examples(self, dataloader: Any) -> int:
-        """Examples in the stream's source."""
-        return len(dataloader.source)
+        """Examples in the loader's dataset (``len(dataloader.dataset)``, the source of a BatchStream), else
+        ``len(dataloader) × per_device_train_batch_size``, as transformers estimates it."""
+        if isinstance(dataloader, BatchStream):
+            return len(dataloader.source)
+        try:
+            return len(dataloader.dataset)
+        except (AttributeError, TypeError, NameError):
+            return len(dataloader) * self.plan.data.per_device_train_batch_size
 
     def _model_for_inference(self) -> nn.Module:
         """The model ``evaluation_loop`` runs, as transformers prepares it: the train state's weights synced into
@@ -894,10 +919,11 @@ class Trainer:
         epochs_trained: int,
         steps_trained_in_current_epoch: int,
     ) -> None:
-        """One pass over epoch ``epoch`` of ``train_dataloader`` (a BatchStream) from the current global step;
-        transformers' ``_run_epoch`` and arguments. A resume needs no skipping here: the stream starts at
-        ``state.global_step`` (its batches are a function of the step), which ``epochs_trained`` and
-        ``steps_trained_in_current_epoch`` describe; ``model`` is handed on to ``_maybe_log_save_evaluate``."""
+        """The optimizer steps of epoch ``epoch`` of ``train_dataloader`` from the first not yet trained;
+        transformers' ``_run_epoch`` and arguments. Each step's microbatches come from ``get_batch_samples``; the
+        resume position (``epochs_trained``, ``steps_trained_in_current_epoch``) is the loop's feed's (a map-style
+        stream starts at the step, an iterable or user loader is read past its trained batches); ``model`` is handed
+        on to ``_maybe_log_save_evaluate``."""
         self._loop.run_epoch(model, epoch, train_dataloader, trial, ignore_keys_for_eval, start_time)
 
     def _track_num_input_tokens(self, inputs: Any) -> None:
@@ -960,7 +986,7 @@ class Trainer:
         """Restores the whole state saved in ``best_model_checkpoint`` (weights bitwise)."""
         self._checkpoints.load_best_model()
 
-    def _save_checkpoint(self, model: Any = None, trial: Any = None) -> None:
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
         """Writes ``output_dir/checkpoint-{global_step}`` atomically (the state and transformers' files, through
         ``_write_hf_views``), pushes it, then rotates. ``model`` and ``trial`` are transformers' (unused)."""
         self._checkpoints.save_checkpoint()
@@ -1143,12 +1169,13 @@ class Trainer:
         is_training: bool = False,
         dataloader_key: str | None = None,
     ) -> Any:
-        """The :class:`~ftrain.data.BatchStream` over ``dataset`` (what ``get_*_dataloader`` return).
+        """The :class:`~ftrain.trainer.dataloaders.TrainerDataLoader` over ``dataset`` (what ``get_*_dataloader``
+        return; override it to change how all three are built).
 
         It removes unused columns itself, collates with ``data_collator``, shards per rank and, when training, yields
         one list of ``gradient_accumulation_steps`` microbatches per optimizer step in an order that is a function
-        of ``(data_seed or seed, epoch)`` — so a resume continues bitwise. ``dataloader_key`` is accepted and
-        ignored (a stream holds no worker pool to cache).
+        of ``(data_seed or seed, epoch)`` — so a resume continues bitwise. With ``dataloader_persistent_workers``
+        the loader is kept under ``dataloader_key`` for ``get_eval_dataloader`` to reuse.
 
         Raises:
             ValueError: a ``sampler_fn``: the order is chosen by ``args.train_sampling_strategy`` instead.
@@ -1159,7 +1186,10 @@ class Trainer:
                 "function of the seed and the epoch, so that a resume continues bitwise. Choose the order with "
                 "TrainingArguments(train_sampling_strategy='random' | 'sequential' | 'group_by_length')."
             )
-        return self._stream(dataset, batch_size, train=is_training)
+        loader = self._stream(dataset, batch_size, train=is_training)
+        if dataloader_key is not None and self.plan.data.persistent_workers:
+            self._eval_dataloaders[dataloader_key] = loader
+        return loader
 
     @staticmethod
     def num_tokens(train_dl: Any, max_steps: int | None = None) -> int:
@@ -1245,7 +1275,8 @@ class Trainer:
 
     def get_total_train_batch_size(self, args: Any) -> int:
         """Examples per optimizer step over all processes: ``_train_batch_size × gradient_accumulation_steps ×
-        dp_world_size``, with ``dp_world_size = world_size // (tp × cp × sp)`` (transformers' formula)."""
+        dp_world_size``, with ``dp_world_size = world_size // (tp × cp × sp)`` (transformers' formula;
+        ``_train_batch_size`` is the arguments' ``train_batch_size`` unless ``auto_find_batch_size`` lowered it)."""
         plan = self.plan if args is self.args else make_plan(args)
         return total_train_batch_size(self._train_batch_size, plan.data.gradient_accumulation_steps,
                                       plan.process.world_size, tp_size=self.get_tp_size(),
@@ -1264,14 +1295,10 @@ class Trainer:
         Raises:
             ValueError: a loader without a length and ``max_steps <= 0`` (transformers' message).
         """
-        layout = getattr(dataloader, "layout", None)
-        try:
-            length = layout.microbatches_per_epoch if layout is not None else len(dataloader)
-        except TypeError:
-            length = None
+        length = loader_length(dataloader)
         plan = self.plan if args is self.args else make_plan(args)
         total = self.get_total_train_batch_size(args) if total_train_batch_size is None else total_train_batch_size
-        examples = lambda: self.num_examples(dataloader) if hasattr(dataloader, "source") else len(dataloader.dataset)
+        examples = lambda: self.num_examples(dataloader)
         return plan.initial_training_values(length, num_examples=examples, total_train_batch_size=total)
 
     # ---- batches --------------------------------------------------------------------------------------------------
@@ -1288,22 +1315,52 @@ class Trainer:
         ``labels``. Unlike transformers it does not depend on whether ``forward`` takes ``**kwargs``: ftrain's
         loss is always (sum, count).
         """
-        from ftrain.trainer.evaluation import loss_item_count
-
         batches: list = []
         for _ in range(num_batches):
             try:
                 batches.append(next(epoch_iterator))
             except StopIteration:
                 break
+        return batches, self._get_num_items_in_batch(batches, device)
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
+        """The label count of ``batch_samples`` that the loss is divided by (see :meth:`get_batch_samples`)."""
+        from ftrain.trainer.evaluation import loss_item_count
+
+        batches = batch_samples
         if not batches or not isinstance(batches[0], Mapping) or "labels" not in batches[0]:
-            return batches, None
+            return None
         kwargs = dict(label_smoothing=self.plan.step.label_smoothing_factor, compute_loss_func=self.compute_loss_func)
         count = sum(loss_item_count(self.model, b, **kwargs).to(device) for b in batches)
         if self.plan.step.average_tokens_across_devices and torch.distributed.is_available():
             if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
                 torch.distributed.all_reduce(count)
-        return batches, count / (self.get_tp_size() * self._cp_size() * self._sp_size())
+        return count / (self.get_tp_size() * self._cp_size() * self._sp_size())
+
+    def _batch_samples(self, epoch_iterator: Iterator, num_batches: int) -> list:
+        """One optimizer step's microbatches for the loop, through :meth:`get_batch_samples` (so an override takes
+        part, as in transformers' loop).
+
+        Raises:
+            ValueError: an override of ``get_batch_samples`` / ``_get_num_items_in_batch`` returned a
+                ``num_items_in_batch`` other than the count the pure step divides by (it takes ``(sum, count)``
+                from the batches itself, so another count cannot be honoured).
+        """
+        device = self.plan.process.device
+        batches, num_items = self.get_batch_samples(epoch_iterator, num_batches, device)
+        custom = self.overrides("get_batch_samples") or self.overrides("_get_num_items_in_batch")
+        if custom and num_items is not None and batches:
+            own = Trainer._get_num_items_in_batch(self, batches, device)
+            if own is None or float(own) != float(num_items):
+                raise ValueError(
+                    f"{type(self).__name__}.get_batch_samples returned num_items_in_batch={float(num_items):g}, but "
+                    f"the train step's own count of these batches' labels is "
+                    f"{'none' if own is None else f'{float(own):g}'}. ftrain's step divides the summed loss by the "
+                    "count it takes from the batches (sum, count), so another count cannot be honoured: return "
+                    "super().get_batch_samples' count (changing the batches is fine), and change the loss weighting "
+                    "in compute_loss or compute_loss_func instead."
+                )
+        return batches
 
     def _prepare_input(self, data: Any) -> Any:
         """``data`` with every tensor moved to ``args.device``, through (nested) mappings, lists and tuples, whose

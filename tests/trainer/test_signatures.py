@@ -16,14 +16,6 @@ from ftrain.trainer import Trainer
 
 transformers = pytest.importorskip("transformers")
 
-# Methods whose call shape belongs to work in progress on other branches (issue 14); each entry is removed when
-# that branch is merged, after which the method is checked like every other one.
-PENDING = {
-    "create_optimizer": "the optimizer helper gives it transformers' (model=None)",
-    "_save_checkpoint": "the checkpoint helper gives it transformers' (model, trial) without defaults",
-    "_rotate_checkpoints": "the checkpoint helper gives it transformers 4.57's (use_mtime=False, output_dir=None)",
-}
-
 # ftrain's additions to transformers' parameters: extra trailing optional parameters, and defaults transformers
 # does not give. The rest of each signature is checked.
 EXTENSIONS = {
@@ -80,8 +72,6 @@ SHARED = sorted(set(_methods(transformers.Trainer)) & set(_methods(Trainer)))
 
 @pytest.mark.parametrize("name", SHARED)
 def test_signature_matches_transformers(name):
-    if name in PENDING:
-        pytest.skip(f"pending on another branch: {PENDING[name]}")
     theirs = _shape(inspect.signature(getattr(transformers.Trainer, name)))
     ours = _without_extensions(name, _shape(inspect.signature(getattr(Trainer, name))))
     assert ours == theirs
@@ -90,8 +80,6 @@ def test_signature_matches_transformers(name):
 @pytest.mark.parametrize("name", sorted(V4_SIGNATURES))
 def test_signature_matches_transformers_4(name):
     assert not hasattr(transformers.Trainer, name) or name in SHARED
-    if name in PENDING:
-        pytest.skip(f"pending on another branch: {PENDING[name]}")
     ours = inspect.signature(getattr(Trainer, name))
     ours = ours.replace(
         parameters=[p.replace(annotation=inspect.Parameter.empty) for p in ours.parameters.values()],
@@ -110,5 +98,5 @@ def test_the_lists_name_real_methods():
     """Every entry of the lists above names a method ftrain has (so a stale entry is noticed), and the signature
     checks cover transformers' methods that ftrain's Trainer has (none is left unchecked by accident)."""
     ours = _methods(Trainer)
-    assert sorted(n for n in [*PENDING, *EXTENSIONS, *V4_SIGNATURES] if n not in ours) == []
+    assert sorted(n for n in [*EXTENSIONS, *V4_SIGNATURES] if n not in ours) == []
     assert len(SHARED) >= 60
