@@ -311,13 +311,15 @@ def run_side(side: str, files: list[Path], keyword: str | None, timeout: int, sh
     log_path = workdir / "pytest.log"
     with log_path.open("w") as log:
         code = subprocess.run(command, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
-    print(f"[{side}] pytest exit {code} after {time.time() - start:.0f} s; log: {log_path}", flush=True)
+    print(f"[{side}] pytest exit {code} after {time.time() - start:.0f} s", flush=True)
     if not out.is_file():
         tail = "\n".join(log_path.read_text().splitlines()[-30:])
         raise SystemExit(f"hf_trainer_suite: the {side} run wrote no outcomes (pytest exit {code}):\n{tail}")
     result = json.loads(out.read_text())
     if code in (0, 1, 5):  # tests passed / some failed / none selected: the log says nothing the outcomes don't
         shutil.rmtree(workdir, ignore_errors=True)
+    else:
+        print(f"[{side}] pytest ended abnormally; its log is kept: {log_path}", flush=True)
     return result
 
 
