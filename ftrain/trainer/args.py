@@ -207,7 +207,9 @@ class AcceleratorConfig:
         use_seedable_sampler: random sampling seeded from ``seed`` and the epoch.
         non_blocking: non-blocking host-to-device copies.
         gradient_accumulation_kwargs: ``num_steps`` / ``sync_each_batch`` overrides.
-        use_configured_state: reuse a pre-built accelerate state (not supported by ftrain: must be False).
+        use_configured_state: take the processes and devices from an accelerate state the script set up first
+            (``Accelerator()`` / ``PartialState()``); ftrain accepts it where that state agrees with its own reading
+            of them (see ``TrainingArguments._check_configured_state``).
     """
 
     split_batches: bool = False
@@ -230,10 +232,16 @@ class AcceleratorConfig:
         """Builds the config from ``None``, a dict, a JSON file path, or an object with ``to_dict()``.
 
         Raises:
-            ValueError: a key that is not one of the fields, or ``use_configured_state=True``.
+            NotImplementedError: a class (``AcceleratorConfig`` rather than ``AcceleratorConfig()``), as transformers.
+            ValueError: a key that is not one of the fields.
         """
         if value is None:
             return cls()
+        if isinstance(value, type):
+            raise NotImplementedError(
+                f"Tried passing in a callable to `accelerator_config` (the class {value.__name__}, not an instance); "
+                "pass an instance such as AcceleratorConfig(split_batches=True), a dict or a JSON file path."
+            )
         if isinstance(value, cls):
             config = value
         else:
@@ -258,12 +266,13 @@ class AcceleratorConfig:
                 f"accelerator_config['gradient_accumulation_kwargs']: unknown keys {unknown}; valid keys are "
                 f"{sorted(_ACCUMULATION_KEYS)} (accelerate's GradientAccumulationPlugin)."
             )
-        if config.use_configured_state:
-            raise ValueError(
-                "accelerator_config['use_configured_state']=True reuses an accelerate state, which ftrain does not "
-                "use; remove the key (ftrain sets up its own distributed state)."
-            )
         return config
+
+
+def _device_key(device: Any) -> tuple[str, int]:
+    """``(type, index)`` of a device, ``torch.device("cuda")`` reading as index 0 (the device of one process)."""
+    device = torch.device(device)
+    return device.type, device.index or 0
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -740,6 +749,7 @@ class TrainingArguments:
                 "dataloader_num_workers > 0 or leave dataloader_prefetch_factor unset."
             )
         self._check_loader_settings()
+        self._check_configured_state()
         self._check_types()
         self._check_hardware()
         self._check_unsupported()
@@ -862,6 +872,34 @@ class TrainingArguments:
                 "Remove it; to find non-finite values use torch.autograd.detect_anomaly() around trainer.train()."
             )
         self._check_ddp_backend()
+
+    def _check_configured_state(self) -> None:
+        """``accelerator_config["use_configured_state"]``: transformers then takes this process's device and ranks
+        from the accelerate state the script set up before (and refuses without one). ftrain sets up its devices
+        and process group itself, from the same launcher environment and ``use_cpu``, so it accepts such a state
+        where it agrees with that reading and refuses one that does not (training would run elsewhere than the
+        state says)."""
+        if not self.accelerator_config.use_configured_state:
+            return
+        from ftrain.trainer.accelerator import configured_accelerate_state
+
+        state = configured_accelerate_state()
+        if state is None:
+            raise ValueError(
+                "TrainingArguments: accelerator_config['use_configured_state']=True requires a pre-configured "
+                "`AcceleratorState` or `PartialState` to be defined before calling `TrainingArguments`: create "
+                "accelerate's Accelerator() or PartialState() first, or remove the key."
+            )
+        theirs = (_device_key(state.device), state.num_processes, state.process_index)
+        ours = (_device_key(self.device), self.world_size, self.process_index)
+        if theirs != ours:
+            raise ValueError(
+                f"TrainingArguments: accelerator_config['use_configured_state']=True, but the configured accelerate "
+                f"state runs process {state.process_index} of {state.num_processes} on {state.device}, while ftrain "
+                f"(which sets up devices and processes itself, from the launcher's environment and use_cpu) would "
+                f"run process {self.process_index} of {self.world_size} on {self.device}. Make them agree (e.g. "
+                "use_cpu=True for a state created with cpu=True) or remove the key."
+            )
 
     def _check_ddp_backend(self) -> None:
         """``ddp_backend``: the torch.distributed backends of the devices ftrain trains on."""

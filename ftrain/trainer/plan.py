@@ -1208,7 +1208,8 @@ DISPOSITIONS: dict[str, Disposition] = {
         why="gradient_accumulation_kwargs['num_steps'] (its other accelerate plugin fields change nothing in "
         "transformers' Trainer either; unknown ones are refused) and split_batches are honoured; each process reads "
         "the rows dispatch_batches (any value) gives it; the order is always seeded (use_seedable_sampler=False "
-        "too); even_batches=False with several processes and use_configured_state=True are refused; non_blocking "
+        "too); even_batches=False with several processes is refused; use_configured_state=True needs an accelerate "
+        "state that agrees with ftrain's own devices and ranks (checked, else refused); non_blocking "
         "only changes how a copy overlaps, not what is computed",
     ),
     "parallelism_config": _honoured(

@@ -117,7 +117,7 @@ from ftrain.state import TrainState
 from ftrain.step import make_train_step
 from ftrain.trainer import torch_optim as _torch_optim
 from ftrain.trainer.accelerator import TrainerAccelerator
-from ftrain.trainer.args import IntervalStrategy, SchedulerType, TrainingArguments
+from ftrain.trainer.args import AcceleratorConfig, IntervalStrategy, SchedulerType, TrainingArguments
 from ftrain.trainer.callbacks import DEFAULT_CALLBACKS, DEFAULT_PROGRESS_CALLBACK, CallbackHandler, PrinterCallback
 from ftrain.trainer.checkpoints import TRAINING_ARGS_BIN, TrainerCheckpoints
 from ftrain.trainer.convert import logged_learning_rate, make_schedule
@@ -1069,10 +1069,32 @@ class Trainer:
             local_process_index=process.local_process_index,
             mixed_precision="bf16" if plan.step.autocast_dtype == torch.bfloat16 else "no",
             fsdp=self.is_fsdp_enabled,
+            config=AcceleratorConfig.from_value(config),
         )
         self.is_tp_enabled = self.get_tp_size() > 1
         self.gather_function = self._nested_gather
         self._train_batch_size = plan.data.train_batch_size
+
+    @property
+    def model_wrapped(self) -> nn.Module:
+        """The outermost module around the model (transformers' ``model_wrapped``): ``self.model`` itself, since
+        ftrain never wraps the model (no ``DataParallel`` / ``DistributedDataParallel``: its step is a pure
+        function of the state, sharded by the mesh)."""
+        return self.model
+
+    @model_wrapped.setter
+    def model_wrapped(self, model: nn.Module) -> None:
+        """Accepts what transformers' subclasses assign when it is (a parallel wrapper around) ``self.model``.
+
+        Raises:
+            ValueError: another module: ftrain trains ``self.model``; assign the model there instead.
+        """
+        if self.accelerator.unwrap_model(model) is not self.model:
+            raise ValueError(
+                f"Trainer.model_wrapped can only be the Trainer's model (or a parallel wrapper of it): ftrain never "
+                f"wraps the model, so model_wrapped is trainer.model; got another {type(model).__name__}. Assign "
+                "trainer.model to train a different module."
+            )
 
     @property
     def tokenizer(self) -> Any:

@@ -299,7 +299,6 @@ def test_rejections_match_transformers(HFArgs, tmp_path, kwargs, message):
         ({"lr_scheduler_kwargs": "kwargs.json"}, "lr_scheduler_kwargs must be a dict or a JSON object"),
         ({"lr_scheduler_kwargs": "{not json"}, "lr_scheduler_kwargs is not valid JSON"),
         ({"accelerator_config": {"split_batch": True}}, r"unknown keys \['split_batch'\]"),
-        ({"accelerator_config": {"use_configured_state": True}}, "use_configured_state"),
     ],
 )
 def test_ftrain_rejections(kwargs, message):
