@@ -853,9 +853,9 @@ class TrainingArguments:
         """transformers' checks that its Trainer makes later, and the features ftrain does not provide."""
         if self.save_strategy == SaveStrategy.BEST and self.metric_for_best_model is None:
             raise ValueError(
-                "TrainingArguments: save_strategy='best' saves after an evaluation that improves "
-                "`metric_for_best_model`, which is not set: set metric_for_best_model (e.g. 'loss'), as transformers' "
-                "Trainer requires."
+                "TrainingArguments: `args.metric_for_best_model` must be provided with save_strategy='best': it "
+                "saves after an evaluation that improves that metric, and none is set. Set metric_for_best_model "
+                "(e.g. 'loss'), as transformers' Trainer requires."
             )
         if self.use_liger_kernel:
             missing = "" if importlib.util.find_spec("liger_kernel") else " (and liger-kernel is not installed)"

@@ -145,7 +145,14 @@ def _is_default_flow(callback: Any) -> bool:
 
 # The built-in callbacks ftrain has in place of transformers' classes of the same name.
 _TWIN_NAMES = frozenset(
-    {"DefaultFlowCallback", "ProgressCallback", "PrinterCallback", "EarlyStoppingCallback", "TensorBoardCallback"}
+    {
+        "DefaultFlowCallback",
+        "ProgressCallback",
+        "PrinterCallback",
+        "EarlyStoppingCallback",
+        "TensorBoardCallback",
+        "JITCheckpointCallback",
+    }
 )
 _TWIN_PACKAGES = frozenset({"ftrain", "transformers"})
 

@@ -36,6 +36,7 @@ import copy
 import dataclasses
 import functools
 import inspect
+import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -118,8 +119,17 @@ _REFUSED = {"amsgrad": False, "maximize": False}
 def is_transformers_adafactor(obj: Any) -> bool:
     """Whether ``obj`` is (an instance of) ``transformers.optimization.Adafactor``, recognised without importing
     transformers."""
-    cls = obj if isinstance(obj, type) else type(obj)
-    return any(c.__name__ == "Adafactor" and c.__module__.startswith("transformers") for c in cls.__mro__)
+    return _is_transformers_class(obj if isinstance(obj, type) else type(obj), "Adafactor")
+
+
+@functools.wraps(optim.adafactor)
+def _transformers_adafactor(learning_rate: Any, **kwargs: Any) -> GradientTransformation:
+    """transformers' ``Adafactor`` as ftrain's :func:`~ftrain.optim.adafactor`. With ``relative_step=True`` its step
+    size comes from the relative-step rule and never reads the group's ``lr``, so whatever lr the group holds or a
+    scheduler gives it (``AdafactorSchedule`` sets 0.0) is dropped: ``learning_rate=None``, as ftrain's takes it."""
+    if kwargs.get("relative_step"):
+        learning_rate = None
+    return optim.adafactor(learning_rate, **kwargs)
 
 
 @functools.cache
@@ -134,7 +144,7 @@ def _translation(cls: type) -> tuple[Callable[..., GradientTransformation], dict
         names = [n for n in inspect.signature(factory).parameters if n not in ("learning_rate", "mask")]
         return factory, {n: n for n in names}
     if is_transformers_adafactor(cls):
-        return optim.adafactor, _ADAFACTOR_KEYS
+        return _transformers_adafactor, _ADAFACTOR_KEYS
     for known in cls.__mro__:
         if known in _TRANSLATIONS:
             if known is not cls and cls.step is not known.step:
@@ -682,7 +692,48 @@ def bind_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer, view: torch
         )
     if getattr(scheduler, "optimizer", None) is not optimizer:
         raise ValueError("optimizers[1] must be a scheduler of optimizers[0] (it drives another optimizer).")
-    return copy.deepcopy(scheduler, memo={id(optimizer): view})
+    twin = copy.deepcopy(scheduler, memo={id(optimizer): view})
+    if _is_transformers_class(type(scheduler), "AdafactorSchedule"):
+        twin.__class__ = _adafactor_schedule_class(type(scheduler))
+    return twin
+
+
+def _is_transformers_class(cls: type, name: str) -> bool:
+    return any(c.__name__ == name and c.__module__.startswith("transformers") for c in cls.__mro__)
+
+
+class _AdafactorScheduleView:
+    """``get_lr`` of transformers' ``AdafactorSchedule`` (a proxy that reports the step size Adafactor computes
+    itself) over ftrain's state, mixed in front of that class by :func:`bind_scheduler`.
+
+    transformers reads the step size of the groups whose first parameter has a ``.grad``; ftrain's step never
+    sets ``.grad``, so a group counts once the train state holds its optimizer state. The value is transformers'
+    ``Adafactor._get_lr`` without the ``scale_parameter`` factor ``max(eps[1], RMS(p))``: that RMS is of the
+    parameter before the update, which ftrain's state does not keep (ftrain applies it inside the update all the
+    same; only the reported number leaves it out).
+    """
+
+    def get_lr(self) -> list[float]:
+        states = self.optimizer.state
+        lrs = [
+            _adafactor_step_size(group, int(states[group["params"][0]]["step"]))
+            for group in self.optimizer.param_groups
+            if group["params"] and group["params"][0] in states
+        ]
+        return lrs or list(self.base_lrs)
+
+
+def _adafactor_step_size(group: Mapping[str, Any], step: int) -> float:
+    """transformers' Adafactor step size at ``step`` (updates done) without the RMS factor: the relative step
+    ``min(1e-6 * step if warmup_init else 1e-2, 1 / sqrt(step))``, or the group's ``lr``."""
+    if not group["relative_step"]:
+        return float(group["lr"])
+    return min(1e-6 * step if group["warmup_init"] else 1e-2, 1.0 / math.sqrt(max(step, 1)))
+
+
+@functools.cache
+def _adafactor_schedule_class(cls: type) -> type:
+    return type(cls.__name__, (_AdafactorScheduleView, cls), {"__module__": __name__, "__qualname__": cls.__qualname__})
 
 
 def _schedule_factor(step: int, *, values: Sequence[float], schedule: Schedule, lr: float) -> float:

@@ -138,6 +138,7 @@ from ftrain.trainer.utils import (
     PredictionOutput,
     TrainOutput,
     enable_full_determinism,
+    make_label_smoother,
     nested_gather,
     nested_numpify,
     number_of_arguments,
@@ -222,6 +223,7 @@ class Trainer:
         self.data_collator = data_collator if data_collator is not None else self._default_collator()
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
         self.compute_loss_func, self.compute_metrics = compute_loss_func, compute_metrics
+        self.label_smoother = make_label_smoother(self.model, self.plan.step.label_smoothing_factor)
         if self.plan.eval.batch_eval_metrics and compute_metrics is not None:
             if "compute_result" not in inspect.signature(compute_metrics).parameters:
                 raise ValueError(
@@ -477,9 +479,26 @@ class Trainer:
         return _optim.chain(*parts)
 
     def _loss_with_outputs(self, model: Any, batch: Any) -> tuple[Loss, Any]:
-        fn = make_loss_fn(self.model, label_smoothing=self.plan.step.label_smoothing_factor,
-                          compute_loss_func=self.compute_loss_func)  # fmt: skip
+        fn = make_loss_fn(self.model, label_smoothing=self._label_smoothing(), compute_loss_func=self.compute_loss_func)
         return fn(model, batch)
+
+    def _label_smoothing(self) -> float:
+        """The label-smoothing epsilon the loss uses: ``self.label_smoother``'s (0 when it is ``None``).
+
+        Raises:
+            TypeError: ``label_smoother`` was replaced by an object that is not a ``LabelSmoother`` (ftrain's or
+                transformers'): the step's fused loss can apply uniform smoothing only.
+        """
+        smoother = self.label_smoother
+        if smoother is None:
+            return 0.0
+        if type(smoother).__name__ != "LabelSmoother" or getattr(smoother, "ignore_index", None) != -100:
+            raise TypeError(
+                f"trainer.label_smoother is a {type(smoother).__name__}; ftrain's step applies uniform label "
+                "smoothing in its fused cross-entropy, so it takes None or a LabelSmoother(epsilon=..., "
+                "ignore_index=-100). For another loss, pass compute_loss_func= or override compute_loss."
+            )
+        return float(smoother.epsilon)
 
     def _make_loss_fn(self) -> Any:
         """The step's ``loss_fn(model, batch) -> (sum, count)``, built from the overridable pieces.
@@ -489,7 +508,7 @@ class Trainer:
         for a custom ``compute_loss`` (a microbatch mean), else by the microbatch's item count, which is passed as
         ``num_items_in_batch``. (NEFTune's hook sits on the state's skeleton, see ``_setup_training``.)
         """
-        kwargs = dict(label_smoothing=self.plan.step.label_smoothing_factor, compute_loss_func=self.compute_loss_func)
+        kwargs = dict(label_smoothing=self._label_smoothing(), compute_loss_func=self.compute_loss_func)
         custom_loss = self.overrides("compute_loss")
         default = None if custom_loss or self.overrides("training_step") else make_loss_fn(self.model, **kwargs)
 
@@ -986,6 +1005,12 @@ class Trainer:
         """Restores the whole state saved in ``best_model_checkpoint`` (weights bitwise)."""
         self._checkpoints.load_best_model()
 
+    def _get_output_dir(self, trial: Any) -> str:
+        """The folder ``_save_checkpoint`` writes ``checkpoint-{global_step}`` into (transformers' name; its
+        ``CheckpointManager`` reads it). A search trial's arguments already point ``output_dir`` at the trial's
+        ``run-*`` folder (:meth:`_hp_search_setup`), so ``trial`` changes nothing here."""
+        return self.plan.save.output_dir
+
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         """Writes ``output_dir/checkpoint-{global_step}`` atomically (the state and transformers' files, through
         ``_write_hf_views``), pushes it, then rotates. ``model`` and ``trial`` are transformers' (unused)."""
@@ -1352,7 +1377,7 @@ class Trainer:
         batches = batch_samples
         if not batches or not isinstance(batches[0], Mapping) or "labels" not in batches[0]:
             return None
-        kwargs = dict(label_smoothing=self.plan.step.label_smoothing_factor, compute_loss_func=self.compute_loss_func)
+        kwargs = dict(label_smoothing=self._label_smoothing(), compute_loss_func=self.compute_loss_func)
         count = sum(loss_item_count(self.model, b, **kwargs).to(device) for b in batches)
         if self.plan.step.average_tokens_across_devices and torch.distributed.is_available():
             if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:

@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import functools
 import inspect
@@ -23,6 +24,7 @@ import json
 import os
 import random
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -36,6 +38,7 @@ __all__ = [
     "PREFIX_CHECKPOINT_DIR",
     "EvalLoopOutput",
     "EvalPrediction",
+    "LabelSmoother",
     "PredictionOutput",
     "TrainOutput",
     "denumpify_detensorize",
@@ -43,6 +46,7 @@ __all__ = [
     "get_last_checkpoint",
     "has_length",
     "load_weights_strict",
+    "make_label_smoother",
     "nested_gather",
     "nested_numpify",
     "number_of_arguments",
@@ -154,6 +158,59 @@ class TrainOutput(NamedTuple):
     global_step: int
     training_loss: float
     metrics: dict[str, float]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Label smoothing
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelSmoother:
+    """``trainer.label_smoother``: uniform label smoothing of the cross-entropy, as transformers'
+    ``trainer_pt_utils.LabelSmoother`` (same fields; calling it gives the same mean loss). The Trainer's step reads
+    its ``epsilon`` (the fused loss of :func:`ftrain.step.make_loss_fn`), so setting ``trainer.label_smoother =
+    None`` before ``train()`` turns smoothing off, as in transformers.
+
+    Example:
+        >>> smoother = LabelSmoother(epsilon=0.1)
+        >>> round(float(smoother({"logits": torch.zeros(2, 4)}, torch.tensor([1, -100]))), 4)  # log(4)
+        1.3863
+    """
+
+    epsilon: float = 0.1
+    ignore_index: int = -100
+
+    def __call__(self, model_output: Any, labels: torch.Tensor, shift_labels: bool = False) -> torch.Tensor:
+        """The mean smoothed cross-entropy of the output's logits (``model_output["logits"]``, or its first
+        element) against ``labels``, over the labels that are not ``ignore_index`` (shifted by one with
+        ``shift_labels``, for a causal LM)."""
+        from ftrain.losses import cross_entropy
+
+        logits = model_output["logits"] if isinstance(model_output, Mapping) else model_output[0]
+        if labels.dim() == logits.dim():  # transformers' (batch, 1) labels of a classifier
+            labels = labels.squeeze(-1)
+        loss = cross_entropy(
+            logits, labels, ignore_index=self.ignore_index, shift=shift_labels, label_smoothing=self.epsilon
+        )
+        return loss.sum / loss.count.clamp_min(1)
+
+
+def make_label_smoother(model: Any, epsilon: float) -> LabelSmoother | None:
+    """transformers' choice of ``trainer.label_smoother``: none for ``epsilon == 0``, and none (with a warning) for
+    a multi-label classifier (``config.problem_type == "multi_label_classification"``), whose binary
+    cross-entropy labels cannot be smoothed this way; else ``LabelSmoother(epsilon)``."""
+    if epsilon == 0:
+        return None
+    if getattr(getattr(model, "config", None), "problem_type", None) == "multi_label_classification":
+        warnings.warn(
+            "Label smoothing is not compatible with multi-label classification. Disabling label smoothing for this "
+            "training run (label_smoothing_factor is ignored; the model's own loss is used).",
+            UserWarning,
+            stacklevel=3,
+        )
+        return None
+    return LabelSmoother(epsilon=epsilon)
 
 
 # --------------------------------------------------------------------------------------------------------------------
