@@ -34,12 +34,12 @@ from ftrain.trainer import Trainer, TrainingArguments  # noqa: E402
 from ftrain.trainer.convert import make_optimizer  # noqa: E402
 from ftrain.trainer.hf_checkpoint import (  # noqa: E402
     UnmappableOptimizerError,
-    hf_param_groups,
     load_torch_file,
     opt_state_from_torch,
     opt_state_to_torch,
 )
 from ftrain.trainer.plan import make_plan  # noqa: E402
+from ftrain.trainer.torch_optim import hf_param_groups  # noqa: E402
 from ftrain.tree import tree_leaves  # noqa: E402
 from tests.trainer.test_trainer_parity import APPROX64, hf_loss_rtol, tiny_gpt2, token_rows  # noqa: E402
 
