@@ -59,6 +59,15 @@ def side_args(
         yield side, trainer_cls, args_cls(output_dir=str(folder), **copy.deepcopy(options))
 
 
+def regression_rows(n: int, *, intercept: float) -> list[dict[str, torch.Tensor]]:
+    """``n`` float64 rows ``{"x": x, "labels": x · (1, -2, 0.5) + intercept}``, ``x`` standard normal (seed 1): the
+    data of the small regression models the tests train on both sides."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 3, generator=g, dtype=torch.float64)
+    y = x @ torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64) + intercept
+    return [{"x": x[i], "labels": y[i]} for i in range(n)]
+
+
 def logged_steps(trainer: Any) -> list[dict[str, Any]]:
     """The training steps' log entries (those with a ``loss``), in order."""
     return [e for e in trainer.state.log_history if "loss" in e]

@@ -30,7 +30,7 @@ import ftrain.trainer.evaluation as evaluation_module  # noqa: E402
 import ftrain.trainer.loop as loop_module  # noqa: E402
 from ftrain.trainer import Trainer, TrainingArguments  # noqa: E402
 from ftrain.trainer.plan import make_plan  # noqa: E402
-from tests.trainer.side_by_side import APPROX64, hf_loss_rtol, logged_steps, side_args  # noqa: E402
+from tests.trainer.side_by_side import APPROX64, hf_loss_rtol, logged_steps, regression_rows, side_args  # noqa: E402
 from tests.trainer.test_trainer_parity import tiny_gpt2, token_rows  # noqa: E402
 
 HOOKS = ("_move_model_to_device", "_wrap_model", "_prepare_inputs", "set_initial_training_values",
@@ -61,10 +61,7 @@ class Regressor(torch.nn.Module):
 
 
 def rows(n: int = 16) -> list[dict[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(n, 3, generator=g, dtype=torch.float64)
-    y = x @ torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64) + 0.1
-    return [{"x": x[i], "labels": y[i]} for i in range(n)]
+    return regression_rows(n, intercept=0.1)
 
 
 def settings(**changes) -> dict:

@@ -24,7 +24,7 @@ from ftrain.trainer.torch_optim import table_schedule
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from tests.trainer.side_by_side import assert_same_training, logged_steps, side_args  # noqa: E402
+from tests.trainer.side_by_side import assert_same_training, logged_steps, regression_rows, side_args  # noqa: E402
 
 STEPS = 6
 
@@ -45,10 +45,7 @@ class Regression(nn.Module):
 
 
 def _data(n: int = 32) -> list[dict[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(n, 3, generator=g, dtype=torch.float64)
-    y = x @ torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64) + 0.3
-    return [{"x": x[i], "labels": y[i]} for i in range(n)]
+    return regression_rows(n, intercept=0.3)
 
 
 def _groups(model: nn.Module) -> list[dict]:
