@@ -13,6 +13,7 @@ are (:data:`FROM_TRANSFORMERS`).
 import importlib
 from typing import Any
 
+from ftrain.trainer import schedulers as _schedulers
 from ftrain.trainer.args import (
     IntervalStrategy,
     OptimizerNames,
@@ -29,21 +30,7 @@ from ftrain.trainer.callbacks import (
     TrainerCallback,
 )
 from ftrain.trainer.hf_argparser import HfArgumentParser
-from ftrain.trainer.schedulers import (
-    get_constant_schedule,
-    get_constant_schedule_with_warmup,
-    get_cosine_schedule_with_warmup,
-    get_cosine_with_hard_restarts_schedule_with_warmup,
-    get_cosine_with_min_lr_schedule_with_warmup,
-    get_cosine_with_min_lr_schedule_with_warmup_lr_rate,
-    get_greedy_schedule,
-    get_inverse_sqrt_schedule,
-    get_linear_schedule_with_warmup,
-    get_polynomial_decay_schedule_with_warmup,
-    get_reduce_on_plateau_schedule,
-    get_scheduler,
-    get_wsd_schedule,
-)
+from ftrain.trainer.schedulers import *  # noqa: F403  (the get_scheduler family: schedulers.__all__)
 from ftrain.trainer.seq2seq import Seq2SeqTrainer, Seq2SeqTrainingArguments
 from ftrain.trainer.trainer import Trainer
 from ftrain.trainer.trainer_state import TrainerControl, TrainerState
@@ -94,21 +81,9 @@ __all__ = [
     "TrainerState",
     "TrainingArguments",
     "enable_full_determinism",
-    "get_constant_schedule",
-    "get_constant_schedule_with_warmup",
-    "get_cosine_schedule_with_warmup",
-    "get_cosine_with_hard_restarts_schedule_with_warmup",
-    "get_cosine_with_min_lr_schedule_with_warmup",
-    "get_cosine_with_min_lr_schedule_with_warmup_lr_rate",
-    "get_greedy_schedule",
-    "get_inverse_sqrt_schedule",
     "get_last_checkpoint",
-    "get_linear_schedule_with_warmup",
-    "get_polynomial_decay_schedule_with_warmup",
-    "get_reduce_on_plateau_schedule",
-    "get_scheduler",
-    "get_wsd_schedule",
     "set_seed",
+    *_schedulers.__all__,
     *FROM_TRANSFORMERS,
 ]
 

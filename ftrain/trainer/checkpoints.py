@@ -86,7 +86,6 @@ from ftrain.trainer.hf_checkpoint import (
     TRAINING_ARGS_BIN,
     UnmappableOptimizerError,
     check_param_groups,
-    hf_param_groups,
     lambda_lr_state_dict,
     load_torch_file,
     opt_state_from_torch,
@@ -94,6 +93,7 @@ from ftrain.trainer.hf_checkpoint import (
     rng_states,
     set_rng_states,
 )
+from ftrain.trainer.torch_optim import hf_param_groups
 from ftrain.trainer.trainer_state import ExportableState, TrainerState, export_callback_states
 from ftrain.trainer.utils import (
     CHECKPOINT_NAMING,

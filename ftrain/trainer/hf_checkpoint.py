@@ -6,13 +6,17 @@ its resume (and users' tooling) reads them back. ftrain keeps the same facts in 
 moments in ``opt_state`` (nested ``NamedTuple`` states of :mod:`ftrain.optim`), the schedule as a function of the
 update count, the dropout key. This module translates, in both directions:
 
+- :func:`torch_param_states`: the one map from ftrain's optimizer states to torch's per-parameter state keys, by
+  parameter name. Mapped states: Adam/AdamW (``step``, ``exp_avg``, ``exp_avg_sq``), SGD momentum
+  (``momentum_buffer``), Adagrad (``step``, ``sum``), RMSprop (``step``, ``square_avg``, ``momentum_buffer``,
+  ``grad_avg``); read leniently (for ``trainer.optimizer``, :mod:`ftrain.trainer.torch_optim`) also transformers'
+  Adafactor.
 - :func:`opt_state_to_torch` / :func:`opt_state_from_torch`: ``opt_state`` <-> a ``torch.optim`` ``state_dict()``
   (``{"state": {index: {...}}, "param_groups": [...]}``). The parameter index order is transformers' param groups
-  order: the decaying parameters, then the others, each in ``named_parameters()`` order (:func:`hf_param_groups`).
-  Mapped states: Adam/AdamW (``step``, ``exp_avg``, ``exp_avg_sq``), SGD momentum (``momentum_buffer``), Adagrad
-  (``step``, ``sum``), RMSprop (``step``, ``square_avg``, ``momentum_buffer``, ``grad_avg``). Anything else (Lion,
-  Adafactor, a plateau scale, a user's transformation) cannot be written in a format a torch optimizer loads, and
-  raises :class:`UnmappableOptimizerError` naming the part.
+  order: the decaying parameters, then the others, each in ``named_parameters()`` order
+  (:func:`ftrain.trainer.torch_optim.hf_param_groups`). Anything but the torch.optim states above (Lion, Adafactor,
+  a plateau scale, a user's transformation) cannot be written in a format a torch optimizer loads, and raises
+  :class:`UnmappableOptimizerError` naming the part.
 - :func:`lambda_lr_state_dict`: the ``LambdaLR`` ``state_dict()`` of transformers' schedulers after ``step``
   updates (its ``lr_lambdas`` are rebuilt from the arguments on load, by transformers and by ftrain alike).
 - :func:`rng_states` / :func:`set_rng_states`: the global Python / numpy / torch generators, as ``rng_state.pth``
@@ -49,6 +53,7 @@ import torch
 from ftrain import tree as _tree
 from ftrain.checkpoint.treeio import is_dtensor
 from ftrain.optim.base import EmptyState
+from ftrain.optim.factorized import ScaleByAdafactorState
 from ftrain.optim.transform import (
     ScaleByAdagradState,
     ScaleByAdamState,
@@ -66,13 +71,14 @@ __all__ = [
     "TRAINING_ARGS_BIN",
     "UnmappableOptimizerError",
     "check_param_groups",
-    "hf_param_groups",
+    "index_param_groups",
     "lambda_lr_state_dict",
     "load_torch_file",
     "opt_state_from_torch",
     "opt_state_to_torch",
     "rng_states",
     "set_rng_states",
+    "torch_param_states",
 ]
 
 OPTIMIZER_NAME = "optimizer.pt"
@@ -88,17 +94,15 @@ _MOMENTS: dict[type, dict[str, str]] = {
     ScaleByAdagradState: {"sum": "sum_of_squares"},
     ScaleByRmsState: {"square_avg": "nu", "grad_avg": "mu"},
 }
+# transformers' Adafactor (not a torch.optim class): trainer.optimizer shows its state in torch's form, but
+# optimizer.pt holds torch.optim states only.
+_ADAFACTOR_MOMENTS = {ScaleByAdafactorState: {k: k for k in ("exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq",
+                                                             "exp_avg")}}  # fmt: skip
 # States whose torch optimizer keeps a per-parameter "step" (Adam, Adagrad, RMSprop; SGD keeps none).
 _STEPPED = (ScaleByAdamState, ScaleByAdagradState, ScaleByRmsState)
 # States that only count updates.
 _COUNTERS = (ScaleByLearningRateState, ScaleByScheduleState)
 _KNOWN = (*_MOMENTS, *_COUNTERS, EmptyState)
-
-# transformers' optim name -> the torch.optim class it builds (trainer_optimizer.py), and ftrain's names of its
-# keyword arguments (convert.get_optimizer_cls_and_kwargs) -> torch's.
-_TORCH_CLASSES = {"adamw_torch": "AdamW", "adamw_torch_fused": "AdamW", "sgd": "SGD", "adagrad": "Adagrad",
-                  "rmsprop": "RMSprop"}  # fmt: skip
-_RENAMED = {"decay": "alpha"}
 # Group hyper-parameters that ftrain takes from the arguments (not from a checkpoint): they must agree on resume.
 _CHECKED_HYPERPARAMS = ("betas", "eps", "weight_decay", "momentum", "dampening", "nesterov", "alpha", "centered",
                         "lr_decay", "initial_accumulator_value", "amsgrad", "maximize", "initial_lr")  # fmt: skip
@@ -112,9 +116,10 @@ def _is_node(x: Any) -> bool:
     return isinstance(x, _KNOWN)
 
 
-def _nodes(opt_state: Any) -> list[tuple[str, Any]]:
-    """``(key path, leaf)`` of ``opt_state`` with ftrain's known optimizer states as leaves (``None`` skipped)."""
-    paths, leaves, _ = _tree.tree_flatten_with_path(opt_state, is_leaf=_is_node)
+def _nodes(opt_state: Any, known: tuple[type, ...] = _KNOWN) -> list[tuple[str, Any]]:
+    """``(key path, leaf)`` of ``opt_state`` with the optimizer states of types ``known`` as leaves (``None``
+    skipped)."""
+    paths, leaves, _ = _tree.tree_flatten_with_path(opt_state, is_leaf=lambda x: isinstance(x, known))
     return [(_tree.keystr(p), leaf) for p, leaf in zip(paths, leaves)]
 
 
@@ -142,13 +147,83 @@ def _host(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu").clone()
 
 
+def _torch_step(leaf: Any, step: int | torch.Tensor) -> torch.Tensor | int | None:
+    """torch's per-parameter ``step`` for the optimizer ``leaf`` belongs to: the state's update count, or ``step``
+    where ftrain keeps none (RMSprop); ``None`` where torch keeps none (SGD)."""
+    if isinstance(leaf, ScaleByAdafactorState):
+        return int(leaf.count)  # transformers' Adafactor counts in a Python int
+    if not isinstance(leaf, _STEPPED):
+        return None
+    count = leaf.count if "count" in leaf._fields else step
+    return torch.as_tensor(count).detach().to(_scalar_dtype())
+
+
+def _per_name(tree: Any, where: str) -> dict[str, torch.Tensor]:
+    """``{name: tensor}`` of a ``{name: tensor | None}`` moment tree (``None``: a parameter another group holds)."""
+    if tree is None:
+        return {}
+    if not isinstance(tree, Mapping):
+        raise UnmappableOptimizerError(f"{where} is a {type(tree).__name__}, not a {{parameter name: tensor}} dict.")
+    return {name: value for name, value in tree.items() if value is not None}
+
+
+def torch_param_states(
+    opt_state: Any, /, *, step: int | torch.Tensor, strict: bool = True
+) -> dict[str, dict[str, torch.Tensor | int]]:
+    """The per-parameter state of the torch optimizer that ``opt_state`` mirrors, by parameter name: Adam / AdamW
+    ``step, exp_avg, exp_avg_sq``; SGD ``momentum_buffer``; RMSprop ``step, square_avg`` (+ ``momentum_buffer``,
+    ``grad_avg``); Adagrad ``step, sum``. Parameters without state (SGD without momentum) are absent, as in torch.
+
+    Args:
+        opt_state: the state of an :mod:`ftrain.optim` optimizer over ``{param name: tensor}``.
+        step: the number of updates done: RMSprop's ``step``, which ftrain does not keep.
+        strict: raise on a part of ``opt_state`` with no ``torch.optim`` form (what ``optimizer.pt`` needs); with
+            ``False`` (``trainer.optimizer``'s view) such parts are passed over, and transformers' Adafactor state
+            is read too (``step`` and its moment statistics; its ``RMS`` entry, recomputed by torch before use, is
+            not kept by ftrain and is left out).
+
+    Returns:
+        ``{name: {torch key: value}}``: the state's own tensors (no copy); ``step`` a 0-d tensor of the dtype torch
+        gives it (an int for Adafactor).
+
+    Raises:
+        UnmappableOptimizerError: with ``strict``, a part of ``opt_state`` with no torch form (names its key path).
+    """
+    moments = _MOMENTS if strict else {**_MOMENTS, **_ADAFACTOR_MOMENTS}
+    out: dict[str, dict[str, Any]] = {}
+    for path, leaf in _nodes(opt_state, (*moments, *_COUNTERS, EmptyState)):
+        if type(leaf) not in moments:
+            if strict and not isinstance(leaf, _COUNTERS + (EmptyState,)):
+                raise _unmappable(path, leaf)
+            continue
+        count = _torch_step(leaf, step)
+        for key, field in moments[type(leaf)].items():
+            for name, value in _per_name(getattr(leaf, field), f"opt_state{path}.{field}").items():
+                entry = out.setdefault(name, {})
+                if count is not None:
+                    entry.setdefault("step", count)
+                entry[key] = value
+    return out
+
+
+def index_param_groups(param_groups: Sequence[Mapping[str, Any]]) -> tuple[dict[str, int], list[dict[str, Any]]]:
+    """``({name: index}, groups)``: the parameters of ``param_groups`` (names in ``"params"``) numbered over the
+    groups in order, and the groups with those indices in ``"params"`` (the other keys as they are), as
+    ``torch.optim.Optimizer.state_dict()`` lists them."""
+    index = {name: i for i, name in enumerate(n for g in param_groups for n in g["params"])}
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [index[n] for n in g["params"]]}
+              for g in param_groups]  # fmt: skip
+    return index, groups
+
+
 def opt_state_to_torch(opt_state: Any, param_groups: Sequence[Mapping[str, Any]], /, *, step: int) -> dict[str, Any]:
     """``opt_state`` as the ``state_dict()`` of the torch optimizer with ``param_groups``.
 
     Args:
         opt_state: the state of an :mod:`ftrain.optim` optimizer over ``{param name: tensor}``.
-        param_groups: torch's param groups with parameter *names* in ``"params"`` (:func:`hf_param_groups`); the
-            other keys are copied as they are. The index of a parameter is its position over the groups in order.
+        param_groups: torch's param groups with parameter *names* in ``"params"``
+            (:func:`ftrain.trainer.torch_optim.hf_param_groups`); the other keys are copied as they are. The index
+            of a parameter is its position over the groups in order.
         step: the number of updates done (torch's per-parameter ``step`` where the ftrain state keeps no count).
 
     Returns:
@@ -159,29 +234,15 @@ def opt_state_to_torch(opt_state: Any, param_groups: Sequence[Mapping[str, Any]]
         UnmappableOptimizerError: a part of ``opt_state`` with no torch form (names its key path), or a parameter
             with optimizer state that no group lists.
     """
-    index = {name: i for i, name in enumerate(n for g in param_groups for n in g["params"])}
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for path, leaf in _nodes(opt_state):
-        if isinstance(leaf, _COUNTERS + (EmptyState,)):
-            continue
-        if type(leaf) not in _MOMENTS:
-            raise _unmappable(path, leaf)
-        for key, field in _MOMENTS[type(leaf)].items():
-            for name, value in (getattr(leaf, field) or {}).items():
-                if value is None:
-                    continue
-                if name not in index:
-                    raise UnmappableOptimizerError(
-                        f"opt_state{path}.{field} has state for {name!r}, which no param group lists; the groups "
-                        f"list {len(index)} parameters."
-                    )
-                entry = state.setdefault(index[name], {})
-                if isinstance(leaf, _STEPPED) and "step" not in entry:
-                    count = int(leaf.count) if "count" in leaf._fields else step
-                    entry["step"] = torch.tensor(float(count), dtype=_scalar_dtype())
-                entry[key] = _host(value)
-    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [index[n] for n in g["params"]]}
-              for g in param_groups]  # fmt: skip
+    index, groups = index_param_groups(param_groups)
+    per_name = torch_param_states(opt_state, step=step)
+    unlisted = [name for name in per_name if name not in index]
+    if unlisted:
+        raise UnmappableOptimizerError(
+            f"opt_state has state for {unlisted[0]!r}, which no param group lists; the groups list {len(index)} "
+            "parameters."
+        )
+    state = {index[name]: {key: _host(value) for key, value in entry.items()} for name, entry in per_name.items()}
     return {"state": dict(sorted(state.items())), "param_groups": groups}
 
 
@@ -327,44 +388,6 @@ def opt_state_from_torch(
 
 
 # ---- param groups, scheduler -----------------------------------------------------------------------------------------
-
-
-def hf_param_groups(policy: Any, decay_mask: Mapping[str, bool], *, lr: float) -> list[dict[str, Any]]:
-    """The param groups transformers' ``create_optimizer`` builds for ``policy``, with parameter names, as its torch
-    optimizer's ``state_dict()`` lists them after a ``LambdaLR`` scheduler set ``initial_lr``.
-
-    Two groups: the parameters ``decay_mask`` marks (``weight_decay``), then the others (``0.0``), each in
-    ``named_parameters()`` order. The hyper-parameter keys and defaults are torch's own: the torch optimizer is built
-    over placeholder scalars and its groups read back.
-
-    Args:
-        policy: the plan's :class:`~ftrain.trainer.plan.OptimPolicy` (``trainer.plan.optim``).
-        decay_mask: ``{name: decays}`` over the trainable parameters (:func:`ftrain.optim.hf_decay_mask`).
-        lr: the groups' current learning rate (the schedule's value for the next update).
-
-    Raises:
-        UnmappableOptimizerError: an ``optim`` whose transformers optimizer is not a ``torch.optim`` one.
-    """
-    from ftrain.trainer.convert import get_optimizer_cls_and_kwargs
-
-    name = getattr(policy.name, "value", policy.name)
-    if name not in _TORCH_CLASSES:
-        raise UnmappableOptimizerError(
-            f"optim={name!r}: transformers' optimizer for it is not a torch.optim one, so optimizer.pt cannot hold "
-            f"its state (it can for {sorted(_TORCH_CLASSES)})."
-        )
-    _, kwargs = get_optimizer_cls_and_kwargs(policy)
-    kwargs = {_RENAMED.get(k, k): v for k, v in kwargs.items() if k != "learning_rate"}
-    if "b1" in kwargs:
-        kwargs["betas"] = (kwargs.pop("b1"), kwargs.pop("b2"))
-    if name == "adamw_torch_fused":
-        kwargs["fused"] = True
-    named = [[n for n, d in decay_mask.items() if d], [n for n, d in decay_mask.items() if not d]]
-    placeholders = [{"params": [torch.zeros(()) for _ in names], "weight_decay": wd}
-                    for names, wd in zip(named, (policy.weight_decay, 0.0))]  # fmt: skip
-    optimizer = getattr(torch.optim, _TORCH_CLASSES[name])(placeholders, lr=lr, **kwargs)
-    return [{**{k: v for k, v in g.items() if k != "params"}, "initial_lr": policy.learning_rate, "params": names}
-            for g, names in zip(optimizer.param_groups, named)]  # fmt: skip
 
 
 def check_param_groups(saved: Sequence[Mapping[str, Any]], expected: Sequence[Mapping[str, Any]]) -> None:

@@ -15,8 +15,10 @@ joins the two:
   ``LambdaLR`` from transformers' ``get_*_schedule_with_warmup`` or any lambda, ``StepLR``, ``CosineAnnealingLR``,
   ``OneCycleLR``, ``SequentialLR``... — is reproduced with torch's own numbers), and
   :func:`plateau_transformation` turns a ``ReduceLROnPlateau`` into :func:`ftrain.schedules.reduce_on_plateau`.
-- **Out:** :func:`torch_optimizer_state` / :func:`torch_optimizer_state_dict` write an ftrain ``opt_state`` in
-  torch's ``state_dict()`` format; :func:`make_optimizer_view` builds ``trainer.optimizer``: an instance of the torch
+- **Out:** :func:`torch_optimizer_state_dict` writes an ftrain ``opt_state`` in torch's ``state_dict()`` format
+  (the state map is :func:`ftrain.trainer.hf_checkpoint.torch_param_states`, shared with transformers' checkpoint
+  files); :func:`hf_param_groups` gives the torch param groups transformers' ``create_optimizer`` builds for the
+  arguments; :func:`make_optimizer_view` builds ``trainer.optimizer``: an instance of the torch
   class (``isinstance`` holds) whose ``param_groups`` hold the model's live parameters and the current learning
   rates and whose ``state`` / ``state_dict()`` read the current ``TrainState``, while ``step()`` and
   ``zero_grad()`` raise (the pure train step does both).
@@ -45,18 +47,17 @@ import torch
 from torch import nn
 
 from ftrain import optim
-from ftrain import tree as _tree
 from ftrain.optim.base import GradientTransformation, OptState, ScalarOrSchedule, Schedule
-from ftrain.optim.factorized import ScaleByAdafactorState
-from ftrain.optim.transform import ScaleByAdagradState, ScaleByAdamState, ScaleByRmsState, TraceState
-from ftrain.schedules import reduce_on_plateau
 from ftrain.trainer import convert as _convert
+from ftrain.trainer.hf_checkpoint import UnmappableOptimizerError, index_param_groups, torch_param_states
+from ftrain.trainer.schedulers import PLATEAU_KWARGS, get_reduce_on_plateau_schedule
 
 __all__ = [
     "TorchGroup",
     "TorchOptimizerSpec",
     "describe_torch_optimizer",
     "ftrain_optimizer_kwargs",
+    "hf_param_groups",
     "is_transformers_adafactor",
     "make_optimizer_view",
     "make_transformation",
@@ -64,7 +65,6 @@ __all__ = [
     "table_schedule",
     "torch_lr_schedules",
     "torch_optimizer_cls_and_kwargs",
-    "torch_optimizer_state",
     "torch_optimizer_state_dict",
 ]
 
@@ -387,7 +387,8 @@ def torch_lr_schedules(
 
 def plateau_transformation(scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau) -> GradientTransformation:
     """``ReduceLROnPlateau`` as :func:`ftrain.schedules.reduce_on_plateau` (a scale on the updates, lowered by
-    :func:`ftrain.schedules.plateau_update` after each evaluation).
+    :func:`ftrain.schedules.plateau_update` after each evaluation), through
+    :func:`~ftrain.trainer.schedulers.get_reduce_on_plateau_schedule` with the scheduler's own arguments.
 
     Raises:
         ValueError: groups with different learning rates or ``min_lr`` ratios (one scale cannot follow them), or a
@@ -399,117 +400,34 @@ def plateau_transformation(scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau
             "ftrain reproduces ReduceLROnPlateau as one scale on every update: give every parameter group the same "
             "lr and min_lr, and pass a scheduler that has not been stepped yet."
         )
-    lr = lrs[0]
-    return reduce_on_plateau(
-        factor=scheduler.factor,
-        patience=scheduler.patience,
-        threshold=scheduler.threshold,
-        threshold_mode=scheduler.threshold_mode,
-        cooldown=scheduler.cooldown,
-        min_scale=scheduler.min_lrs[0] / lr,
-        mode=scheduler.mode,
-        eps=scheduler.eps / lr,
-    )
+    kwargs = {key: getattr(scheduler, key) for key in PLATEAU_KWARGS if key != "min_lr"}
+    return get_reduce_on_plateau_schedule(lrs[0], **kwargs, min_lr=scheduler.min_lrs[0])
 
 
 # ----------------------------------------------------------------------------------------------------------
 # The state, in torch's format.
 
 
-def _float_step(count: torch.Tensor) -> torch.Tensor:
-    return count.detach().to(torch.float32)
-
-
-def _per_name(tree: Any) -> dict[str, torch.Tensor]:
-    """``{name: tensor}`` of a ``{name: tensor | None}`` moment tree (``None``: held by another group)."""
-    return {k: v for k, v in tree.items() if v is not None} if isinstance(tree, Mapping) else {}
-
-
-def _collect(node: Any, out: dict[str, dict[str, Any]]) -> None:
-    """Adds the torch state keys of each known ftrain state found in ``node`` to ``out[name]``."""
-    if isinstance(node, ScaleByAdamState):
-        step = _float_step(node.count)
-        for key, tree in (("exp_avg", node.mu), ("exp_avg_sq", node.nu)):
-            for name, value in _per_name(tree).items():
-                out.setdefault(name, {"step": step})[key] = value
-    elif isinstance(node, TraceState):
-        for name, value in _per_name(node.trace).items():
-            out.setdefault(name, {})["momentum_buffer"] = value
-    elif isinstance(node, ScaleByRmsState):
-        for key, tree in (("square_avg", node.nu), ("grad_avg", node.mu)):
-            for name, value in _per_name(tree).items():
-                out.setdefault(name, {})[key] = value
-    elif isinstance(node, ScaleByAdagradState):
-        step = _float_step(node.count)
-        for name, value in _per_name(node.sum_of_squares).items():
-            out.setdefault(name, {"step": step})["sum"] = value
-    elif isinstance(node, ScaleByAdafactorState):
-        step = int(node.count)
-        for key in ("exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq", "exp_avg"):
-            for name, value in _per_name(getattr(node, key)).items():
-                out.setdefault(name, {"step": step})[key] = value
-    else:
-        for child in _children(node):
-            _collect(child, out)
-
-
-def _children(node: Any) -> list[Any]:
-    if node is None or isinstance(node, torch.Tensor):
-        return []
-    import optree
-
-    if optree.tree_is_leaf(node, namespace=_tree.NAMESPACE):
-        return []
-    return list(optree.tree_flatten_one_level(node, namespace=_tree.NAMESPACE)[0])
-
-
-def torch_optimizer_state(opt_state: OptState, *, step: int | torch.Tensor | None = None) -> dict[str, dict[str, Any]]:
-    """The per-parameter state of the torch optimizer that ``opt_state`` mirrors, keyed by parameter name: Adam /
-    AdamW ``step, exp_avg, exp_avg_sq``; SGD ``momentum_buffer``; RMSprop ``step, square_avg`` (+ ``momentum_buffer``,
-    ``grad_avg``); Adagrad ``step, sum``; transformers' Adafactor ``step`` and its moment statistics (its ``RMS``
-    entry, recomputed by torch at every step before use, is not kept by ftrain and is left out).
-
-    The tensors are the state's own (no copy). ``step`` fills RMSprop's step count, which ftrain does not keep
-    (the train state's ``step`` is the number of updates done). Names without state (SGD without momentum) are
-    absent, as in torch.
-    """
-    out: dict[str, dict[str, Any]] = {}
-    _collect(opt_state, out)
-    rms_names = [n for n, s in out.items() if "square_avg" in s and "step" not in s]
-    if rms_names and step is not None:
-        value = _float_step(torch.as_tensor(step))
-        for name in rms_names:
-            out[name] = {"step": value, **out[name]}
-    return out
-
-
-def _group_entry(group: TorchGroup, first_index: int) -> dict[str, Any]:
-    return {**group.hyperparams, "params": list(range(first_index, first_index + len(group.names)))}
-
-
 def torch_optimizer_state_dict(
-    spec: TorchOptimizerSpec, opt_state: OptState, *, step: int | torch.Tensor | None = None
+    spec: TorchOptimizerSpec, opt_state: OptState, *, step: int | torch.Tensor
 ) -> dict[str, Any]:
     """``opt_state`` as ``torch.optim.Optimizer.state_dict()`` of ``spec``'s optimizer writes it:
     ``{"state": {index: {...}}, "param_groups": [{..., "params": [indices]}]}`` with parameters numbered group
     by group (:attr:`TorchOptimizerSpec.names`). The tensors are the state's own; ``step`` is the train state's
-    step (see :func:`torch_optimizer_state`).
+    step; parts with no torch form are passed over (:func:`ftrain.trainer.hf_checkpoint.torch_param_states`,
+    ``strict=False``).
 
     Example:
         >>> model = torch.nn.Linear(2, 1)
         >>> spec = describe_torch_optimizer(torch.optim.AdamW(model.parameters(), lr=0.1), model)
         >>> tx = make_transformation(spec, [0.1])
         >>> params = dict(model.named_parameters())
-        >>> sd = torch_optimizer_state_dict(spec, tx.init({k: v.detach() for k, v in params.items()}))
+        >>> sd = torch_optimizer_state_dict(spec, tx.init({k: v.detach() for k, v in params.items()}), step=0)
         >>> sorted(sd["state"][0]), sd["param_groups"][0]["params"]
         (['exp_avg', 'exp_avg_sq', 'step'], [0, 1])
     """
-    per_name = torch_optimizer_state(opt_state, step=step)
-    index = {name: i for i, name in enumerate(spec.names)}
-    groups, first = [], 0
-    for group in spec.groups:
-        groups.append(_group_entry(group, first))
-        first += len(group.names)
+    index, groups = index_param_groups([{**g.hyperparams, "params": g.names} for g in spec.groups])
+    per_name = torch_param_states(opt_state, step=step, strict=False)
     return {"state": {index[n]: s for n, s in per_name.items() if n in index}, "param_groups": groups}
 
 
@@ -538,7 +456,8 @@ class _OptimizerView:
             return {}
         opt_state, step = source
         params = {n: p for names, g in zip(self._group_names, self.param_groups) for n, p in zip(names, g["params"])}
-        return {params[n]: s for n, s in torch_optimizer_state(opt_state, step=step).items() if n in params}
+        per_name = torch_param_states(opt_state, step=step, strict=False)
+        return {params[n]: s for n, s in per_name.items() if n in params}
 
     @state.setter
     def state(self, value: Any) -> None:
@@ -553,9 +472,8 @@ class _OptimizerView:
             for names, g in zip(self._group_names, self.param_groups)
         )
         spec = dataclasses.replace(self._spec, groups=groups)
-        if source is None:
-            return torch_optimizer_state_dict(spec, None)
-        return torch_optimizer_state_dict(spec, source[0], step=source[1])
+        opt_state, step = (None, 0) if source is None else source
+        return torch_optimizer_state_dict(spec, opt_state, step=step)
 
     def load_state_dict(self, state_dict: Any) -> None:
         raise RuntimeError(
@@ -633,24 +551,54 @@ def torch_optimizer_cls_and_kwargs(args: Any, model: nn.Module | None = None) ->
 # What create_optimizer / create_scheduler build.
 
 
-def hf_param_groups(model: nn.Module, weight_decay: float) -> list[tuple[list[str], float]]:
-    """transformers' two parameter groups by name: the trainable parameters that decay (weight decay
-    ``weight_decay``), then the others (0.0), by :func:`ftrain.optim.hf_decay_mask`."""
-    decays = optim.hf_decay_mask(model)
-    return [([n for n, d in decays.items() if d], weight_decay), ([n for n, d in decays.items() if not d], 0.0)]
+def _hf_groups(decay_mask: Mapping[str, bool], weight_decay: float) -> list[tuple[list[str], float]]:
+    """transformers' two parameter groups by name: the parameters ``decay_mask`` marks (weight decay
+    ``weight_decay``), then the others (0.0), each in ``decay_mask``'s (``named_parameters()``) order."""
+    return [([n for n, d in decay_mask.items() if d], weight_decay), ([n for n, d in decay_mask.items() if not d], 0.0)]
+
+
+def hf_param_groups(policy: Any, decay_mask: Mapping[str, bool], *, lr: float) -> list[dict[str, Any]]:
+    """The param groups transformers' ``create_optimizer`` builds for ``policy``, with parameter names in
+    ``"params"``, as its torch optimizer's ``state_dict()`` lists them after a ``LambdaLR`` scheduler set
+    ``initial_lr`` (what ``optimizer.pt`` holds).
+
+    The torch class and its arguments are :func:`torch_optimizer_cls_and_kwargs`'; the hyper-parameter keys and
+    defaults are torch's own: the optimizer is built over placeholder scalars and its groups read back.
+
+    Args:
+        policy: the plan's :class:`~ftrain.trainer.plan.OptimPolicy` (``trainer.plan.optim``).
+        decay_mask: ``{name: decays}`` over the trainable parameters (:func:`ftrain.optim.hf_decay_mask`).
+        lr: the groups' current learning rate (the schedule's value for the next update).
+
+    Raises:
+        UnmappableOptimizerError: an ``optim`` whose transformers optimizer is not a ``torch.optim`` one.
+    """
+    cls, kwargs = torch_optimizer_cls_and_kwargs(policy)
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        name = getattr(policy.name, "value", policy.name)
+        classes = sorted(c.__name__ for c in _TORCH_CLASS_OF.values())
+        raise UnmappableOptimizerError(
+            f"optim={name!r}: transformers' optimizer for it is not a torch.optim one, so optimizer.pt cannot hold "
+            f"its state (it can for the optim values that build torch.optim's {classes})."
+        )
+    groups = _hf_groups(decay_mask, policy.weight_decay)
+    placeholders = [{"params": [torch.zeros(()) for _ in names], "weight_decay": wd} for names, wd in groups]
+    optimizer = cls(placeholders, **{**kwargs, "lr": lr})
+    return [{**{k: v for k, v in g.items() if k != "params"}, "initial_lr": policy.learning_rate, "params": names}
+            for g, (names, _) in zip(optimizer.param_groups, groups)]  # fmt: skip
 
 
 def build_optimizer_spec(
     cls: Any, kwargs: Mapping[str, Any], model: nn.Module, weight_decay: float
 ) -> tuple[TorchOptimizerSpec, Schedule | None]:
-    """The spec of ``cls(hf_param_groups(model, weight_decay), **kwargs)`` — what transformers'
+    """The spec of ``cls(<transformers' two groups of model>, **kwargs)`` — what transformers'
     ``create_optimizer`` builds — and the learning-rate schedule given in ``kwargs`` (``None`` unless an ftrain
     factory got a callable ``learning_rate``).
 
     ``cls`` is a torch optimizer class (instantiated over ``model``'s parameters, so torch checks the arguments;
     no state is allocated) or an ``ftrain.optim`` factory (its arguments are kept under ftrain's names).
     """
-    groups = hf_param_groups(model, weight_decay)
+    groups = _hf_groups(optim.hf_decay_mask(model), weight_decay)
     if isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer):
         _translation(cls)  # refuse an untranslatable class before building anything
         params = dict(model.named_parameters())

@@ -9,7 +9,6 @@ the memory numbers are checked against the size of a known allocation.
 
 from __future__ import annotations
 
-import copy
 import os
 import signal
 import time
@@ -24,6 +23,7 @@ datasets = pytest.importorskip("datasets")
 from ftrain.trainer import Trainer, TrainingArguments  # noqa: E402
 from ftrain.trainer import loop as ftrain_loop  # noqa: E402
 from ftrain.trainer.memory import TrainerMemoryTracker  # noqa: E402
+from tests.trainer.side_by_side import logged_steps, side_args  # noqa: E402
 from tests.trainer.test_compat import COMMON, tiny_gpt2, token_rows  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -34,12 +34,10 @@ STEPS = dict(COMMON, max_steps=3, per_device_train_batch_size=4, logging_steps=1
 def both(HFArgs, tmp_path, model_init=None, train_dataset=None, eval_dataset=None, callbacks=list, **kwargs):
     """(transformers' Trainer, ftrain's Trainer), built alike from ``STEPS`` plus ``kwargs``; ``callbacks()`` gives
     each its own callbacks."""
-    options = {**STEPS, **kwargs}
     data = train_dataset if train_dataset is not None else token_rows()
     out = []
-    for name, trainer_cls, args_cls in (("hf", transformers.Trainer, HFArgs), ("ft", Trainer, TrainingArguments)):
+    for _, trainer_cls, args in side_args(tmp_path, {**STEPS, **kwargs}, hf_args_cls=HFArgs):
         model = None if model_init is not None else tiny_gpt2()
-        args = args_cls(output_dir=str(tmp_path / name), **copy.deepcopy(options))  # transformers edits its dicts
         out.append(trainer_cls(model=model, model_init=model_init, args=args, train_dataset=data,
                                eval_dataset=eval_dataset, callbacks=callbacks()))  # fmt: skip
     return tuple(out)
@@ -345,7 +343,7 @@ def test_removing_transformers_default_flow_callback_removes_ftrains(HFArgs, tmp
         t.train()
     # without a flow callback nothing asks for logs or checkpoints, and training runs max_steps all the same
     assert [type(cb).__name__ for cb in ft.callback_handler.callbacks] == []
-    assert [e for e in ft.state.log_history if "loss" in e] == [e for e in hf.state.log_history if "loss" in e] == []
+    assert logged_steps(ft) == logged_steps(hf) == []
     folders = [os.listdir(p) if p.exists() else [] for p in (tmp_path / "hf", tmp_path / "ft")]
     assert folders == [[], []] and ft.state.global_step == hf.state.global_step == 3
 

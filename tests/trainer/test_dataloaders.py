@@ -10,8 +10,6 @@ import warnings
 
 import pytest
 import torch
-from tolerances import FLOAT64
-from trainer.test_trainer_parity import APPROX64, ARGS, hf_loss_rtol, tiny_gpt2, token_rows
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")  # transformers' Trainer prepares its loaders with accelerate
@@ -19,36 +17,15 @@ pytest.importorskip("accelerate")  # transformers' Trainer prepares its loaders 
 from ftrain.data import BatchStream  # noqa: E402
 from ftrain.trainer import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 from ftrain.trainer.dataloaders import TrainerDataLoader, find_executable_batch_size  # noqa: E402
+from tests.trainer.side_by_side import APPROX64, assert_same_training, logged_steps, side_args  # noqa: E402
+from tests.trainer.test_trainer_parity import ARGS, tiny_gpt2, token_rows  # noqa: E402
 
 GA = ARGS["gradient_accumulation_steps"]
 
 
 def _pair(tmp_path, name, **overrides):
-    """``[(label, Trainer class, TrainingArguments)]`` for transformers and ftrain with ``ARGS | overrides``."""
-    args = {**ARGS, **overrides}
-    return [
-        ("hf", transformers.Trainer, transformers.TrainingArguments(output_dir=str(tmp_path / f"hf-{name}"), **args)),
-        ("ft", Trainer, TrainingArguments(output_dir=str(tmp_path / f"ft-{name}"), **args)),
-    ]
-
-
-def _logged(trainer):
-    return [e for e in trainer.state.log_history if "loss" in e]
-
-
-def _assert_same_training(hf, ft, accumulated=GA):
-    """Every logged step (loss, grad_norm, lr, epoch) and the final float64 parameters agree with transformers'."""
-    theirs, ours = _logged(hf), _logged(ft)
-    assert [e["step"] for e in ours] == [e["step"] for e in theirs] and ours
-    for a, b in zip(theirs, ours):
-        assert b["loss"] == pytest.approx(a["loss"], rel=hf_loss_rtol(accumulated))
-        assert b["grad_norm"] == pytest.approx(a["grad_norm"], **APPROX64)
-        assert b["learning_rate"] == pytest.approx(a["learning_rate"], **APPROX64)
-        assert b["epoch"] == pytest.approx(a["epoch"], **APPROX64)
-    assert ft.state.global_step == hf.state.global_step
-    reference = dict(hf.model.named_parameters())
-    for name, p in ft.model.named_parameters():
-        torch.testing.assert_close(p.detach(), reference[name].detach(), **FLOAT64)
+    """``(label, Trainer class, TrainingArguments)`` for transformers, then ftrain, with ``ARGS | overrides``."""
+    return side_args(tmp_path, {**ARGS, **overrides}, name=name)
 
 
 class TokenStream(torch.utils.data.IterableDataset):
@@ -79,8 +56,8 @@ def test_iterable_dataset_trains_and_evaluates_like_transformers(tmp_path, kind,
         evals = TokenStream(list(evals)) if kind == "torch" else evals.to_iterable_dataset()
         out[name] = trainer, trainer.evaluate(evals)
     (hf, hf_eval), (ft, ft_eval) = out["hf"], out["ft"]
-    _assert_same_training(hf, ft)
-    assert [e["epoch"] for e in _logged(ft)][-2:] == pytest.approx([1 + 2 / 10, 1 + 4 / 10])  # the second pass
+    assert_same_training(hf, ft, accumulated=GA)
+    assert [e["epoch"] for e in logged_steps(ft)][-2:] == pytest.approx([1 + 2 / 10, 1 + 4 / 10])  # the second pass
     assert ft_eval["eval_loss"] == pytest.approx(hf_eval["eval_loss"], **APPROX64)  # float64 on both sides
 
 
@@ -126,7 +103,7 @@ def test_custom_get_train_dataloader_trains_like_transformers(tmp_path, make_loa
         trainers[name] = Custom(model=tiny_gpt2(), args=args, train_dataset=token_rows(20))
         trainers[name].train()
     # 5 microbatches per epoch, GA 2: updates of 2, 2 and 1 microbatches, so step 3 ends epoch 0
-    _assert_same_training(trainers["hf"], trainers["ft"])
+    assert_same_training(trainers["hf"], trainers["ft"], accumulated=GA)
 
 
 class _Recorder(TrainerCallback):
@@ -179,7 +156,7 @@ def test_get_dataloader_and_get_batch_samples_overrides_run_in_transformers_orde
         "get_batch_samples(2) -> 2, 120",
     ]
     assert "get_batch_samples(1) -> 1, 60" in events["ft"]  # the epoch's last window: 5 % 2 microbatches
-    _assert_same_training(trainers["hf"], trainers["ft"])
+    assert_same_training(trainers["hf"], trainers["ft"], accumulated=GA)
 
 
 def test_get_batch_samples_count_that_the_step_cannot_honour_is_refused(tmp_path):
@@ -224,7 +201,7 @@ def test_auto_find_batch_size_retries_like_transformers(tmp_path, one_thread):
     assert ft.state.train_batch_size == hf.state.train_batch_size == 6
     assert ft.args.per_device_train_batch_size == hf.args.per_device_train_batch_size == 8
     assert ft.get_total_train_batch_size(ft.args) == hf.get_total_train_batch_size(hf.args) == 12
-    _assert_same_training(hf, ft)
+    assert_same_training(hf, ft, accumulated=GA)
 
 
 def test_auto_find_batch_size_reraises_other_errors_and_gives_up_at_zero():
@@ -290,7 +267,7 @@ def test_resume_with_and_without_ignore_data_skip_matches_transformers(tmp_path,
     epoch0 = token_rows()["input_ids"]
     expected_first = 0 if ignore_data_skip else 4  # the resumed epoch from its start, or from its 5th batch
     assert seen["ft"][0] == [[row[0] for row in epoch0[4 * expected_first : 4 * expected_first + 4]]]
-    _assert_same_training(resumed["hf"], resumed["ft"], accumulated=1)
+    assert_same_training(resumed["hf"], resumed["ft"])
 
 
 def test_persistent_workers_keep_one_pool_and_the_same_batches(tmp_path):

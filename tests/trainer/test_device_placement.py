@@ -10,7 +10,7 @@ ftrain subclass: the call order must be the same, and the override's effect must
 
 Numbers are compared in float64 (the model and data are float64) with ``FLOAT64`` (tests/tolerances.py) where both
 sides compute the same mathematics in float64; transformers accumulates its logged training loss in float32, which
-``hf_loss_rtol`` (test_trainer_parity) bounds. The ``*_full_eval`` evaluations run in bfloat16 / float16, bounded
+``hf_loss_rtol`` (side_by_side) bounds. The ``*_full_eval`` evaluations run in bfloat16 / float16, bounded
 from those dtypes' unit roundoff.
 """
 
@@ -29,9 +29,9 @@ import ftrain.trainer.evaluation as evaluation_module  # noqa: E402
 import ftrain.trainer.loop as loop_module  # noqa: E402
 from ftrain.trainer import Trainer, TrainingArguments  # noqa: E402
 from ftrain.trainer.plan import make_plan  # noqa: E402
-from tests.trainer.test_trainer_parity import hf_loss_rtol, tiny_gpt2, token_rows  # noqa: E402
+from tests.trainer.side_by_side import APPROX64, hf_loss_rtol, logged_steps, regression_rows, side_args  # noqa: E402
+from tests.trainer.test_trainer_parity import tiny_gpt2, token_rows  # noqa: E402
 
-APPROX64 = {"rel": FLOAT64["rtol"], "abs": FLOAT64["atol"]}
 HOOKS = ("_move_model_to_device", "_wrap_model", "_prepare_inputs", "set_initial_training_values",
          "get_total_train_batch_size")  # fmt: skip
 
@@ -60,29 +60,24 @@ class Regressor(torch.nn.Module):
 
 
 def rows(n: int = 16) -> list[dict[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(n, 3, generator=g, dtype=torch.float64)
-    y = x @ torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64) + 0.1
-    return [{"x": x[i], "labels": y[i]} for i in range(n)]
+    return regression_rows(n, intercept=0.1)
 
 
-def settings(tmp_path, **changes) -> dict:
-    return dict(output_dir=str(tmp_path), report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True,
-                max_steps=4, logging_steps=1, learning_rate=0.05, optim="adamw_torch", lr_scheduler_type="linear",
-                per_device_train_batch_size=2, per_device_eval_batch_size=4, gradient_accumulation_steps=2,
-                train_sampling_strategy="sequential", seed=0) | changes  # fmt: skip
+def settings(**changes) -> dict:
+    return dict(report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True, max_steps=4, logging_steps=1,
+                learning_rate=0.05, optim="adamw_torch", lr_scheduler_type="linear", per_device_train_batch_size=2,
+                per_device_eval_batch_size=4, gradient_accumulation_steps=2, train_sampling_strategy="sequential",
+                seed=0) | changes  # fmt: skip
 
 
 def pair(tmp_path, overrides: dict, ftrain_only: dict | None = None, **changes):
     """An ftrain and a transformers Trainer subclass with the same method ``overrides``, model, data and settings
     (``ftrain_only``: settings of the ftrain one alone)."""
-    trainers = []
-    for base, args_cls in ((Trainer, TrainingArguments), (transformers.Trainer, transformers.TrainingArguments)):
+    trainers = {}
+    for name, base, args in side_args(tmp_path, settings(**changes), ft_only=ftrain_only):
         cls = type("Sub", (base,), dict(overrides))
-        extra = ftrain_only or {} if base is Trainer else {}
-        args = args_cls(**settings(tmp_path / base.__module__, **changes, **extra))
-        trainers.append(cls(Regressor(), args, train_dataset=rows(), eval_dataset=rows(8)))
-    return trainers
+        trainers[name] = cls(Regressor(), args, train_dataset=rows(), eval_dataset=rows(8))
+    return trainers["ft"], trainers["hf"]
 
 
 def side(trainer) -> str:
@@ -104,7 +99,7 @@ def recording(calls: dict[str, list[str]]) -> dict:
 
 
 def step_losses(trainer) -> list[float]:
-    return [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    return [e["loss"] for e in logged_steps(trainer)]
 
 
 # ---- args.device -------------------------------------------------------------------------------------------------
@@ -301,8 +296,8 @@ def test_set_initial_training_values_override_drives_the_run(tmp_path):
 
     ours, theirs = pair(tmp_path, {"set_initial_training_values": shorter})
     ours.train(), theirs.train()
-    ours_logs = [(e["step"], e["epoch"], e["learning_rate"]) for e in ours.state.log_history if "loss" in e]
-    theirs_logs = [(e["step"], e["epoch"], e["learning_rate"]) for e in theirs.state.log_history if "loss" in e]
+    ours_logs = [(e["step"], e["epoch"], e["learning_rate"]) for e in logged_steps(ours)]
+    theirs_logs = [(e["step"], e["epoch"], e["learning_rate"]) for e in logged_steps(theirs)]
     assert len(ours_logs) == 3 and ours.state.max_steps == theirs.state.max_steps == 3
     assert [s for s, _, _ in ours_logs] == [s for s, _, _ in theirs_logs]
     assert [e for _, e, _ in ours_logs] == pytest.approx([e for _, e, _ in theirs_logs], **APPROX64)

@@ -22,7 +22,13 @@ transformers = pytest.importorskip("transformers")
 datasets = pytest.importorskip("datasets")
 
 from ftrain.trainer import Trainer, TrainingArguments  # noqa: E402
-from tests.trainer.test_trainer_parity import APPROX64, hf_loss_rtol, tiny_gpt2  # noqa: E402
+from tests.trainer.side_by_side import (  # noqa: E402
+    APPROX64,
+    assert_same_training,
+    logged_steps,
+    side_args,
+)
+from tests.trainer.test_trainer_parity import tiny_gpt2  # noqa: E402
 
 BASE = dict(
     report_to="none",
@@ -163,12 +169,8 @@ def regression_metrics(p):
 def both(tmp_path, model_fn, ft_args=None, compute_metrics=None, **kwargs):
     """``{"hf": transformers.Trainer, "ft": ftrain Trainer}`` on fresh models, with the same arguments
     (``ft_args``: ftrain's own extra arguments). ``compute_metrics`` may be a factory (a fresh one per trainer)."""
-    out, shared = {}, {**BASE, **kwargs.pop("args", {})}
-    for name, trainer_cls, args_cls, extra in (
-        ("hf", transformers.Trainer, transformers.TrainingArguments, {}),
-        ("ft", Trainer, TrainingArguments, ft_args or {}),
-    ):
-        args = args_cls(output_dir=str(tmp_path / name), **shared, **extra)
+    out = {}
+    for name, trainer_cls, args in side_args(tmp_path, {**BASE, **kwargs.pop("args", {})}, ft_only=ft_args):
         metrics = compute_metrics() if isinstance(compute_metrics, type) else compute_metrics
         out[name] = trainer_cls(model=model_fn(), args=args, compute_metrics=metrics, **kwargs)
     return out
@@ -384,14 +386,10 @@ def test_tuple_model_trains_like_transformers(tmp_path):
     )  # fmt: skip
     for trainer in trainers.values():
         trainer.train()
-    hf, ft = ([e for e in t.state.log_history if "loss" in e] for t in (trainers["hf"], trainers["ft"]))
-    assert [e["step"] for e in ft] == [1, 2, 3, 4] == [e["step"] for e in hf]
-    for a, b in zip(hf, ft):
-        assert b["loss"] == pytest.approx(a["loss"], rel=hf_loss_rtol(2))  # transformers' float32 accumulator
-        assert b["grad_norm"] == pytest.approx(a["grad_norm"], **APPROX64)
-    for (name, theirs), ours in zip(trainers["hf"].model.named_parameters(), trainers["ft"].model.parameters()):
-        # A real difference is far above FLOAT64: lr 0.1 moves a and b by ~0.1 per step.
-        torch.testing.assert_close(ours.detach(), theirs.detach(), **FLOAT64, msg=name)
+    assert [e["step"] for e in logged_steps(trainers["ft"])] == [1, 2, 3, 4]
+    # the loss to transformers' float32 accumulator of 2 microbatches; the rest to FLOAT64, far below a real
+    # difference (lr 0.1 moves a and b by ~0.1 per step)
+    assert_same_training(trainers["hf"], trainers["ft"], accumulated=2)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -34,14 +34,15 @@ from ftrain.trainer import Trainer, TrainingArguments  # noqa: E402
 from ftrain.trainer.convert import make_optimizer  # noqa: E402
 from ftrain.trainer.hf_checkpoint import (  # noqa: E402
     UnmappableOptimizerError,
-    hf_param_groups,
     load_torch_file,
     opt_state_from_torch,
     opt_state_to_torch,
 )
 from ftrain.trainer.plan import make_plan  # noqa: E402
+from ftrain.trainer.torch_optim import hf_param_groups  # noqa: E402
 from ftrain.tree import tree_leaves  # noqa: E402
-from tests.trainer.test_trainer_parity import APPROX64, hf_loss_rtol, tiny_gpt2, token_rows  # noqa: E402
+from tests.trainer.side_by_side import APPROX64, SIDES, hf_loss_rtol, logged_steps  # noqa: E402
+from tests.trainer.test_trainer_parity import tiny_gpt2, token_rows  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -50,11 +51,10 @@ ARGS = dict(
     logging_steps=1, learning_rate=1e-3, warmup_steps=3, lr_scheduler_type="linear", optim="adamw_torch",
     weight_decay=0.1, max_grad_norm=1.0, per_device_train_batch_size=4, save_strategy="steps", save_steps=10,
 )  # fmt: skip
-LIBRARIES = {"hf": (transformers.Trainer, transformers.TrainingArguments), "ft": (Trainer, TrainingArguments)}
 
 
 def _train(lib, out, *, resume=None, ga=1, max_steps=20, **extra):
-    trainer_cls, args_cls = LIBRARIES[lib]
+    trainer_cls, args_cls = SIDES[lib]
     args = args_cls(output_dir=str(out), max_steps=max_steps, gradient_accumulation_steps=ga, **{**ARGS, **extra})
     trainer = trainer_cls(model=tiny_gpt2(), args=args, train_dataset=token_rows())
     trainer.train(resume_from_checkpoint=resume)
@@ -65,11 +65,11 @@ def _train(lib, out, *, resume=None, ga=1, max_steps=20, **extra):
 def runs(request, tmp_path_factory):
     """Per library, a run of 20 steps that saved checkpoint-10 (and checkpoint-20)."""
     ga = request.param
-    return ga, {lib: _train(lib, tmp_path_factory.mktemp(lib), ga=ga) for lib in LIBRARIES}
+    return ga, {lib: _train(lib, tmp_path_factory.mktemp(lib), ga=ga) for lib in SIDES}
 
 
 def _steps(trainer, first):
-    return [e for e in trainer.state.log_history if "loss" in e and e["step"] >= first]
+    return [e for e in logged_steps(trainer) if e["step"] >= first]
 
 
 def _assert_continues(resumed, reference, ga):
@@ -205,7 +205,7 @@ def _recording(base, calls):
 def test_hooks_are_called_in_transformers_order_on_save_and_resume(tmp_path):
     """The same recording subclass of each library's Trainer, saving at step 2, then resuming from it to step 4."""
     orders = {}
-    for lib, (trainer_cls, args_cls) in LIBRARIES.items():
+    for lib, (trainer_cls, args_cls) in SIDES.items():
         calls = []
         cls = _recording(trainer_cls, calls)
         for step, resume in ((2, None), (4, str(tmp_path / lib / "checkpoint-2"))):

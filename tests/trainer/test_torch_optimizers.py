@@ -1,10 +1,12 @@
 """torch optimizers and schedulers through ftrain's Trainer, against ``transformers.Trainer`` with the same objects.
 
 Each run builds a fresh float64 model (same seed) and fresh torch objects for each Trainer, trains a few steps and
-compares the per-step logs (``loss``, ``learning_rate``, ``grad_norm``) and the final weights. In float64 both sides
-compute the same mathematics (torch.optim's step, ftrain's pure transformation), so they agree to ``FLOAT64``
-(``tests/tolerances.py``). The views (``trainer.optimizer.param_groups`` / ``state_dict()``,
-``trainer.lr_scheduler.get_last_lr()``) are compared with transformers' trainer's own objects after the run.
+compares the per-step logs (``loss``, ``learning_rate``, ``grad_norm``, ``epoch``) and the final weights
+(``side_by_side.assert_same_training``). In float64 both sides compute the same mathematics (torch.optim's step,
+ftrain's pure transformation), so they agree to ``FLOAT64`` (``tests/tolerances.py``); the logged loss to
+``hf_loss_rtol(1)``, as transformers adds it into a float32 tensor. The views (``trainer.optimizer.param_groups``
+/ ``state_dict()``, ``trainer.lr_scheduler.get_last_lr()``) are compared with transformers' trainer's own objects
+after the run.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import importlib.util
 
 import pytest
 import torch
-from tolerances import FLOAT64, reduction_rtol
+from tolerances import FLOAT64
 from torch import nn
 
 from ftrain.trainer import Trainer, TrainingArguments
@@ -21,10 +23,10 @@ from ftrain.trainer.torch_optim import table_schedule
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
+
+from tests.trainer.side_by_side import assert_same_training, logged_steps, regression_rows, side_args  # noqa: E402
+
 STEPS = 6
-#: transformers adds each logged loss into a float32 tensor (``_tr_loss``) whatever the model's dtype: one float32
-#: rounding per logging window of one microbatch, the bound of ``reduction_rtol(1, float32)``; ftrain's is float64.
-LOSS = {"rtol": reduction_rtol(1, torch.float32), "atol": 0.0}
 
 
 class Regression(nn.Module):
@@ -43,10 +45,7 @@ class Regression(nn.Module):
 
 
 def _data(n: int = 32) -> list[dict[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(n, 3, generator=g, dtype=torch.float64)
-    y = x @ torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64) + 0.3
-    return [{"x": x[i], "labels": y[i]} for i in range(n)]
+    return regression_rows(n, intercept=0.3)
 
 
 def _groups(model: nn.Module) -> list[dict]:
@@ -56,37 +55,33 @@ def _groups(model: nn.Module) -> list[dict]:
     return [{"params": weights, "weight_decay": 0.1}, {"params": biases, "lr": 0.02, "weight_decay": 0.0}]
 
 
+SETTINGS = dict(max_steps=STEPS, per_device_train_batch_size=4, logging_steps=1, save_strategy="no", report_to="none",
+                disable_tqdm=True, dataloader_drop_last=True, train_sampling_strategy="sequential")  # fmt: skip
+
+
 def _args(cls, tmp_path, **kw):
-    base = dict(output_dir=str(tmp_path), max_steps=STEPS, per_device_train_batch_size=4, logging_steps=1,
-                save_strategy="no", report_to="none", disable_tqdm=True, dataloader_drop_last=True,
-                train_sampling_strategy="sequential")  # fmt: skip
-    return cls(**{**base, **kw})
+    return cls(output_dir=str(tmp_path), **{**SETTINGS, **kw})
 
 
-def _run(trainer_cls, args_cls, tmp_path, make_objects, eval_dataset=None, **kw):
+def _run(trainer_cls, args, make_objects, eval_dataset=None):
     model = Regression()
     objects = make_objects(model) if make_objects is not None else (None, None)
-    trainer = trainer_cls(model, _args(args_cls, tmp_path / trainer_cls.__module__, **kw), train_dataset=_data(),
-                          eval_dataset=eval_dataset, optimizers=objects)  # fmt: skip
+    trainer = trainer_cls(model, args, train_dataset=_data(), eval_dataset=eval_dataset, optimizers=objects)
     trainer.train()
-    logs = [h for h in trainer.state.log_history if "loss" in h and "train_loss" not in h]
-    return trainer, logs
+    return trainer
 
 
 def _both(tmp_path, make_objects, eval_dataset=None, **kw):
-    hf, hf_logs = _run(transformers.Trainer, transformers.TrainingArguments, tmp_path, make_objects, eval_dataset, **kw)
-    ft, ft_logs = _run(Trainer, TrainingArguments, tmp_path, make_objects, eval_dataset, **kw)
-    return hf, hf_logs, ft, ft_logs
+    """(transformers' Trainer, ftrain's), each trained with its own fresh ``make_objects(model)``."""
+    trainers = {side: _run(cls, args, make_objects, eval_dataset)
+                for side, cls, args in side_args(tmp_path, {**SETTINGS, **kw})}  # fmt: skip
+    return trainers["hf"], trainers["ft"]
 
 
-def _assert_same_run(hf, hf_logs, ft, ft_logs):
-    assert len(ft_logs) == len(hf_logs) == STEPS
-    for key in ("loss", "learning_rate", "grad_norm"):
-        ours = torch.tensor([h[key] for h in ft_logs], dtype=torch.float64)
-        theirs = torch.tensor([h[key] for h in hf_logs], dtype=torch.float64)
-        torch.testing.assert_close(ours, theirs, **(LOSS if key == "loss" else FLOAT64), msg=key)
-    for (name, p), (_, q) in zip(ft.model.named_parameters(), hf.model.named_parameters()):
-        torch.testing.assert_close(p.detach(), q.detach(), **FLOAT64, msg=name)
+def _assert_same_run(hf, ft):
+    """``STEPS`` logged steps and the final weights agree with transformers' (one microbatch per logged loss)."""
+    assert len(logged_steps(ft)) == STEPS
+    assert_same_training(hf, ft)
 
 
 OPTIMIZERS = {
@@ -101,8 +96,8 @@ OPTIMIZERS = {
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_torch_optimizer_matches_transformers(name, tmp_path, one_thread):
     """optimizers=(torch optimizer, None): transformers adds its linear schedule; so does ftrain, per group."""
-    hf, hf_logs, ft, ft_logs = _both(tmp_path, lambda m: (OPTIMIZERS[name](m), None), warmup_steps=2)
-    _assert_same_run(hf, hf_logs, ft, ft_logs)
+    hf, ft = _both(tmp_path, lambda m: (OPTIMIZERS[name](m), None), warmup_steps=2)
+    _assert_same_run(hf, ft)
     assert isinstance(ft.optimizer, type(hf.optimizer.optimizer))  # the view is an instance of the torch class
     _assert_same_views(hf, ft)
 
@@ -155,8 +150,8 @@ def test_torch_scheduler_matches_transformers(name, tmp_path, one_thread):
         opt = torch.optim.AdamW(_groups(model), lr=0.05)
         return opt, SCHEDULERS[name](opt)
 
-    hf, hf_logs, ft, ft_logs = _both(tmp_path, objects)
-    _assert_same_run(hf, hf_logs, ft, ft_logs)
+    hf, ft = _both(tmp_path, objects)
+    _assert_same_run(hf, ft)
     _assert_same_views(hf, ft)
 
 
@@ -168,9 +163,9 @@ def test_reduce_lr_on_plateau_matches_transformers(tmp_path, one_thread):
         return opt, torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=0, threshold=0.5)
 
     kw = dict(eval_strategy="steps", eval_steps=1, metric_for_best_model="eval_loss")
-    hf, hf_logs, ft, ft_logs = _both(tmp_path, objects, eval_dataset=_data(8), **kw)
-    assert len({h["learning_rate"] for h in hf_logs}) > 1  # the scheduler did reduce
-    _assert_same_run(hf, hf_logs, ft, ft_logs)
+    hf, ft = _both(tmp_path, objects, eval_dataset=_data(8), **kw)
+    assert len({h["learning_rate"] for h in logged_steps(hf)}) > 1  # the scheduler did reduce
+    _assert_same_run(hf, ft)
     assert isinstance(ft.lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
     assert ft.get_learning_rates() == pytest.approx(hf.get_learning_rates(), rel=FLOAT64["rtol"])
 
@@ -227,13 +222,12 @@ def test_optimizer_cls_and_kwargs_and_an_overriding_subclass_drive_create_optimi
         else:
             ft = Sub(model, args, train_dataset=_data())
         ft.train()
-        ft_logs[how] = [h for h in ft.state.log_history if "loss" in h and "train_loss" not in h]
+        ft_logs[how] = logged_steps(ft)
         assert isinstance(ft.optimizer, torch.optim.SGD) and ft.optimizer.param_groups[0]["momentum"] == 0.5
     hf = transformers.Trainer(Regression(), _args(transformers.TrainingArguments, tmp_path / "hf2"),
                               train_dataset=_data(), optimizer_cls_and_kwargs=cls_kwargs)  # fmt: skip
     hf.train()
-    hf_logs = [h for h in hf.state.log_history if "loss" in h and "train_loss" not in h]
-    _assert_same_run(hf, hf_logs, ft, ft_logs["override"])
+    _assert_same_run(hf, ft)
     assert ft_logs["override"] == ft_logs["cls_and_kwargs"]
 
 

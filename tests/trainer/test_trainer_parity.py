@@ -10,12 +10,13 @@ import math
 
 import pytest
 import torch
-from tolerances import FLOAT64, reduction_rtol
+from tolerances import FLOAT64
 
 transformers = pytest.importorskip("transformers")
 datasets = pytest.importorskip("datasets")
 
 from ftrain.trainer import Trainer, TrainingArguments  # noqa: E402
+from tests.trainer.side_by_side import APPROX64, hf_loss_rtol  # noqa: E402  (re-exported to the other parity tests)
 
 ARGS = dict(
     report_to="none",
@@ -34,20 +35,6 @@ ARGS = dict(
     disable_tqdm=True,
     seed=0,
 )
-
-#: ``FLOAT64`` in ``pytest.approx``'s names, for the scalars two float64 computations log (loss, grad_norm, lr).
-APPROX64 = {"rel": FLOAT64["rtol"], "abs": FLOAT64["atol"]}
-
-
-def hf_loss_rtol(roundings: int) -> float:
-    """Relative tolerance of a ``loss``/``train_loss`` that transformers logs, against ftrain's, for float64 models.
-
-    transformers sums a logging window's microbatch losses into ``self._tr_loss = torch.tensor(0.0)``, a float32
-    tensor whatever the model's dtype, so each of the window's ``roundings`` additions (one per microbatch:
-    ``gradient_accumulation_steps * logging_steps``) rounds to float32; ftrain accumulates in float64. The losses
-    are positive, so :func:`reduction_rtol` (``2·γ_n``, float32) bounds it; ``train_loss`` is a mean of such windows.
-    A real difference is far above it: ``learning_rate`` 1e-3 -> 1.001e-3 moves the logged loss by 1e-5 relative."""
-    return reduction_rtol(roundings, torch.float32)
 
 
 def causal_lm_loss(logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100, shift_labels=None, **kw):
