@@ -7,7 +7,10 @@ keyword arguments are ``model``, ``processing_class``, ``optimizer``, ``lr_sched
 
 :class:`CallbackHandler` calls them in order. Everything is duck-typed: callbacks written against
 ``transformers.TrainerCallback`` run here unchanged, and the built-in callbacks only read attributes of ``args``, so
-they work with ftrain's ``TrainingArguments`` and with transformers' own. Nothing here imports transformers.
+they work with ftrain's ``TrainingArguments`` and with transformers' own. Nothing here imports transformers; once a
+script has imported transformers' callback module, the built-in callbacks the handler installs are also instances of
+transformers' classes of the same name (:func:`builtin_class`), so HF code's ``isinstance`` checks find them. Messages
+go through transformers' logger names (:func:`~ftrain.trainer.utils.hf_logger`), as transformers writes them.
 
 Example:
     >>> from types import SimpleNamespace
@@ -29,13 +32,13 @@ Example:
 
 from __future__ import annotations
 
-import logging
+import sys
 from typing import Any
 
 from tqdm.auto import tqdm
 
 from ftrain.trainer.trainer_state import ExportableState, TrainerControl, TrainerState
-from ftrain.trainer.utils import has_length, strategy_value
+from ftrain.trainer.utils import has_length, hf_logger, strategy_value
 
 __all__ = [
     "DEFAULT_CALLBACKS",
@@ -49,11 +52,12 @@ __all__ = [
     "TrainerCallback",
     "TrainerControl",
     "TrainerState",
+    "builtin_class",
     "is_callback_of",
     "restore_callback_states",
 ]
 
-logger = logging.getLogger(__name__)
+logger = hf_logger("trainer_callback")
 
 EVENTS = (
     "on_init_end",
@@ -138,11 +142,6 @@ class TrainerCallback:
         """Called before the model is pushed to the Hugging Face Hub."""
 
 
-def _is_default_flow(callback: Any) -> bool:
-    """True for ftrain's DefaultFlowCallback, transformers' one, or a subclass of either."""
-    return any(klass.__name__ == "DefaultFlowCallback" for klass in type(callback).__mro__)
-
-
 # The built-in callbacks ftrain has in place of transformers' classes of the same name.
 _TWIN_NAMES = frozenset(
     {
@@ -161,25 +160,50 @@ def _package(klass: type) -> str:
     return klass.__module__.split(".", 1)[0]
 
 
+def _builtin_name(klass: type) -> str | None:
+    """The built-in callback ``klass`` is (ftrain's class, transformers' class of that name, or ftrain's class
+    deriving from both), by name; ``None`` for any other class."""
+    return klass.__name__ if klass.__name__ in _TWIN_NAMES and _package(klass) in _TWIN_PACKAGES else None
+
+
+def _same_builtin(a: type, b: type) -> bool:
+    """Whether ``a`` and ``b`` are the same built-in callback, each from ftrain or from transformers."""
+    name = _builtin_name(a)
+    return name is not None and name == _builtin_name(b)
+
+
 def is_callback_of(callback: Any, klass: type) -> bool:
     """Whether ``callback`` is an instance of ``klass``, counting ftrain's built-in callbacks as instances of
     transformers' classes of the same name and the other way round (ftrain installs its own ``DefaultFlowCallback``,
-    so ``trainer.remove_callback(transformers.DefaultFlowCallback)`` must find it).
+    so ``trainer.remove_callback(transformers.DefaultFlowCallback)`` must find it, even where it was installed
+    before transformers' callback module was imported: see :func:`builtin_class`).
 
     Example:
         >>> is_callback_of(PrinterCallback(), TrainerCallback), is_callback_of(PrinterCallback(), ProgressCallback)
         (True, False)
     """
-    if isinstance(callback, klass):
-        return True
-    if klass.__name__ not in _TWIN_NAMES or _package(klass) not in _TWIN_PACKAGES:
-        return False
-    return any(k.__name__ == klass.__name__ and _package(k) in _TWIN_PACKAGES for k in type(callback).__mro__)
+    return isinstance(callback, klass) or any(_same_builtin(k, klass) for k in type(callback).__mro__)
 
 
-def _are_twins(a: type, b: type) -> bool:
-    """ftrain's built-in callback class and transformers' class of the same name."""
-    return a.__name__ == b.__name__ in _TWIN_NAMES and {_package(a), _package(b)} == _TWIN_PACKAGES
+def builtin_class(klass: type) -> type:
+    """The class to instantiate for the callback class ``klass``.
+
+    For ftrain's ``DefaultFlowCallback``, ``ProgressCallback`` and ``PrinterCallback``, once transformers' callback
+    module is imported: ftrain's subclass deriving from transformers' class of the same name too
+    (:mod:`ftrain.trainer.transformers_callbacks`): its methods are ftrain's, and ``isinstance(cb,
+    transformers.DefaultFlowCallback)`` in HF code (``_get_callback``-style lookups, TRL) is true, as with
+    transformers' Trainer. Code that can name transformers' classes has imported that module, so ftrain never
+    imports transformers for this. Any other class is returned as it is.
+
+    Example:
+        >>> builtin_class(TrainerCallback) is TrainerCallback
+        True
+    """
+    if "transformers.trainer_callback" not in sys.modules:
+        return klass
+    from ftrain.trainer.transformers_callbacks import TWINS
+
+    return TWINS.get(klass, klass)
 
 
 class CallbackHandler(TrainerCallback):
@@ -207,7 +231,7 @@ class CallbackHandler(TrainerCallback):
         self.lr_scheduler = lr_scheduler
         self.train_dataloader: Any = None
         self.eval_dataloader: Any = None
-        if not any(_is_default_flow(cb) for cb in self.callbacks):
+        if not any(is_callback_of(cb, DefaultFlowCallback) for cb in self.callbacks):
             logger.warning(
                 "There is no DefaultFlowCallback among the callbacks, so nothing will ask the trainer to log, "
                 "evaluate, save or stop at max_steps. Add one with trainer.add_callback(DefaultFlowCallback). "
@@ -216,14 +240,14 @@ class CallbackHandler(TrainerCallback):
             )
 
     def add_callback(self, callback: Any) -> None:
-        """Appends a callback (a class is instantiated without arguments); warns if its class is already there."""
-        instance = callback() if isinstance(callback, type) else callback
+        """Appends a callback (a class is instantiated without arguments, through :func:`builtin_class`); warns,
+        naming the class in the message, if its class is already there."""
+        instance = builtin_class(callback)() if isinstance(callback, type) else callback
         klass = callback if isinstance(callback, type) else type(callback)
-        if any(type(cb) is klass or _are_twins(type(cb), klass) for cb in self.callbacks):
+        if any(type(cb) is klass or _same_builtin(type(cb), klass) for cb in self.callbacks):
             logger.warning(
-                "Adding a second %s to the callbacks; both will be called. Callbacks so far:\n%s",
-                klass,
-                self.callback_list,
+                f"Adding a second {klass} to the callbacks; both will be called. Callbacks so far:\n"
+                + self.callback_list
             )
         self.callbacks.append(instance)
 
@@ -378,9 +402,9 @@ def restore_callback_states(handler: CallbackHandler, control: Any, stored: dict
             for attribute, value in entry.get("attributes", {}).items():
                 setattr(rebuilt, attribute, value)
             pool[i] = rebuilt
-    if not_found:
-        logger.warning(
-            "The checkpoint has states for callbacks that are not in use; ignoring %s.", ", ".join(not_found)
+    if not_found:  # transformers' Trainer writes this one, through its own logger
+        hf_logger("trainer").warning(
+            f"The checkpoint has states for callbacks that are not in use; ignoring {', '.join(not_found)}."
         )
     handler.callbacks[:] = pool[:-1]
     return pool[-1]

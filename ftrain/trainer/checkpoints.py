@@ -4,18 +4,21 @@
 **Layout.** ``output_dir/checkpoint-{global_step}/`` is a ``CheckpointManager`` checkpoint (``step_prefix=
 "checkpoint-"``, no zero padding) that also holds transformers' files, so transformers' ``Trainer`` resumes it and
 users' tooling reads it: ``state.safetensors`` (the whole ``TrainState``: params, buffers, optimizer state, step,
-key), ``meta.json`` (whose ``extra`` holds the ``TrainerState``), then, through the trainer's overridable hooks in
+key), ``meta.json`` (the manager's description of it), then, through the trainer's overridable hooks in
 the order transformers' ``_save_checkpoint`` calls them, ``save_model`` (``model.safetensors``, ``config.json``, the
 processing class, ``training_args.json`` and ``training_args.bin``), ``_save_optimizer_and_scheduler``
 (``optimizer.pt``, ``scheduler.pt``), ``_save_scaler`` (nothing: no loss scaler), ``_save_rng_state``
-(``rng_state.pth``), and ``trainer_state.json``; last ``manifest.json`` and ``COMMIT``. Every file is written into
+(``rng_state.pth``), and ``trainer_state.json``, the one copy of the ``TrainerState`` (a NaN or infinite logged
+loss is written as ``NaN`` / ``Infinity``, as transformers' ``json.dumps`` does, so it is not in ``meta.json``,
+whose JSON is strict); last ``manifest.json`` and ``COMMIT``. Every file is written into
 the manager's uncommitted ``.tmp-checkpoint-N-<id>`` folder and committed at once (the hooks receive that folder as
 ``output_dir``), so a crash never leaves a ``checkpoint-N`` that looks complete and is not. The hub push follows the
 commit. ``save_only_model=True`` writes the ``save_model`` files and ``trainer_state.json`` only (no state: such a
 folder does not resume), also under a temporary name renamed into place when complete.
 
 **Resume** calls transformers' hooks in transformers' order, so a subclass's overrides take effect:
-``_load_from_checkpoint`` (weights, from ``train()``), then the ``TrainerState`` and the callbacks' states,
+``_load_from_checkpoint`` (weights, from ``train()``), then the ``TrainerState`` (arguments that differ from the
+saved run's are warned about, ``compare_trainer_and_checkpoint_args``), ``_load_callback_state``,
 ``_load_optimizer_and_scheduler``, ``_load_scaler``, ``_load_rng_state``. For a committed ftrain checkpoint each
 hook takes its part of the committed ``TrainState`` (weights, then optimizer state and step, then key), so a resume
 continues bitwise: the data position is ``state.step`` (``BatchStream.iter_from``) and dropout keys are
@@ -55,7 +58,6 @@ and ftrain resumes from it, but transformers cannot.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import re
@@ -94,11 +96,17 @@ from ftrain.trainer.hf_checkpoint import (
     set_rng_states,
 )
 from ftrain.trainer.torch_optim import hf_param_groups
-from ftrain.trainer.trainer_state import ExportableState, TrainerState, export_callback_states
+from ftrain.trainer.trainer_state import (
+    ExportableState,
+    TrainerState,
+    compare_trainer_and_checkpoint_args,
+    export_callback_states,
+)
 from ftrain.trainer.utils import (
     CHECKPOINT_NAMING,
     PREFIX_CHECKPOINT_DIR,
     get_last_checkpoint,
+    hf_logger,
     load_weights_strict,
     read_safetensors_weights,
 )
@@ -146,8 +154,8 @@ class TrainerCheckpoints:
         trainer: the Trainer it serves. Read at each call, never cached: ``args``, ``state``, ``control``,
             ``mesh``, ``_train_state``, ``model``, ``callback_handler``, ``lr_scheduler``; called back:
             ``save_model``, ``store_flos``, ``_write_hf_views``, ``_save_optimizer_and_scheduler``,
-            ``_save_scaler``, ``_save_rng_state``, ``_load_optimizer_and_scheduler``, ``_load_scaler``,
-            ``_load_rng_state``, ``_push_from_checkpoint``, ``_rotate_checkpoints``.
+            ``_save_scaler``, ``_save_rng_state``, ``_load_callback_state``, ``_load_optimizer_and_scheduler``,
+            ``_load_scaler``, ``_load_rng_state``, ``_push_from_checkpoint``, ``_rotate_checkpoints``.
 
     Attributes:
         trainer: the Trainer.
@@ -220,10 +228,10 @@ class TrainerCheckpoints:
         """Resumes from ``checkpoint`` onto the fresh ``state`` (built from the weights ``_load_from_checkpoint``
         loaded) and returns the resumed ``TrainState``.
 
-        Sets the trainer's ``TrainerState`` from the checkpoint (a best folder that no longer exists is dropped, as
-        transformers) and, with ``restore_callback_states_from_checkpoint``, its callbacks' states; then calls the
-        trainer's ``_load_optimizer_and_scheduler``, ``_load_scaler`` and ``_load_rng_state`` in transformers'
-        order. A committed ftrain checkpoint is read once for all of them.
+        Sets the trainer's ``TrainerState`` from the checkpoint's ``trainer_state.json`` (a best folder that no longer
+        exists is dropped with a warning, as transformers), warns about arguments that differ from the saved run's,
+        then calls the trainer's ``_load_callback_state``, ``_load_optimizer_and_scheduler``, ``_load_scaler`` and
+        ``_load_rng_state`` in transformers' order. A committed ftrain checkpoint is read once for all of them.
 
         Raises:
             ValueError: ``checkpoint`` cannot be resumed (says what it lacks and why).
@@ -231,12 +239,13 @@ class TrainerCheckpoints:
         trainer = self.trainer
         self._check_resumable(checkpoint)
         trainer._train_state = state
-        trainer.state = self._saved_trainer_state(checkpoint)
-        if trainer.state.best_model_checkpoint and not os.path.isdir(trainer.state.best_model_checkpoint):
+        trainer.state = TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME))
+        best = trainer.state.best_model_checkpoint
+        if best is not None and not os.path.isdir(best):
+            hf_logger("trainer").warning(f"The resumed state's best checkpoint {best} no longer exists; ignoring it.")
             trainer.state.best_model_checkpoint = None
-        if trainer.plan.save.restore_callback_states:
-            stored = trainer.state.stateful_callbacks
-            trainer.control = restore_callback_states(trainer.callback_handler, trainer.control, stored)
+        compare_trainer_and_checkpoint_args(trainer.args, trainer.state)
+        trainer._load_callback_state()
         self._resuming = {}
         try:
             trainer._load_optimizer_and_scheduler(checkpoint)
@@ -265,14 +274,14 @@ class TrainerCheckpoints:
             "the weights with from_pretrained and train without resume_from_checkpoint."
         )
 
-    def _saved_trainer_state(self, checkpoint: str) -> TrainerState:
-        """The ``TrainerState`` of ``checkpoint``: a committed ftrain checkpoint's ``meta.json``, else its
-        ``trainer_state.json``."""
-        committed = self._committed(checkpoint)
-        if committed is None:
-            return TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME))
-        manager, step = committed
-        return TrainerState(**manager.restore_extra(step)["trainer_state"])
+    def load_callback_state(self) -> None:
+        """With ``restore_callback_states_from_checkpoint``, rebuilds the callbacks and the control object whose
+        states ``trainer.state.stateful_callbacks`` holds (:func:`~ftrain.trainer.callbacks.restore_callback_states`);
+        nothing otherwise."""
+        trainer = self.trainer
+        if trainer.plan.save.restore_callback_states:
+            stored = trainer.state.stateful_callbacks
+            trainer.control = restore_callback_states(trainer.callback_handler, trainer.control, stored)
 
     def _committed_train_state(self, checkpoint: str, like: TrainState) -> TrainState | None:
         """The ``TrainState`` committed in ``checkpoint`` rebuilt on ``like``, else ``None``; read once per resume."""
@@ -325,9 +334,8 @@ class TrainerCheckpoints:
         self._refresh_stateful_callbacks()
         if save.only_model:
             self._publish(folder, trainer._write_hf_views)
-        else:  # every rank: with a sharded state each writes its shards (DCP)
-            extra = {"trainer_state": dataclasses.asdict(state)}
-            manager.save(step, trainer._train_state, extra=extra, force=True, write_files=trainer._write_hf_views)
+        else:  # every rank: with a sharded state each writes its shards (DCP); trainer_state.json is a written file
+            manager.save(step, trainer._train_state, force=True, write_files=trainer._write_hf_views)
         _barrier()  # the folder is in place before any rank pushes or lists checkpoints to rotate
         if save.should_save and trainer.plan.hub.push_to_hub:
             trainer._push_from_checkpoint(str(folder))

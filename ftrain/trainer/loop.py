@@ -46,7 +46,7 @@ from ftrain.trainer.placement import check_training_wrapper, prepare_step_batch
 from ftrain.trainer.plan import ActivationCheckpointing
 from ftrain.trainer.torch_optim import advance_scheduler
 from ftrain.trainer.trainer_state import TrainerState
-from ftrain.trainer.utils import TrainOutput, speed_metrics
+from ftrain.trainer.utils import TrainOutput, hf_logger, speed_metrics
 
 __all__ = [
     "TRAINER_STATE_NAME",
@@ -310,6 +310,7 @@ class TrainingLoop:
         self.feed = TrainFeed(loader, accum_steps=plan.data.gradient_accumulation_steps, first_epoch=epochs_trained,
                               updates_per_epoch=per_epoch, skip_updates=skip)  # fmt: skip
         self.steps_in_epoch = counts.steps_in_epoch
+        self.log_run_start(counts, checkpoint, epochs_trained, skip)
         trainer.control = trainer.callback_handler.on_train_begin(args, state, trainer.control)
         if plan.eval.on_start:
             trainer._evaluate(trial, ignore_keys_for_eval, skip_scheduler=True)
@@ -331,6 +332,37 @@ class TrainingLoop:
             if trainer.control.should_training_stop:
                 break
         return trainer._finalize_training(trial, counts.num_train_samples, self.run.start_time)
+
+    def log_run_start(self, counts: RunCounts, checkpoint: str | None, epochs_trained: int, skip: int) -> None:
+        """Logs the run's sizes at info level through ``transformers.trainer``'s logger, where transformers' Trainer
+        logs them ("***** Running training *****"), so HF scripts show them with the same settings."""
+        trainer = self.trainer
+        trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+        per_device = trainer.args.per_device_train_batch_size
+        lines = [
+            "***** Running training *****",
+            f"  Num examples = {counts.num_examples:,}",
+            f"  Num Epochs = {counts.num_train_epochs:,}",
+            f"  Num update steps per epoch = {counts.num_update_steps_per_epoch:,}",
+            f"  Instantaneous batch size per device = {per_device:,}",
+        ]
+        if trainer._train_batch_size != per_device:
+            lines.append(f"  Batch size in use (auto_find_batch_size) = {trainer._train_batch_size:,}")
+        accum = trainer.plan.data.gradient_accumulation_steps
+        lines += [
+            f"  Total train batch size (w. parallel, distributed & accumulation) = {counts.total_train_batch_size:,}",
+            f"  Gradient Accumulation steps = {accum}",
+            f"  Total optimization steps = {counts.max_steps:,}",
+            f"  Number of trainable parameters = {trainable:,}",
+        ]
+        if checkpoint is not None:
+            step = trainer.state.global_step
+            lines.append(f"  Resuming training from {checkpoint} at epoch {epochs_trained}, global step {step}")
+            if skip:
+                lines.append(f"  Skipping the first {skip} steps ({skip * accum} batches) of epoch {epochs_trained}")
+        log = hf_logger("trainer")
+        for line in lines:
+            log.info(line)
 
     def setup(self, stream: Any, max_steps: int, checkpoint: str | None) -> None:
         """Converts the arguments into core pieces once: the optimizer, the state, the step, the manager."""

@@ -1001,8 +1001,10 @@ def apply_process_settings(plan: TrainerPlan) -> None:
       the API transformers sets (``torch.backends.fp32_precision = "tf32" / "ieee"`` from torch 2.9, else the
       ``allow_tf32`` flags of ``torch.backends.cuda.matmul`` and ``cudnn``; torch refuses to read a mix of the
       two); ``None`` leaves them.
-    - ``log_level`` / ``log_level_replica`` (``plan.log.process_log_level``): the level of the ``ftrain`` logger;
-      ``"passive"`` leaves it.
+    - ``log_level`` / ``log_level_replica`` (``plan.log.process_log_level``): the level of the ``ftrain`` logger
+      and of the ``transformers`` logger, which the shell's messages of transformers' Trainer go through
+      (:func:`~ftrain.trainer.utils.hf_logger`; transformers' Trainer sets its verbosity the same way);
+      ``"passive"`` leaves them.
 
     Args:
         plan: the Trainer's plan.
@@ -1019,7 +1021,8 @@ def apply_process_settings(plan: TrainerPlan) -> None:
     if plan.step.tf32 is not None:
         _enable_tf32(plan.step.tf32)
     if plan.log.process_log_level is not None:
-        logging.getLogger("ftrain").setLevel(plan.log.process_log_level)
+        for name in ("ftrain", "transformers"):
+            logging.getLogger(name).setLevel(plan.log.process_log_level)
 
 
 def _enable_tf32(enable: bool) -> None:
@@ -1152,7 +1155,9 @@ DISPOSITIONS: dict[str, Disposition] = {
     "log_on_each_node": _honoured("log.should_log", "log.process_log_level"),
     "logging_nan_inf_filter": _honoured("log.nan_inf_filter"),
     "include_num_input_tokens_seen": _honoured("log.num_input_tokens"),
-    "log_level": _honoured("log.process_log_level", why="applied to the 'ftrain' logger by apply_process_settings"),
+    "log_level": _honoured(
+        "log.process_log_level", why="applied to the 'ftrain' and 'transformers' loggers by apply_process_settings"
+    ),
     "log_level_replica": _honoured("log.process_log_level", why="applied by apply_process_settings"),
     "disable_tqdm": _honoured("log.disable_tqdm"),
     "report_to": _honoured("log.report_to", why="integrations ftrain does not provide are refused when built"),

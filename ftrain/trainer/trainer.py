@@ -1644,6 +1644,11 @@ class Trainer:
         """Does nothing (no loss scaler); warns about a transformers ``scaler.pt``, which is not read."""
         self._checkpoints.load_scaler(checkpoint)
 
+    def _load_callback_state(self) -> None:
+        """With ``restore_callback_states_from_checkpoint``, rebuilds the callbacks and ``self.control`` from the
+        states in ``self.state.stateful_callbacks`` (each keeps its place in the list); called on resume."""
+        self._checkpoints.load_callback_state()
+
     # ---- the Hub (:class:`~ftrain.trainer.hub.HubClient`) ---------------------------------------------------------
 
     @property

@@ -27,8 +27,16 @@ from collections.abc import Iterable
 from typing import Any, Protocol, runtime_checkable
 
 from ftrain.trainer.plan import resolve_interval
+from ftrain.trainer.utils import hf_logger
 
-__all__ = ["ExportableState", "TrainerControl", "TrainerState", "export_callback_states", "hp_params"]
+__all__ = [
+    "ExportableState",
+    "TrainerControl",
+    "TrainerState",
+    "compare_trainer_and_checkpoint_args",
+    "export_callback_states",
+    "hp_params",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -237,6 +245,56 @@ class TrainerState:
         self.num_train_epochs = num_train_epochs
         self.is_local_process_zero = trainer.is_local_process_zero()
         self.is_world_process_zero = trainer.is_world_process_zero()
+
+
+def compare_trainer_and_checkpoint_args(training_args: Any, trainer_state: Any) -> None:
+    """On a resume, warns about the arguments that differ from the run that wrote the checkpoint, as transformers'
+    function of this name: ``logging_steps``, ``eval_steps``, ``save_steps`` and the per-device batch size.
+
+    Each mismatch is a line ``"<name>: <args value> (from args) != <saved value> (from trainer_state.json)"`` of one
+    warning through ``transformers.trainer_utils``' logger. An interval given as a ratio (below 1) is compared once
+    resolved with the saved run's ``max_steps`` (transformers compares the ratio itself, so it always differs); an
+    argument or saved value that is ``None`` is not compared. The saved ``train_batch_size`` is per process, so it is
+    compared with ``per_device_train_batch_size * max(1, n_gpu)`` as transformers does.
+
+    Args:
+        training_args: The current training arguments.
+        trainer_state: The state read from the checkpoint.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> args = SimpleNamespace(logging_steps=10, eval_steps=None, save_steps=0.5, per_device_train_batch_size=8,
+        ...                        n_gpu=0)
+        >>> state = TrainerState(max_steps=20, logging_steps=5, save_steps=10, train_batch_size=4)
+        >>> for line in _mismatches(args, state):  # save_steps=0.5 of max_steps=20 is the saved 10
+        ...     print(line)
+        logging_steps: 10 (from args) != 5 (from trainer_state.json)
+        per_device_train_batch_size: 8 (from args) != 4 (from trainer_state.json)
+    """
+    lines = _mismatches(training_args, trainer_state)
+    if lines:
+        hf_logger("trainer_utils").warning(
+            "The arguments differ from those of the run that wrote the checkpoint's trainer_state.json:\n\t"
+            + "\n\t".join(lines)
+        )
+
+
+def _mismatches(training_args: Any, trainer_state: Any) -> list[str]:
+    """The lines of :func:`compare_trainer_and_checkpoint_args`' warning."""
+    compared = []
+    for name in ("logging_steps", "eval_steps", "save_steps"):
+        value, saved = getattr(training_args, name, None), getattr(trainer_state, name, None)
+        compared.append((name, value, resolve_interval(value, trainer_state.max_steps), saved))
+    saved_batch = trainer_state.train_batch_size
+    if saved_batch is not None:
+        per_device = saved_batch // max(1, getattr(training_args, "n_gpu", 0))
+        batch = training_args.per_device_train_batch_size
+        compared.append(("per_device_train_batch_size", batch, batch, per_device))
+    return [
+        f"{name}: {value} (from args) != {saved} (from trainer_state.json)"
+        for name, value, resolved, saved in compared
+        if value is not None and saved is not None and resolved != saved
+    ]
 
 
 @dataclasses.dataclass

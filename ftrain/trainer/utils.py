@@ -21,6 +21,7 @@ import enum
 import functools
 import inspect
 import json
+import logging
 import os
 import random
 import time
@@ -45,6 +46,7 @@ __all__ = [
     "enable_full_determinism",
     "get_last_checkpoint",
     "has_length",
+    "hf_logger",
     "load_weights_strict",
     "make_label_smoother",
     "nested_gather",
@@ -321,6 +323,25 @@ def has_length(dataset: Any) -> bool:
         return len(dataset) is not None
     except (TypeError, AttributeError):
         return False
+
+
+def hf_logger(module: str) -> logging.Logger:
+    """The logger of transformers' module ``transformers.<module>``, for the messages the shell writes where
+    transformers' Trainer writes the same ones ("***** Running training *****", a callback added twice...).
+
+    A script written for transformers' Trainer shows or hides them with transformers' settings:
+    ``transformers.logging.set_verbosity_info()``, handlers on the ``"transformers"`` logger, ``log_level``. This only
+    names a standard ``logging`` logger; transformers is not imported (without it, the messages propagate to the
+    root logger like any other).
+
+    Args:
+        module: transformers' module, e.g. ``"trainer"`` or ``"trainer_callback"``.
+
+    Example:
+        >>> hf_logger("trainer").name
+        'transformers.trainer'
+    """
+    return logging.getLogger(f"transformers.{module}")
 
 
 # --------------------------------------------------------------------------------------------------------------------

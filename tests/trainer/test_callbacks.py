@@ -376,7 +376,7 @@ def _warnings_of(lib, caplog, build):
             result = build()
         return result, [str(c.args[0]) for c in warn.call_args_list]
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="ftrain.trainer.callbacks"):
+    with caplog.at_level(logging.WARNING, logger="transformers.trainer_callback"):
         result = build()
     return result, [r.getMessage() for r in caplog.records]
 
@@ -460,7 +460,7 @@ def test_early_stopping_checks_the_arguments(caplog):
         callback.on_train_begin(
             SimpleNamespace(load_best_model_at_end=True, metric_for_best_model=None), state, control
         )
-    with caplog.at_level(logging.WARNING, logger="ftrain.trainer.callbacks"):
+    with caplog.at_level(logging.WARNING, logger="transformers.trainer_callback"):
         callback.on_train_begin(hf_args(eval_strategy="epoch", metric_for_best_model="loss"), state, control)
         assert "load_best_model_at_end" in caplog.text
         caplog.clear()
@@ -489,7 +489,7 @@ def test_early_stopping_state_round_trips_through_trainer_state_json(tmp_path, c
     stored = ft.TrainerState.load_from_json(tmp_path / "trainer_state.json").stateful_callbacks
     handler = ft.CallbackHandler([ft.DefaultFlowCallback, ft.EarlyStoppingCallback(), ft.ProgressCallback], 0, 0, 0, 0)
     old_control = ft.TrainerControl()
-    with caplog.at_level(logging.WARNING, logger="ftrain.trainer.callbacks"):
+    with caplog.at_level(logging.WARNING, logger="transformers.trainer"):  # where transformers' Trainer warns
         control = ft.restore_callback_states(handler, old_control, stored)
     assert "_Gone" in caplog.text
     assert handler.callback_list == "DefaultFlowCallback\nEarlyStoppingCallback\nProgressCallback"

@@ -572,14 +572,15 @@ def _tf32_flags():
 
 def test_apply_process_settings_sets_tf32_and_the_log_level():
     precision = torch.backends.fp32_precision
-    ftrain_logger = logging.getLogger("ftrain")
-    level = ftrain_logger.level
+    ftrain_logger, transformers_logger = logging.getLogger("ftrain"), logging.getLogger("transformers")
+    level, transformers_level = ftrain_logger.level, transformers_logger.level
     try:
         plan = make_plan(TrainingArguments(log_level="error"))
         plan = dataclasses.replace(plan, step=dataclasses.replace(plan.step, tf32=False))  # tf32=False on a GPU
         apply_process_settings(plan)
         assert _tf32_flags()[0] == "ieee"
-        assert ftrain_logger.level == logging.ERROR
+        # transformers' Trainer sets its verbosity the same: the shell's transformers messages follow log_level
+        assert ftrain_logger.level == transformers_logger.level == logging.ERROR
         on = dataclasses.replace(plan, step=dataclasses.replace(plan.step, tf32=True))  # tf32=True needs a GPU
         apply_process_settings(on)
         assert _tf32_flags()[0] == "tf32"
@@ -589,6 +590,7 @@ def test_apply_process_settings_sets_tf32_and_the_log_level():
     finally:
         torch.backends.fp32_precision = precision
         ftrain_logger.setLevel(level)
+        transformers_logger.setLevel(transformers_level)
 
 
 def test_tf32_is_set_as_transformers_sets_it(HFArgs, monkeypatch):

@@ -122,7 +122,7 @@ def test_checkpoints_hold_sharded_state_and_full_hf_views(two, one):
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8"]
     folder = out / "checkpoint-4"
     meta = json.loads((folder / "meta.json").read_text())
-    assert meta["backend"] == "dcp" and meta["extra"]["trainer_state"]["global_step"] == 4
+    assert meta["backend"] == "dcp"
     assert json.loads((folder / "trainer_state.json").read_text())["global_step"] == 4
     assert (folder / "COMMIT").exists() and (folder / "config.json").exists()
     weights = safetensors_torch.load_file(folder / "model.safetensors")
