@@ -188,8 +188,9 @@ def is_callback_of(callback: Any, klass: type) -> bool:
 def builtin_class(klass: type) -> type:
     """The class to instantiate for the callback class ``klass``.
 
-    For ftrain's ``DefaultFlowCallback``, ``ProgressCallback`` and ``PrinterCallback``, once transformers' callback
-    module is imported: ftrain's subclass deriving from transformers' class of the same name too
+    For ftrain's ``DefaultFlowCallback``, ``ProgressCallback`` and ``PrinterCallback`` (and
+    ``JITCheckpointCallback``, once transformers' ``trainer_jit_checkpoint`` is imported too), once transformers'
+    callback module is imported: ftrain's subclass deriving from transformers' class of the same name too
     (:mod:`ftrain.trainer.transformers_callbacks`): its methods are ftrain's, and ``isinstance(cb,
     transformers.DefaultFlowCallback)`` in HF code (``_get_callback``-style lookups, TRL) is true, as with
     transformers' Trainer. Code that can name transformers' classes has imported that module, so ftrain never
@@ -201,9 +202,9 @@ def builtin_class(klass: type) -> type:
     """
     if "transformers.trainer_callback" not in sys.modules:
         return klass
-    from ftrain.trainer.transformers_callbacks import TWINS
+    from ftrain.trainer.transformers_callbacks import twin
 
-    return TWINS.get(klass, klass)
+    return twin(klass)
 
 
 class CallbackHandler(TrainerCallback):

@@ -118,7 +118,13 @@ from ftrain.step import make_train_step
 from ftrain.trainer import torch_optim as _torch_optim
 from ftrain.trainer.accelerator import TrainerAccelerator
 from ftrain.trainer.args import AcceleratorConfig, IntervalStrategy, SchedulerType, TrainingArguments
-from ftrain.trainer.callbacks import DEFAULT_CALLBACKS, DEFAULT_PROGRESS_CALLBACK, CallbackHandler, PrinterCallback
+from ftrain.trainer.callbacks import (
+    DEFAULT_CALLBACKS,
+    DEFAULT_PROGRESS_CALLBACK,
+    CallbackHandler,
+    PrinterCallback,
+    builtin_class,
+)
 from ftrain.trainer.checkpoints import TRAINING_ARGS_BIN, TrainerCheckpoints
 from ftrain.trainer.convert import logged_learning_rate, make_schedule
 from ftrain.trainer.dataloaders import TrainerDataLoader, loader_length
@@ -355,7 +361,7 @@ class Trainer:
     def _default_callbacks(self, callbacks: list[Any] | None) -> list[Any]:
         progress = PrinterCallback if self.plan.log.disable_tqdm else DEFAULT_PROGRESS_CALLBACK
         integrations = get_reporting_integration_callbacks(list(self.plan.log.report_to))
-        jit = [JITCheckpointCallback()] if self.plan.save.jit_checkpoint else []
+        jit = [builtin_class(JITCheckpointCallback)()] if self.plan.save.jit_checkpoint else []
         return [*DEFAULT_CALLBACKS, *integrations, *jit, progress, *(callbacks or [])]
 
     # ---- callbacks ------------------------------------------------------------------------------------------------

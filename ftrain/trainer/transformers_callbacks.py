@@ -18,11 +18,15 @@ Example:
 
 from __future__ import annotations
 
+import functools
+import sys
+
 from transformers import trainer_callback as _hf
 
 from ftrain.trainer import callbacks as _ftrain
+from ftrain.trainer import jit_checkpoint as _jit
 
-__all__ = ["TWINS", "DefaultFlowCallback", "PrinterCallback", "ProgressCallback"]
+__all__ = ["TWINS", "DefaultFlowCallback", "PrinterCallback", "ProgressCallback", "twin"]
 
 
 class DefaultFlowCallback(_ftrain.DefaultFlowCallback, _hf.DefaultFlowCallback):
@@ -43,3 +47,23 @@ TWINS: dict[type, type] = {
     _ftrain.ProgressCallback: ProgressCallback,
     _ftrain.PrinterCallback: PrinterCallback,
 }
+
+
+def twin(klass: type) -> type:
+    """The class to instantiate for ftrain's callback class ``klass``: its twin in :data:`TWINS`; for
+    :class:`~ftrain.trainer.jit_checkpoint.JITCheckpointCallback`, once ``transformers.trainer_jit_checkpoint`` is
+    imported, a subclass of transformers' ``JITCheckpointCallback`` too (HF code counts it with ``isinstance``);
+    else ``klass`` itself."""
+    if klass is _jit.JITCheckpointCallback and "transformers.trainer_jit_checkpoint" in sys.modules:
+        return _jit_checkpoint_twin()
+    return TWINS.get(klass, klass)
+
+
+@functools.cache
+def _jit_checkpoint_twin() -> type:
+    from transformers.trainer_jit_checkpoint import JITCheckpointCallback as HFJITCheckpointCallback
+
+    class JITCheckpointCallback(_jit.JITCheckpointCallback, HFJITCheckpointCallback):
+        """ftrain's :class:`~ftrain.trainer.jit_checkpoint.JITCheckpointCallback`, also transformers'."""
+
+    return JITCheckpointCallback
