@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 from tolerances import FLOAT64, reduction_rtol
+from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
@@ -89,3 +90,19 @@ def assert_same_training(hf: Any, ft: Any, *, accumulated: int = 1) -> None:
     reference = dict(hf.model.named_parameters())
     for name, p in ft.model.named_parameters():
         torch.testing.assert_close(p.detach(), reference[name].detach(), **FLOAT64)
+
+
+class Regression(nn.Module):
+    """Two float64 layers (weights decay, biases do not) returning ``{"loss", "logits"}``; seeded, so every
+    instance starts from the same weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1 = nn.Linear(3, 4)
+        self.fc2 = nn.Linear(4, 1)
+        self.double()
+
+    def forward(self, x, labels=None):
+        out = self.fc2(torch.tanh(self.fc1(x))).squeeze(-1)
+        return {"loss": ((out - labels) ** 2).mean(), "logits": out}

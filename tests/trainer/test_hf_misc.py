@@ -26,22 +26,9 @@ pytest.importorskip("accelerate")
 from transformers.trainer_jit_checkpoint import CheckpointManager  # noqa: E402
 from transformers.trainer_pt_utils import LabelSmoother as HFLabelSmoother  # noqa: E402
 
+from tests.trainer.side_by_side import Regression  # noqa: E402
+
 STEPS = 4
-
-
-class Regression(nn.Module):
-    """Two float64 layers returning ``{"loss", "logits"}``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.fc1 = nn.Linear(3, 4)
-        self.fc2 = nn.Linear(4, 1)
-        self.double()
-
-    def forward(self, x, labels=None):
-        out = self.fc2(torch.tanh(self.fc1(x))).squeeze(-1)
-        return {"loss": ((out - labels) ** 2).mean(), "logits": out}
 
 
 class _Config:

@@ -24,24 +24,15 @@ from ftrain.trainer.torch_optim import table_schedule
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from tests.trainer.side_by_side import assert_same_training, logged_steps, regression_rows, side_args  # noqa: E402
+from tests.trainer.side_by_side import (  # noqa: E402
+    Regression,
+    assert_same_training,
+    logged_steps,
+    regression_rows,
+    side_args,
+)
 
 STEPS = 6
-
-
-class Regression(nn.Module):
-    """Two layers (weights decay, biases do not), float64."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.fc1 = nn.Linear(3, 4)
-        self.fc2 = nn.Linear(4, 1)
-        self.double()
-
-    def forward(self, x, labels=None):
-        out = self.fc2(torch.tanh(self.fc1(x))).squeeze(-1)
-        return {"loss": ((out - labels) ** 2).mean(), "logits": out}
 
 
 def _data(n: int = 32) -> list[dict[str, torch.Tensor]]:
