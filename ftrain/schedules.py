@@ -10,8 +10,9 @@ step that calls it compiles once and never recompiles as the step changes. Phase
 at a given step are clamped into their own domain, so no ``nan`` appears even in the branch ``torch.where``
 discards.
 
-Metric-driven schedules (:data:`METRIC_SCHEDULE_NAMES`) are not functions of the step: :func:`reduce_on_plateau` is
-a gradient transformation whose scale :func:`plateau_update` changes after each evaluation.
+Metric-driven schedules (:data:`METRIC_SCHEDULE_NAMES`) are not functions of the step: :func:`reduce_on_plateau`
+(torch's ``ReduceLROnPlateau``) and :func:`greedy` (transformers' ``GreedyLR``) are gradient transformations whose
+scale :func:`plateau_update` changes after each evaluation.
 
 Example:
     >>> import torch
@@ -39,6 +40,8 @@ from ftrain.optim.base import GradientTransformation, OptState, Params, Schedule
 __all__ = [
     "METRIC_SCHEDULE_NAMES",
     "SCHEDULE_NAMES",
+    "GreedyHyperparams",
+    "GreedyState",
     "PlateauHyperparams",
     "ReduceOnPlateauState",
     "constant_schedule",
@@ -48,7 +51,10 @@ __all__ = [
     "cosine_with_min_lr_schedule",
     "cosine_with_restarts_schedule",
     "get_schedule",
+    "greedy",
+    "has_metric_schedule",
     "inverse_sqrt_schedule",
+    "is_metric_schedule_state",
     "linear_schedule",
     "plateau_update",
     "polynomial_schedule",
@@ -644,9 +650,8 @@ def get_schedule(
     if key in METRIC_SCHEDULE_NAMES:
         raise ValueError(
             f"get_schedule({key!r}): {key} is driven by an evaluation metric, not by the step, so it is not "
-            "a step schedule. Use ftrain.schedules.reduce_on_plateau(...) in the optimizer chain and call "
-            "ftrain.schedules.plateau_update(opt_state, metric) after each evaluation"
-            + (" (greedy is not implemented; reduce_on_plateau is the nearest)." if key == "greedy" else ".")
+            f"a step schedule. Use ftrain.schedules.{'greedy' if key == 'greedy' else 'reduce_on_plateau'}(...) in "
+            "the optimizer chain and call ftrain.schedules.plateau_update(opt_state, metric) after each evaluation."
         )
     fn = _SCHEDULES.get(key)
     if fn is None:
@@ -802,9 +807,10 @@ def _plateau_step(state: ReduceOnPlateauState, metric: torch.Tensor | float) -> 
 
 
 def plateau_update(state: OptState, metric: torch.Tensor | float, /) -> OptState:
-    """Feeds one evaluation ``metric`` to every :class:`ReduceOnPlateauState` in an optimizer state.
+    """Feeds one evaluation ``metric`` to every metric-driven schedule state in an optimizer state
+    (:class:`ReduceOnPlateauState`, :class:`GreedyState`).
 
-    ``state`` may be the :class:`ReduceOnPlateauState` itself or any tree holding it (a chain's tuple of
+    ``state`` may be such a state itself or any tree holding it (a chain's tuple of
     states, NamedTuples, dicts): the same tree comes back with the plateau state(s) stepped, everything else
     untouched. Pure and branch-free, so it can run inside a compiled eval step. Call it after each evaluation
     (with the eval metric), not after each train step.
@@ -817,7 +823,7 @@ def plateau_update(state: OptState, metric: torch.Tensor | float, /) -> OptState
         The updated state tree.
 
     Raises:
-        ValueError: ``state`` holds no :class:`ReduceOnPlateauState`.
+        ValueError: ``state`` holds no metric-driven schedule state.
 
     Example:
         >>> import torch
@@ -827,13 +833,210 @@ def plateau_update(state: OptState, metric: torch.Tensor | float, /) -> OptState
         >>> round(float(opt_state[0].scale), 6)
         0.1
     """
-    is_plateau = lambda x: isinstance(x, ReduceOnPlateauState)
-    if is_plateau(state):
-        return _plateau_step(state, metric)
-    if not any(is_plateau(x) for x in _tree.tree_leaves(state, is_leaf=is_plateau)):
+    if is_metric_schedule_state(state):
+        return _metric_step(state, metric)
+    if not has_metric_schedule(state):
         raise ValueError(
-            f"plateau_update: no ReduceOnPlateauState in the given {type(state).__name__}. Build the "
-            "optimizer with ftrain.schedules.reduce_on_plateau(...) in its chain and pass its state "
-            "(train_state.opt_state)."
+            f"plateau_update: no ReduceOnPlateauState or GreedyState in the given {type(state).__name__}. Build "
+            "the optimizer with ftrain.schedules.reduce_on_plateau(...) or greedy(...) in its chain and pass its "
+            "state (train_state.opt_state)."
         )
-    return _tree.tree_map(lambda x: _plateau_step(x, metric) if is_plateau(x) else x, state, is_leaf=is_plateau)
+    return _tree.tree_map(
+        lambda x: _metric_step(x, metric) if is_metric_schedule_state(x) else x,
+        state,
+        is_leaf=is_metric_schedule_state,
+    )
+
+
+def is_metric_schedule_state(x: Any) -> bool:
+    """Whether ``x`` is the state of a metric-driven schedule (:func:`reduce_on_plateau` or :func:`greedy`)."""
+    return isinstance(x, ReduceOnPlateauState | GreedyState)
+
+
+def has_metric_schedule(state: OptState) -> bool:
+    """Whether an optimizer state holds a metric-driven schedule's state, which :func:`plateau_update` steps."""
+    leaves = _tree.tree_leaves(state, is_leaf=is_metric_schedule_state)
+    return any(is_metric_schedule_state(x) for x in leaves)
+
+
+def _metric_step(state: Any, metric: torch.Tensor | float) -> Any:
+    return _plateau_step(state, metric) if isinstance(state, ReduceOnPlateauState) else _greedy_step(state, metric)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Greedy (transformers' GreedyLR)
+# ----------------------------------------------------------------------------------------------------------
+
+
+class GreedyHyperparams(NamedTuple):
+    """The constants of :func:`greedy`, kept in its state (as 0-d tensors) so that :func:`plateau_update` is a pure
+    function of ``(state, metric)``. ``mode`` / ``threshold_mode`` are folded as in :class:`PlateauHyperparams`."""
+
+    factor: torch.Tensor
+    patience: torch.Tensor
+    cooldown: torch.Tensor
+    warmup: torch.Tensor
+    min_scale: torch.Tensor
+    max_scale: torch.Tensor
+    eps: torch.Tensor
+    mode_sign: torch.Tensor
+    threshold_mul: torch.Tensor
+    threshold_add: torch.Tensor
+    smooth: torch.Tensor  # bool
+    reset_start: torch.Tensor  # int64, the configured number of reductions at the floor before a reset
+
+
+class GreedyState(NamedTuple):
+    """State of :func:`greedy`: the update ``scale``, ``GreedyLR``'s counters and its smoothing window."""
+
+    scale: torch.Tensor  # float64, multiplies every update
+    best: torch.Tensor  # float64, best (smoothed) metric so far
+    num_bad_steps: torch.Tensor  # int64
+    num_good_steps: torch.Tensor  # int64
+    cooldown_counter: torch.Tensor  # int64, evaluations left without counting after a decrease
+    warmup_counter: torch.Tensor  # int64, evaluations left without counting after an increase
+    reset_start: torch.Tensor  # int64, reductions at the floor left before the reset
+    window: torch.Tensor  # float64 (window_size,), the last metrics (a ring) for the streaming average
+    window_count: torch.Tensor  # int64, metrics seen since the window was (re)started
+    window_sum: torch.Tensor  # float64, running sum of the window, updated as transformers' StreamingAverage
+    hparams: GreedyHyperparams
+
+
+def greedy(
+    factor: float = 0.95,
+    patience: int = 10,
+    threshold: float = 1e-6,
+    threshold_mode: str = "abs",
+    cooldown: int = 0,
+    warmup: int = 0,
+    min_scale: float = 0.0,
+    max_scale: float = math.inf,
+    mode: str = "min",
+    eps: float = 1e-8,
+    smooth: bool = False,
+    window_size: int = 50,
+    reset_start: int = 500,
+) -> GradientTransformation:
+    """Multiplies updates by a ``scale`` that :func:`plateau_update` raises while the metric keeps improving and
+    lowers when it stops: transformers' ``GreedyLR`` with the learning rate written as ``base_lr · scale``.
+
+    At each evaluation (after any cooldown or warmup evaluations, which are not counted) the metric — its
+    streaming average over the last ``window_size`` values when ``smooth`` — either improves on the best by
+    ``threshold`` (a good evaluation) or not (a bad one). More than ``patience`` good ones in a row raise the scale
+    to ``min(scale / factor, max_scale)`` and start ``warmup`` evaluations; more than ``patience`` bad ones lower it
+    to ``max(scale · factor, min_scale)`` and start ``cooldown`` evaluations. A change of ``eps`` or less is
+    skipped. After ``reset_start`` reductions with the scale at ``min_scale`` everything restarts (scale 1, best
+    and window forgotten). To mirror ``GreedyLR(min_lr=m, max_lr=M, eps=e)`` for base lr ``lr``, pass
+    ``min_scale=m / lr, max_scale=M / lr, eps=e / lr``.
+
+    Returns:
+        A :class:`~ftrain.optim.base.GradientTransformation` with state :class:`GreedyState`.
+
+    Raises:
+        ValueError: ``factor >= 1``, an unknown ``mode`` / ``threshold_mode``, or ``window_size < 1``.
+
+    Example:
+        >>> import torch
+        >>> tx = greedy(factor=0.5, patience=1)
+        >>> state = tx.init({"w": torch.zeros(1)})
+        >>> for metric in [3.0, 2.0, 1.0]:
+        ...     state = plateau_update(state, metric)
+        >>> float(state.scale)
+        2.0
+    """
+    if not factor < 1.0:
+        raise ValueError(f"greedy: factor must be < 1.0 (the scale is multiplied or divided by it), got {factor}.")
+    if mode not in ("min", "max"):
+        raise ValueError(f"greedy: mode must be 'min' or 'max', got {mode!r}.")
+    if threshold_mode not in ("rel", "abs"):
+        raise ValueError(f"greedy: threshold_mode must be 'rel' or 'abs', got {threshold_mode!r}.")
+    if smooth and window_size < 1:
+        raise ValueError(f"greedy: window_size must be >= 1 with smooth=True, got {window_size}.")
+    sign = 1.0 if mode == "min" else -1.0
+    rel = threshold_mode == "rel"
+    mul = (1.0 - threshold if mode == "min" else 1.0 + threshold) if rel else 1.0
+    add = 0.0 if rel else -sign * threshold
+    size = max(int(window_size), 1)
+
+    def init(params: Params) -> GreedyState:
+        check_float_params(params, where="greedy")
+        tensors = [x for x in _tree.tree_leaves(params) if isinstance(x, torch.Tensor)]
+        device = tensors[0].device if tensors else torch.device("cpu")
+        f64 = lambda v: torch.tensor(float(v), dtype=torch.float64, device=device)
+        i64 = lambda v: torch.tensor(int(v), dtype=torch.int64, device=device)
+        h = GreedyHyperparams(
+            f64(factor), i64(patience), i64(cooldown), i64(warmup), f64(min_scale), f64(max_scale), f64(eps),
+            f64(sign), f64(mul), f64(add), torch.tensor(bool(smooth), device=device), i64(reset_start),
+        )  # fmt: skip
+        window = torch.zeros(size, dtype=torch.float64, device=device)
+        return GreedyState(
+            f64(1.0), f64(sign * math.inf), i64(0), i64(0), i64(0), i64(0), i64(reset_start), window, i64(0),
+            f64(0.0), h,
+        )  # fmt: skip
+
+    def update(updates: Updates, state: GreedyState, params: Params | None = None):
+        return _tree.tree_map(lambda u: u * state.scale, updates), state
+
+    return GradientTransformation(init, update)
+
+
+def _streaming_average(state: GreedyState, value: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """transformers' ``StreamingAverage.streamavg`` on a ring buffer: ``sum += value``, then ``sum -= oldest``
+    once the window is full, and the average over the values held."""
+    size = state.window.shape[0]
+    pos = state.window_count % size
+    full = state.window_count >= size
+    total = state.window_sum + value
+    total = torch.where(full, total - state.window[pos], total)
+    window = torch.where(torch.arange(size, device=value.device) == pos, value, state.window)
+    count = state.window_count + 1
+    return total / torch.clamp(count, max=size), window, count, total
+
+
+def _greedy_step(state: GreedyState, metric: torch.Tensor | float) -> GreedyState:
+    """One ``GreedyLR.step(metric)``, branch-free."""
+    h = state.hparams
+    raw = torch.as_tensor(metric, dtype=torch.float64, device=state.best.device)
+    average, window, count, total = _streaming_average(state, raw)
+    current = torch.where(h.smooth, average, raw)
+    window = torch.where(h.smooth, window, state.window)
+    count = torch.where(h.smooth, count, state.window_count)
+    total = torch.where(h.smooth, total, state.window_sum)
+    # Cooldown, then warmup, evaluations are not counted.
+    in_cooldown = state.cooldown_counter > 0
+    in_warmup = ~in_cooldown & (state.warmup_counter > 0)
+    counted = ~in_cooldown & ~in_warmup
+    cooldown_counter = torch.where(in_cooldown, state.cooldown_counter - 1, state.cooldown_counter)
+    warmup_counter = torch.where(in_warmup, state.warmup_counter - 1, state.warmup_counter)
+    better = h.mode_sign * current < h.mode_sign * (state.best * h.threshold_mul + h.threshold_add)
+    best = torch.where(counted & better, current, state.best)
+    zero = torch.zeros_like(state.num_bad_steps)
+    num_bad = torch.where(counted & ~better, state.num_bad_steps + 1, zero)
+    num_good = torch.where(counted & better, state.num_good_steps + 1, zero)
+    increase = num_good > h.patience
+    reduce = ~increase & (num_bad > h.patience)
+    # Increase: divide by factor up to max_scale; the reset countdown starts over.
+    up = torch.minimum(state.scale / h.factor, h.max_scale)
+    scale = torch.where(increase & (up - state.scale > h.eps), up, state.scale)
+    warmup_counter = torch.where(increase, h.warmup, warmup_counter)
+    num_good = torch.where(increase, zero, num_good)
+    reset_start = torch.where(increase, h.reset_start, state.reset_start)
+    # Decrease: multiply by factor down to min_scale; at the floor, count down to a full reset.
+    down = torch.maximum(scale * h.factor, h.min_scale)
+    scale = torch.where(reduce & (scale - down > h.eps), down, scale)
+    at_floor = reduce & ~(scale > h.min_scale)
+    reset_start = torch.where(at_floor, reset_start - 1, reset_start)
+    reset = at_floor & (reset_start <= 0)
+    scale = torch.where(reset, torch.ones_like(scale), scale)
+    best = torch.where(reset, h.mode_sign * math.inf, best)
+    num_good = torch.where(reset, zero, num_good)
+    warmup_counter = torch.where(reset, zero, warmup_counter)
+    reset_start = torch.where(reset, h.reset_start, reset_start)
+    window = torch.where(reset, torch.zeros_like(window), window)
+    count = torch.where(reset, zero, count)
+    total = torch.where(reset, torch.zeros_like(total), total)
+    cooldown_counter = torch.where(reduce, h.cooldown, cooldown_counter)
+    num_bad = torch.where(reduce, zero, num_bad)
+    return GreedyState(
+        scale, best, num_bad, num_good, cooldown_counter, warmup_counter, reset_start, window, count, total, h
+    )

@@ -162,9 +162,9 @@ def test_polynomial_no_decay_steps():
         S.get_schedule("polynomial", 1e-3, num_warmup_steps=5, num_training_steps=5)
 
 
-@pytest.mark.parametrize("name", ["reduce_lr_on_plateau", "greedy"])
-def test_metric_driven_names_point_to_reduce_on_plateau(name):
-    with pytest.raises(ValueError, match=r"not a step schedule\. Use ftrain\.schedules\.reduce_on_plateau"):
+@pytest.mark.parametrize("name, transformation", [("reduce_lr_on_plateau", "reduce_on_plateau"), ("greedy", "greedy")])
+def test_metric_driven_names_point_to_their_transformation(name, transformation):
+    with pytest.raises(ValueError, match=rf"not a step schedule\. Use ftrain\.schedules\.{transformation}\("):
         S.get_schedule(name, 1e-3)
 
 
@@ -330,7 +330,7 @@ def test_plateau_update_finds_state_in_a_tree():
 
 
 def test_plateau_update_without_plateau_state():
-    with pytest.raises(ValueError, match=r"no ReduceOnPlateauState in the given tuple"):
+    with pytest.raises(ValueError, match=r"no ReduceOnPlateauState or GreedyState in the given tuple"):
         S.plateau_update((EmptyState(), {"mu": torch.ones(1)}), 1.0)
 
 

@@ -46,14 +46,14 @@ from torch import nn
 from ftrain import optim
 from ftrain import tree as _tree
 from ftrain.optim.base import GradientTransformation, OptState, Schedule
-from ftrain.schedules import ReduceOnPlateauState, get_schedule
+from ftrain.schedules import get_schedule, is_metric_schedule_state
 from ftrain.trainer.args import OptimizerNames, SchedulerType
 from ftrain.trainer.plan import (
     OptimPolicy,
     optim_policy,
     resolve_warmup,
 )
-from ftrain.trainer.schedulers import get_reduce_on_plateau_schedule
+from ftrain.trainer.schedulers import get_greedy_schedule, get_reduce_on_plateau_schedule
 
 __all__ = [
     "SUPPORTED_OPTIMIZERS",
@@ -298,7 +298,8 @@ def make_optimizer(args: Any, model: nn.Module, *, num_training_steps: int) -> G
 
     ``chain(clip_by_global_norm(max_grad_norm), <optimizer with its two decay groups and the schedule>)`` (the
     optimizer from :func:`ftrain.optim.make_optimizer`, as the ``ftrain`` command builds its own), plus
-    :func:`ftrain.schedules.reduce_on_plateau` at the end for ``lr_scheduler_type="reduce_lr_on_plateau"``.
+    :func:`ftrain.schedules.reduce_on_plateau` at the end for ``lr_scheduler_type="reduce_lr_on_plateau"``
+    (:func:`ftrain.schedules.greedy` for ``"greedy"``).
     The params tree it expects is ``{name: tensor}`` over the model's trainable parameters
     (``ftrain.module.split_module``).
 
@@ -329,6 +330,8 @@ def make_optimizer(args: Any, model: nn.Module, *, num_training_steps: int) -> G
     parts.append(optim.make_optimizer(factory, **kwargs, weight_decay=policy.weight_decay, decay_mask=decays))
     if SchedulerType(policy.schedule) == SchedulerType.REDUCE_ON_PLATEAU:
         parts.append(_plateau(policy))
+    elif SchedulerType(policy.schedule) == SchedulerType.GREEDY:
+        parts.append(get_greedy_schedule(policy.learning_rate, **policy.schedule_kwargs))
     return optim.chain(*parts)
 
 
@@ -341,8 +344,8 @@ def make_schedule(args: Any, num_training_steps: int) -> Schedule:
     and ``args.lr_scheduler_kwargs`` (:func:`ftrain.schedules.get_schedule`, transformers' ``get_scheduler``); the
     warmup is resolved by :func:`~ftrain.trainer.plan.resolve_warmup`, the formula of ``get_warmup_steps``.
 
-    For ``reduce_lr_on_plateau`` it is the constant ``learning_rate``; the reduction is a separate
-    transformation that :func:`make_optimizer` adds.
+    For ``reduce_lr_on_plateau`` and ``greedy`` it is the constant ``learning_rate``; the metric-driven scale is a
+    separate transformation that :func:`make_optimizer` adds.
 
     Args:
         args: a ``TrainingArguments``, or a plan's ``OptimPolicy`` (``plan.optim``).
@@ -352,7 +355,7 @@ def make_schedule(args: Any, num_training_steps: int) -> Schedule:
         The schedule, called with the number of updates done (0 for the first).
 
     Raises:
-        ValueError: ``greedy`` (not implemented in ftrain), or arguments the schedule rejects.
+        ValueError: arguments the schedule rejects.
         TypeError: a ``lr_scheduler_kwargs`` key the schedule does not take.
 
     Example:
@@ -364,12 +367,7 @@ def make_schedule(args: Any, num_training_steps: int) -> Schedule:
     """
     policy = _policy(args)
     name = SchedulerType(policy.schedule).value
-    if name == "greedy":
-        raise ValueError(
-            "lr_scheduler_type='greedy' is not implemented in ftrain; use 'reduce_lr_on_plateau' (also driven by "
-            "the evaluation metric) or a step schedule such as 'cosine'."
-        )
-    if name == "reduce_lr_on_plateau":
+    if name in ("reduce_lr_on_plateau", "greedy"):
         return get_schedule("constant", policy.learning_rate)
     return get_schedule(
         name,
@@ -388,7 +386,7 @@ def _plateau(policy: OptimPolicy) -> GradientTransformation:
 
 def logged_learning_rate(opt_state: OptState) -> torch.Tensor | None:
     """The learning rate the last update used, as transformers logs it (``get_last_lr()[0]``, or the param
-    group's lr under ``reduce_lr_on_plateau``): the recorded rate times any plateau scale.
+    group's lr under ``reduce_lr_on_plateau`` / ``greedy``): the recorded rate times any metric-driven scale.
 
     Args:
         opt_state: the state of an optimizer from :func:`make_optimizer`.
@@ -399,8 +397,7 @@ def logged_learning_rate(opt_state: OptState) -> torch.Tensor | None:
     lr = optim.find_hyperparam(opt_state, "learning_rate")
     if lr is None:
         return None
-    is_plateau = lambda x: isinstance(x, ReduceOnPlateauState)
-    for leaf in _tree.tree_leaves(opt_state, is_leaf=is_plateau):
-        if is_plateau(leaf):
+    for leaf in _tree.tree_leaves(opt_state, is_leaf=is_metric_schedule_state):
+        if is_metric_schedule_state(leaf):
             lr = lr * leaf.scale.to(lr.dtype)
     return lr

@@ -13,7 +13,8 @@ accumulator by ``accumulator / (1 + steps since the last log)`` as transformers 
 microbatch there (the same with ``gradient_accumulation_steps=1``); after a log the accumulator restarts at 0, where
 transformers' ``tr_loss -= tr_loss`` keeps an unfiltered NaN for the rest of the run. ``include_num_input_tokens_seen``
 counts tokens per microbatch into ``state.num_input_tokens_seen`` (logged with every entry, with
-``train_tokens_per_second`` in the training logs). Under ``lr_scheduler_type="reduce_lr_on_plateau"`` each evaluation
+``train_tokens_per_second`` in the training logs). Under ``lr_scheduler_type="reduce_lr_on_plateau"`` (or
+``"greedy"``) each evaluation
 in ``train()`` (not ``eval_on_start``) feeds ``eval_{metric_for_best_model}`` to
 :func:`ftrain.schedules.plateau_update` on the optimizer state in the ``TrainState``.
 
@@ -33,9 +34,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ftrain import tree as _tree
 from ftrain.metrics import to_host
-from ftrain.schedules import ReduceOnPlateauState, plateau_update
+from ftrain.schedules import has_metric_schedule, plateau_update
 from ftrain.state import TrainState
 from ftrain.trainer.args import SaveStrategy
 from ftrain.trainer.checkpoints import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
@@ -631,8 +631,7 @@ class TrainingLoop:
         state = self.trainer._train_state
         if state is None:
             return False
-        is_plateau = lambda x: isinstance(x, ReduceOnPlateauState)
-        return any(is_plateau(x) for x in _tree.tree_leaves(state.opt_state, is_leaf=is_plateau))
+        return has_metric_schedule(state.opt_state)
 
     def determine_best_metric(self, metrics: dict[str, float]) -> bool:
         """The default ``Trainer._determine_best_metric``: updates ``best_metric`` / ``best_global_step`` from

@@ -1084,7 +1084,9 @@ DISPOSITIONS: dict[str, Disposition] = {
     "max_steps": _honoured("length.max_steps"),
     # --- learning rate and optimizer ---
     "learning_rate": _honoured("optim.learning_rate"),
-    "lr_scheduler_type": _honoured("optim.schedule", why="'greedy' is refused when the optimizer is built"),
+    "lr_scheduler_type": _honoured(
+        "optim.schedule", why="'reduce_lr_on_plateau' and 'greedy' are scales stepped with each evaluation metric"
+    ),
     "lr_scheduler_kwargs": _honoured("optim.schedule_kwargs"),
     "warmup_steps": _honoured("optim.warmup_steps"),
     "optim": _honoured(

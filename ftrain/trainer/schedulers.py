@@ -19,7 +19,8 @@ its learning rate constant.
 
 The formulas live in :mod:`ftrain.schedules`, once; this module only maps transformers' signatures onto them.
 The metric-driven ``reduce_lr_on_plateau`` gives :func:`ftrain.schedules.reduce_on_plateau`, a gradient
-transformation fed after each evaluation by :func:`ftrain.schedules.plateau_update`. ``greedy`` is refused.
+transformation fed after each evaluation by :func:`ftrain.schedules.plateau_update`; ``greedy`` (transformers'
+``GreedyLR``) gives :func:`ftrain.schedules.greedy`, fed the same way.
 
 Example:
     >>> import torch
@@ -358,17 +359,53 @@ def get_reduce_on_plateau_schedule(optimizer: Any, **kwargs: Any) -> GradientTra
     return _schedules.reduce_on_plateau(**kw, min_scale=min_lr / lr, eps=eps / lr)
 
 
+#: transformers' ``GreedyLR`` keyword arguments (after the optimizer).
+GREEDY_KWARGS = (
+    "mode", "factor", "patience", "threshold", "threshold_mode", "cooldown", "warmup", "min_lr", "max_lr", "eps",
+    "verbose", "smooth", "window_size", "reset_start",
+)  # fmt: skip
+
+
 def get_greedy_schedule(optimizer: Any, **kwargs: Any) -> GradientTransformation:
-    """transformers' ``GreedyLR``, which ftrain does not implement.
+    """transformers' ``GreedyLR(optimizer, **kwargs)`` (``get_greedy_schedule``) as :func:`ftrain.schedules.greedy`:
+    a gradient transformation to put last in the optimizer's chain, whose scale
+    :func:`ftrain.schedules.plateau_update` raises or lowers after each evaluation. ``min_lr``, ``max_lr`` and
+    ``eps`` are learning rates in transformers (defaults 1e-3, 1.0, 1e-8); they become fractions of the base
+    learning rate here.
 
     Raises:
-        ValueError: always, naming the nearest schedule ftrain has.
+        ValueError: a keyword ``GreedyLR`` does not take, ``min_lr`` / ``max_lr`` that are not one number each,
+            ``verbose=True`` (ftrain does not print; the Trainer logs ``learning_rate``), or a base learning rate
+            that is not positive.
+        TypeError: an ``optimizer`` that carries no learning rate.
+
+    Example:
+        >>> import torch
+        >>> from ftrain.schedules import plateau_update
+        >>> tx = get_greedy_schedule(0.1, factor=0.5, patience=0)
+        >>> state = plateau_update(plateau_update(tx.init({"w": torch.zeros(1)}), 2.0), 3.0)
+        >>> round(float(state.scale), 6)  # raised after 2.0 (an improvement on inf), lowered after 3.0
+        1.0
     """
-    raise ValueError(
-        "get_greedy_schedule: the 'greedy' schedule (transformers' GreedyLR) is not implemented in ftrain. "
-        "get_reduce_on_plateau_schedule(lr, ...) is also driven by the evaluation metric; a step schedule such as "
-        "get_cosine_schedule_with_warmup needs no metric."
-    )
+    lr = _learning_rate(optimizer, "get_greedy_schedule")
+    unknown = sorted(set(kwargs) - set(GREEDY_KWARGS))
+    if unknown:
+        raise ValueError(
+            f"{unknown} are not arguments of greedy (transformers' GreedyLR); it takes {list(GREEDY_KWARGS)}."
+        )
+    if not lr > 0:
+        raise ValueError(f"greedy needs a learning rate > 0 (it scales it), got {lr}.")
+    kw = dict(kwargs)
+    if kw.pop("verbose", False):
+        raise ValueError(
+            "greedy: verbose=True (printing each change) is not supported by ftrain; drop it and read the "
+            "'learning_rate' the Trainer logs."
+        )
+    min_lr, max_lr, eps = kw.pop("min_lr", 1e-3), kw.pop("max_lr", 1.0), kw.pop("eps", 1e-8)
+    for name, value in (("min_lr", min_lr), ("max_lr", max_lr)):
+        if not isinstance(value, numbers.Real):
+            raise ValueError(f"greedy: {name} must be one number (one learning rate), got {value!r}.")
+    return _schedules.greedy(**kw, min_scale=min_lr / lr, max_scale=max_lr / lr, eps=eps / lr)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -392,16 +429,16 @@ def get_scheduler(
         optimizer: the base learning rate, or an ftrain optimizer description ``(factory, kwargs)`` (see the
             module docstring).
         num_warmup_steps: warmup steps; required by every schedule except ``constant`` and
-            ``reduce_lr_on_plateau``.
+            the metric-driven ``reduce_lr_on_plateau`` and ``greedy``.
         num_training_steps: the total number of optimizer steps, for schedules that end at a step.
         scheduler_specific_kwargs: transformers' ``lr_scheduler_kwargs`` (``num_cycles``, ``power``, ``min_lr``...).
 
     Returns:
-        ``schedule(step) -> lr``; for ``reduce_lr_on_plateau``, the gradient transformation of
-        :func:`get_reduce_on_plateau_schedule`.
+        ``schedule(step) -> lr``; for ``reduce_lr_on_plateau`` and ``greedy``, the gradient transformation of
+        :func:`get_reduce_on_plateau_schedule` / :func:`get_greedy_schedule`.
 
     Raises:
-        ValueError: an unknown name, ``greedy``, or a missing or invalid argument.
+        ValueError: an unknown name, or a missing or invalid argument.
         TypeError: a scheduler-specific kwarg the schedule does not take, or an ``optimizer`` that carries no
             learning rate (a torch optimizer included).
     """

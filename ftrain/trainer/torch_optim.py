@@ -14,7 +14,8 @@ joins the two:
   running the scheduler's own arithmetic on a stand-in optimizer (so every step-driven scheduler —
   ``LambdaLR`` from transformers' ``get_*_schedule_with_warmup`` or any lambda, ``StepLR``, ``CosineAnnealingLR``,
   ``OneCycleLR``, ``SequentialLR``... — is reproduced with torch's own numbers), and
-  :func:`plateau_transformation` turns a ``ReduceLROnPlateau`` into :func:`ftrain.schedules.reduce_on_plateau`.
+  :func:`plateau_transformation` turns a ``ReduceLROnPlateau`` into :func:`ftrain.schedules.reduce_on_plateau`
+  (and transformers' ``GreedyLR`` into :func:`ftrain.schedules.greedy`, :func:`greedy_transformation`).
 - **Out:** :func:`torch_optimizer_state_dict` writes an ftrain ``opt_state`` in torch's ``state_dict()`` format
   (the state map is :func:`ftrain.trainer.hf_checkpoint.torch_param_states`, shared with transformers' checkpoint
   files); :func:`hf_param_groups` gives the torch param groups transformers' ``create_optimizer`` builds for the
@@ -50,14 +51,21 @@ from ftrain import optim
 from ftrain.optim.base import GradientTransformation, OptState, ScalarOrSchedule, Schedule
 from ftrain.trainer import convert as _convert
 from ftrain.trainer.hf_checkpoint import UnmappableOptimizerError, index_param_groups, torch_param_states
-from ftrain.trainer.schedulers import PLATEAU_KWARGS, get_reduce_on_plateau_schedule
+from ftrain.trainer.schedulers import (
+    GREEDY_KWARGS,
+    PLATEAU_KWARGS,
+    get_greedy_schedule,
+    get_reduce_on_plateau_schedule,
+)
 
 __all__ = [
     "TorchGroup",
     "TorchOptimizerSpec",
     "describe_torch_optimizer",
     "ftrain_optimizer_kwargs",
+    "greedy_transformation",
     "hf_param_groups",
+    "is_metric_scheduler",
     "is_transformers_adafactor",
     "make_optimizer_view",
     "make_transformation",
@@ -404,6 +412,50 @@ def plateau_transformation(scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau
     return get_reduce_on_plateau_schedule(lrs[0], **kwargs, min_lr=scheduler.min_lrs[0])
 
 
+def is_greedy_scheduler(scheduler: Any) -> bool:
+    """Whether ``scheduler`` is transformers' ``GreedyLR`` (checked by class name, without importing transformers)."""
+    return _is_transformers_class(type(scheduler), "GreedyLR")
+
+
+def is_metric_scheduler(scheduler: Any) -> bool:
+    """Whether ``scheduler`` is stepped with the evaluation metric (``ReduceLROnPlateau``, transformers'
+    ``GreedyLR``) instead of after each update."""
+    return isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) or is_greedy_scheduler(scheduler)
+
+
+def greedy_view_scheduler(view: torch.optim.Optimizer, kwargs: Mapping[str, Any]) -> Any:
+    """``trainer.lr_scheduler`` for ``lr_scheduler_type="greedy"``: transformers' own ``GreedyLR(view, **kwargs)``
+    (so ``isinstance`` checks against it hold and its counters can be read), stepped with each evaluation metric
+    by :func:`advance_scheduler`; ``None`` when transformers is not installed (the train step's scale, from
+    :func:`ftrain.schedules.greedy`, does not need it)."""
+    try:
+        from transformers.optimization import GreedyLR
+    except ImportError:
+        return None
+    return GreedyLR(view, **kwargs)
+
+
+def greedy_transformation(scheduler: Any) -> GradientTransformation:
+    """transformers' ``GreedyLR`` as :func:`ftrain.schedules.greedy` (a scale on the updates, changed by
+    :func:`ftrain.schedules.plateau_update` after each evaluation), through
+    :func:`~ftrain.trainer.schedulers.get_greedy_schedule` with the scheduler's own arguments.
+
+    Raises:
+        ValueError: groups with different learning rates or ``min_lr`` / ``max_lr`` (one scale cannot follow
+            them), or a scheduler that has already been stepped.
+    """
+    lrs = [g["lr"] for g in scheduler.optimizer.param_groups]
+    bounds_differ = len(set(scheduler.min_lrs)) != 1 or len(set(scheduler.max_lrs)) != 1
+    if len(set(lrs)) != 1 or bounds_differ or scheduler.last_epoch:
+        raise ValueError(
+            "ftrain reproduces GreedyLR as one scale on every update: give every parameter group the same lr, "
+            "min_lr and max_lr, and pass a scheduler that has not been stepped yet."
+        )
+    kwargs = {key: getattr(scheduler, key) for key in GREEDY_KWARGS if key not in ("min_lr", "max_lr", "reset_start")}
+    kwargs["reset_start"] = scheduler.reset_start_original
+    return get_greedy_schedule(lrs[0], **kwargs, min_lr=scheduler.min_lrs[0], max_lr=scheduler.max_lrs[0])
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The state, in torch's format.
 
@@ -633,10 +685,11 @@ def check_torch_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) ->
 def bind_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer, view: torch.optim.Optimizer) -> Any:
     """A copy of ``scheduler`` (and of the schedulers inside it: ``SequentialLR``, ``ChainedScheduler``) that drives
     ``view`` instead of ``optimizer``; ``scheduler`` itself is left as it is."""
-    if not isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau):
+    torch_scheduler = torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau
+    if not (isinstance(scheduler, torch_scheduler) or is_greedy_scheduler(scheduler)):
         raise TypeError(
-            "optimizers[1] must be a torch.optim.lr_scheduler scheduler of optimizers[0], got "
-            f"{type(scheduler).__name__}."
+            "optimizers[1] must be a torch.optim.lr_scheduler scheduler (or transformers' GreedyLR) of "
+            f"optimizers[0], got {type(scheduler).__name__}."
         )
     if getattr(scheduler, "optimizer", None) is not optimizer:
         raise ValueError("optimizers[1] must be a scheduler of optimizers[0] (it drives another optimizer).")
@@ -716,9 +769,10 @@ def make_lambda_scheduler(view: torch.optim.Optimizer, schedules: Sequence[Sched
 
 def advance_scheduler(scheduler: Any, metric: float | None = None) -> None:
     """Steps a torch scheduler as transformers does after an update (``metric is None``: every scheduler but
-    ``ReduceLROnPlateau``) or after an evaluation (``ReduceLROnPlateau`` only, with the metric)."""
-    is_plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
-    if not isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler) or is_plateau != (metric is not None):
+    ``ReduceLROnPlateau`` and ``GreedyLR``) or after an evaluation (those two only, with the metric)."""
+    is_plateau = is_metric_scheduler(scheduler)
+    stepped = isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler) or is_greedy_scheduler(scheduler)
+    if not stepped or is_plateau != (metric is not None):
         return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the view's step() is never called: torch warns about the order

@@ -137,6 +137,7 @@ from ftrain.trainer.loop import TRAINER_STATE_NAME, TRAINING_ARGS_NAME, Training
 from ftrain.trainer.memory import TrainerMemoryTracker
 from ftrain.trainer.placement import cast_for_full_eval, is_model_parallel, place_model_on_device
 from ftrain.trainer.plan import TrainerPlan, apply_process_settings, make_plan, total_train_batch_size
+from ftrain.trainer.schedulers import get_greedy_schedule
 from ftrain.trainer.trainer_state import TrainerControl, TrainerState
 from ftrain.trainer.utils import (
     PREFIX_CHECKPOINT_DIR,
@@ -417,7 +418,8 @@ class Trainer:
     def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
         """The learning-rate scheduler of ``optimizer`` (default ``self.optimizer``) for ``args`` unless one was
         given: a torch ``LambdaLR`` whose values are ftrain's schedule (:func:`~ftrain.trainer.convert.make_schedule`,
-        per group), or ``ReduceLROnPlateau`` for ``reduce_lr_on_plateau``; the train step runs the same schedule.
+        per group), ``ReduceLROnPlateau`` for ``reduce_lr_on_plateau``, or transformers' ``GreedyLR`` for ``greedy``
+        (``None`` without transformers); the train step runs the same schedule.
         With an ftrain GradientTransformation given by the user, it is the ``args`` schedule as a function."""
         if self.lr_scheduler is None:
             optimizer = self.optimizer if optimizer is None else optimizer
@@ -427,6 +429,8 @@ class Trainer:
             elif SchedulerType(self.plan.optim.schedule) == SchedulerType.REDUCE_ON_PLATEAU:
                 kwargs = dict(self.plan.optim.schedule_kwargs)
                 self.lr_scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, **kwargs)
+            elif SchedulerType(self.plan.optim.schedule) == SchedulerType.GREEDY:
+                self.lr_scheduler = _torch_optim.greedy_view_scheduler(optimizer, self.plan.optim.schedule_kwargs)
             else:
                 schedules = self._group_schedules(optimizer, num_training_steps)
                 self.lr_scheduler = _torch_optim.make_lambda_scheduler(optimizer, schedules, num_training_steps)
@@ -457,8 +461,8 @@ class Trainer:
 
     def _make_transformation(self, num_training_steps: int) -> GradientTransformation:
         """The pure optimizer: the user's GradientTransformation, or ``self.optimizer`` / ``self.lr_scheduler``
-        translated — clipping to ``max_grad_norm`` first and ``ReduceLROnPlateau``'s scale last, as transformers
-        clips before ``optimizer.step()`` and reduces after evaluations."""
+        translated — clipping to ``max_grad_norm`` first and ``ReduceLROnPlateau``'s (or ``GreedyLR``'s) scale last,
+        as transformers clips before ``optimizer.step()`` and steps those schedulers after evaluations."""
         if isinstance(self.optimizer, GradientTransformation):
             return self.optimizer
         spec, scheduler = self._optimizer_spec, self.lr_scheduler
@@ -469,7 +473,9 @@ class Trainer:
                 "Trainer.create_optimizer, or assign an ftrain.optim GradientTransformation)."
             )
         is_plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
-        if is_plateau or scheduler is None:
+        is_greedy = SchedulerType(self.plan.optim.schedule) == SchedulerType.GREEDY and self._created_lr_scheduler
+        is_greedy = is_greedy or _torch_optim.is_greedy_scheduler(scheduler)
+        if is_plateau or is_greedy or scheduler is None:
             lrs = [g["lr"] for g in self.optimizer.param_groups]
         elif self._created_lr_scheduler:
             lrs = self._group_schedules(self.optimizer, num_training_steps)
@@ -482,7 +488,17 @@ class Trainer:
         parts.append(_torch_optim.make_transformation(spec, lrs, all_names=names))
         if is_plateau:
             parts.append(_torch_optim.plateau_transformation(scheduler))
+        elif is_greedy:
+            parts.append(self._greedy_transformation(scheduler))
         return _optim.chain(*parts)
+
+    def _greedy_transformation(self, scheduler: Any) -> GradientTransformation:
+        """``GreedyLR``'s scale: from the scheduler when it is transformers' (given or created), else from ``args``
+        (a created one without transformers installed)."""
+        if _torch_optim.is_greedy_scheduler(scheduler):
+            return _torch_optim.greedy_transformation(scheduler)
+        lr = self.optimizer.param_groups[0]["lr"]
+        return get_greedy_schedule(lr, **self.plan.optim.schedule_kwargs)
 
     def _loss_with_outputs(self, model: Any, batch: Any) -> tuple[Loss, Any]:
         fn = make_loss_fn(self.model, label_smoothing=self._label_smoothing(), compute_loss_func=self.compute_loss_func)

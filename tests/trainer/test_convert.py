@@ -375,8 +375,9 @@ def test_make_schedule_matches_transformers_get_scheduler(name, warmup, total):
 
 
 def test_schedule_and_optimizer_refusals():
-    with pytest.raises(ValueError, match="'greedy' is not implemented in ftrain; use 'reduce_lr_on_plateau'"):
-        make_schedule(TrainingArguments(lr_scheduler_type="greedy", eval_strategy="epoch"), 10)
+    greedy = TrainingArguments(lr_scheduler_type="greedy", eval_strategy="epoch", lr_scheduler_kwargs={"verbose": 1})
+    with pytest.raises(ValueError, match=r"greedy: verbose=True \(printing each change\) is not supported"):
+        make_optimizer(greedy, nn.Linear(2, 2), num_training_steps=10)
     args = TrainingArguments(
         lr_scheduler_type="reduce_lr_on_plateau", eval_strategy="epoch", lr_scheduler_kwargs={"verbose": True}
     )

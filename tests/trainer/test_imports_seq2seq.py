@@ -180,8 +180,8 @@ def test_get_scheduler_errors_teach():
         ftrain.get_scheduler("linear", _sgd(), 1, 10)
     with pytest.raises(TypeError, match=r"has no numeric kwargs\['learning_rate'\]"):
         ftrain.get_linear_schedule_with_warmup((ftrain.optim.sgd, {}), 1, 10)
-    with pytest.raises(ValueError, match="'greedy' schedule .* is not implemented in ftrain"):
-        ftrain.get_scheduler("greedy", LR)
+    with pytest.raises(ValueError, match=r"\['patient'\] are not arguments of greedy"):
+        ftrain.get_scheduler("greedy", LR, scheduler_specific_kwargs={"patient": 1})
     with pytest.raises(ValueError, match="is not a valid SchedulerType"):
         ftrain.get_scheduler("cosine_restarts", LR, 1, 10)
     with pytest.raises(ValueError, match="requires `num_training_steps`"):  # transformers raises ValueError too
