@@ -218,9 +218,10 @@ class Seq2SeqEvaluator(Evaluator):
         trainer = self.trainer
         if not trainer.generation_plan.predict_with_generate or prediction_loss_only:
             return super()._prediction_parts(model, inputs, prediction_loss_only, ignore_keys)
+        inputs = trainer._prepare_inputs(inputs)  # generate from args.device (and an override's changes), as HF
         tokens = self._generate(model, inputs, dict(gen_kwargs) if gen_kwargs else dict(trainer._gen_kwargs))
         config = _filled_generation_config(model)
-        loss = super()._prediction_parts(model, inputs, True, ignore_keys)[0]
+        loss = super()._prediction_parts(model, inputs, True, ignore_keys, prepared=True)[0]
         if trainer.plan.eval.prediction_loss_only:
             return loss, None, None
         labels = inputs.get("labels")
