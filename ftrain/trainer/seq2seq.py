@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ftrain.losses import mean
 from ftrain.trainer.args import TrainingArguments, _arg
 from ftrain.trainer.evaluation import Evaluator
 from ftrain.trainer.plan import Disposition
@@ -255,8 +256,7 @@ class Seq2SeqEvaluator(Evaluator):
         loss, predictions, labels = self._prediction_parts(
             model, inputs, prediction_loss_only, self._ignore_keys(ignore_keys), gen_kwargs
         )
-        mean = None if loss is None else loss.sum / loss.count.clamp_min(1).to(loss.sum.dtype)
-        return mean, predictions, labels
+        return None if loss is None else mean(loss), predictions, labels
 
 
 def _filled_generation_config(model: Any) -> Any:
