@@ -259,8 +259,12 @@ class TrainerAccelerator:
         return nested_gather(tensor)
 
     def gather_for_metrics(self, input_data: Any, use_gather_object: bool = False) -> Any:
-        """:meth:`gather` (ftrain's evaluation streams shard the rows without padding duplicates, so there are
-        none to drop); Python objects are gathered with ``all_gather_object`` when ``use_gather_object``."""
+        """:meth:`gather`; Python objects are gathered with ``all_gather_object`` when ``use_gather_object``.
+
+        accelerate drops the samples its loader repeated to even out the last batch; this accelerator knows no
+        loader, so it keeps every row it is given. ftrain's evaluation loop drops its own padding rows (the batch's
+        ``_valid`` mask, False where a short last batch is padded over the processes) before it gathers; a custom
+        loop over ``get_eval_dataloader()`` on several processes must drop them too."""
         if use_gather_object and self.use_distributed:
             gathered: list[Any] = [None] * self.num_processes
             torch.distributed.all_gather_object(gathered, input_data)

@@ -200,9 +200,16 @@ class Evaluator:
         return list(getattr(model.config, "keys_to_ignore_at_inference", ["cache"]))
 
     def _prediction_parts(
-        self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool, ignore_keys: list[str]
+        self,
+        model: Any,
+        inputs: dict[str, Any],
+        prediction_loss_only: bool,
+        ignore_keys: list[str],
+        *,
+        prepared: bool = False,
     ) -> tuple[Loss | None, Any, Any]:
-        """``(Loss(sum, count) or None, logits, labels)`` of one batch, under ``no_grad``.
+        """``(Loss(sum, count) or None, logits, labels)`` of one batch, under ``no_grad`` (``prepared``: ``inputs``
+        already went through ``trainer._prepare_inputs``).
 
         As transformers' ``prediction_step``: a loss is computed when the batch has every label of
         ``label_names``, or, without label names, when the model computes one without labels (``return_loss``);
@@ -214,7 +221,8 @@ class Evaluator:
         if return_loss is None:
             return_loss = _can_return_loss(trainer.model)
         wants_loss = has_labels or (not names and bool(return_loss))
-        inputs = trainer._prepare_inputs(inputs)  # to args.device (and an override's changes), as transformers
+        if not prepared:  # to args.device (and an override's changes), once per batch as transformers
+            inputs = trainer._prepare_inputs(inputs)
         labels = None
         if wants_loss:  # without label names, an empty tuple (as transformers)
             labels = tuple(inputs[k].detach() for k in names)

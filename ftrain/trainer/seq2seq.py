@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ftrain.losses import mean
 from ftrain.trainer.args import TrainingArguments, _arg
 from ftrain.trainer.evaluation import Evaluator
 from ftrain.trainer.plan import Disposition
@@ -218,9 +219,10 @@ class Seq2SeqEvaluator(Evaluator):
         trainer = self.trainer
         if not trainer.generation_plan.predict_with_generate or prediction_loss_only:
             return super()._prediction_parts(model, inputs, prediction_loss_only, ignore_keys)
+        inputs = trainer._prepare_inputs(inputs)  # generate from args.device (and an override's changes), as HF
         tokens = self._generate(model, inputs, dict(gen_kwargs) if gen_kwargs else dict(trainer._gen_kwargs))
         config = _filled_generation_config(model)
-        loss = super()._prediction_parts(model, inputs, True, ignore_keys)[0]
+        loss = super()._prediction_parts(model, inputs, True, ignore_keys, prepared=True)[0]
         if trainer.plan.eval.prediction_loss_only:
             return loss, None, None
         labels = inputs.get("labels")
@@ -254,8 +256,7 @@ class Seq2SeqEvaluator(Evaluator):
         loss, predictions, labels = self._prediction_parts(
             model, inputs, prediction_loss_only, self._ignore_keys(ignore_keys), gen_kwargs
         )
-        mean = None if loss is None else loss.sum / loss.count.clamp_min(1).to(loss.sum.dtype)
-        return mean, predictions, labels
+        return None if loss is None else mean(loss), predictions, labels
 
 
 def _filled_generation_config(model: Any) -> Any:

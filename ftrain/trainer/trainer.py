@@ -710,7 +710,7 @@ class Trainer:
             dataset,
             batch_size if data.split_batches else batch_size * world,
             seed=data.seed,
-            shuffle=strategy not in ("sequential", "group_by_length") if train else False,
+            shuffle=train and data.shuffle,
             drop_last=data.drop_last,
             collate_fn=self.data_collator,
             accum_steps=data.gradient_accumulation_steps if train else 1,

@@ -187,7 +187,7 @@ class LabelSmoother:
         """The mean smoothed cross-entropy of the output's logits (``model_output["logits"]``, or its first
         element) against ``labels``, over the labels that are not ``ignore_index`` (shifted by one with
         ``shift_labels``, for a causal LM)."""
-        from ftrain.losses import cross_entropy
+        from ftrain.losses import cross_entropy, mean
 
         logits = model_output["logits"] if isinstance(model_output, Mapping) else model_output[0]
         if labels.dim() == logits.dim():  # transformers' (batch, 1) labels of a classifier
@@ -195,7 +195,7 @@ class LabelSmoother:
         loss = cross_entropy(
             logits, labels, ignore_index=self.ignore_index, shift=shift_labels, label_smoothing=self.epsilon
         )
-        return loss.sum / loss.count.clamp_min(1)
+        return mean(loss)
 
 
 def make_label_smoother(model: Any, epsilon: float) -> LabelSmoother | None:

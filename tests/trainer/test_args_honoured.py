@@ -216,20 +216,38 @@ def test_torch_empty_cache_steps_clear_at_transformers_steps(HFArgs, tmp_path, m
     assert calls["ft"] == calls["hf"] == [0, 3, 6]
 
 
+class _GroupStarted(Exception):
+    """Raised by the recorded ``torch.distributed.init_process_group``: the test needs nothing after it."""
+
+
 def test_ddp_timeout_and_backend_reach_the_process_group(HFArgs, monkeypatch):
-    """The plan's backend and timeout are what ``init_process_group`` gets when the Trainer starts the group
-    (torch.distributed's call is recorded, not made); the timeout is transformers' ``ddp_timeout_delta``."""
+    """The backend and timeout are what ``init_process_group`` gets when the Trainer starts the group (on one
+    process of a torchrun world of 2, and alone outside torchrun; torch.distributed's call is recorded, not made);
+    the timeout is transformers' ``ddp_timeout_delta``."""
     from ftrain.distributed import mesh
     from ftrain.trainer.plan import make_plan
 
     expected = HFArgs("out", use_cpu=True, ddp_timeout=77).ddp_timeout_delta
     started = []
+
+    def record(backend, **kw):
+        started.append((backend, kw))
+        raise _GroupStarted
+
     monkeypatch.setattr(mesh.dist, "is_initialized", lambda: False)
-    monkeypatch.setattr(mesh.dist, "init_process_group", lambda backend, **kw: started.append((backend, kw)))
-    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr(mesh.dist, "init_process_group", record)
+    for key, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(key, value)
+    args = TrainingArguments("out", use_cpu=True, ddp_backend="mpi", ddp_timeout=77, report_to="none")
+    with pytest.raises(_GroupStarted):  # mpi: not the CPU's default (gloo), so the argument is what reaches torch
+        Trainer(model=torch.nn.Linear(2, 1), args=args)
+    assert started == [("mpi", {"timeout": expected})]
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
     plan = make_plan(TrainingArguments("out", use_cpu=True, ddp_backend="gloo", ddp_timeout=77))
-    mesh.init_process_group("cpu", backend=plan.parallel.backend, timeout=plan.parallel.timeout)
-    assert started == [("gloo", {"rank": 0, "world_size": 1, "timeout": expected})]
+    with pytest.raises(_GroupStarted):
+        mesh.init_process_group("cpu", backend=plan.parallel.backend, timeout=plan.parallel.timeout)
+    assert started[1:] == [("gloo", {"rank": 0, "world_size": 1, "timeout": expected})]
     assert expected == timedelta(seconds=77)
     with pytest.raises(ValueError, match="ddp_backend='nccl' cannot run on this process's device"):
         TrainingArguments("out", use_cpu=True, ddp_backend="nccl")

@@ -404,3 +404,35 @@ def test_generation_config_and_gen_kwargs_match_transformers(tmp_path, one_threa
         np.testing.assert_array_equal(ft, hf)
     assert results["ft"][3] == results["hf"][3]
     assert results["ft"][0].shape[1] == 6  # padded to the config's max_length, as transformers
+
+
+def test_generation_reads_the_prepared_inputs_as_transformers(tmp_path, one_thread):
+    """transformers' ``prediction_step`` generates from ``self._prepare_inputs(inputs)`` (on ``args.device``, with
+    what an override changes), called once per batch: a subclass masking the last source tokens there changes the
+    generated ids, the same on both sides."""
+    results, calls = {}, {"hf": 0, "ft": 0}
+    for side, base, args_cls in (
+        ("hf", transformers.Seq2SeqTrainer, transformers.Seq2SeqTrainingArguments),
+        ("ft", Seq2SeqTrainer, Seq2SeqTrainingArguments),
+    ):
+
+        class MaskTail(base):
+            def _prepare_inputs(self, inputs, side=side):
+                calls[side] += 1
+                inputs = dict(super()._prepare_inputs(inputs))
+                mask = inputs["attention_mask"].clone()
+                mask[:, -4:] = 0  # out of place: the batch itself is left as it is
+                inputs["attention_mask"] = mask
+                return inputs
+
+        args = args_cls(str(tmp_path / side), **{**ARGS, "eval_strategy": "no"})
+        data = rows(5, 4)
+        masked = MaskTail(model=t5(), args=args).predict(data)
+        plain = base(model=t5(), args=args).predict(data)
+        results[side] = (masked, plain)
+    (hf_masked, hf_plain), (ft_masked, ft_plain) = results["hf"], results["ft"]
+    assert calls["ft"] == calls["hf"] == 2  # 5 rows, 3 per batch
+    assert not np.array_equal(hf_masked.predictions, hf_plain.predictions)  # the mask matters to generation
+    np.testing.assert_array_equal(ft_masked.predictions, hf_masked.predictions)
+    np.testing.assert_array_equal(ft_plain.predictions, hf_plain.predictions)
+    assert ft_masked.metrics["test_loss"] == pytest.approx(hf_masked.metrics["test_loss"], **APPROX64)
