@@ -737,31 +737,51 @@ def _adafactor_schedule_class(cls: type) -> type:
     return type(cls.__name__, (_AdafactorScheduleView, cls), {"__module__": __name__, "__qualname__": cls.__qualname__})
 
 
-def _schedule_factor(step: int, *, values: Sequence[float], schedule: Schedule, lr: float) -> float:
-    """``schedule(step) / lr``, the factor a ``LambdaLR`` multiplies the group's initial lr by, read from
-    ``values`` (the schedule at steps ``0..len - 1``, computed once) so that stepping reads no tensor."""
-    value = values[step] if 0 <= step < len(values) else float(schedule(torch.tensor(step)))
-    return value / lr if lr else 0.0
+def _schedule_factor(step: int, *, value: Callable[[int], float], lr: float) -> float:
+    """``schedule(step) / lr``, the factor a ``LambdaLR`` multiplies the group's initial lr by (``value`` is
+    :func:`_host_reader` of the schedule, so that stepping reads no tensor)."""
+    return value(step) / lr if lr else 0.0
 
 
-def _host_values(schedule: Schedule, num_steps: int) -> list[float]:
-    """``schedule`` at ``0..num_steps`` as Python floats, in one call where it takes a vector of steps."""
+#: How many steps of a schedule :func:`_host_reader` computes in one call.
+_HOST_BLOCK = 1024
+
+
+def _host_values(schedule: Schedule, start: int, stop: int) -> list[float]:
+    """``schedule`` at ``start..stop - 1`` as Python floats, in one call where it takes a vector of steps."""
+    steps = torch.arange(start, stop)
     try:
-        values = schedule(torch.arange(num_steps + 1))
-        if isinstance(values, torch.Tensor) and values.shape == (num_steps + 1,):
+        values = schedule(steps)
+        if isinstance(values, torch.Tensor) and values.shape == steps.shape:
             return values.tolist()
     except (RuntimeError, TypeError, ValueError):
         pass  # a schedule written for 0-d steps only
-    return [float(schedule(torch.tensor(k))) for k in range(num_steps + 1)]
+    return [float(schedule(torch.tensor(k))) for k in range(start, stop)]
 
 
-def make_lambda_scheduler(view: torch.optim.Optimizer, schedules: Sequence[Schedule], num_training_steps: int) -> Any:
+def _host_reader(schedule: Schedule) -> Callable[[int], float]:
+    """``step -> float(schedule(step))``, computed :data:`_HOST_BLOCK` steps at a time when a step of the block is
+    first read (the last two blocks are kept): nothing is computed or held for steps the run never reaches, however
+    large ``max_steps`` is, and each scheduler step is a list lookup."""
+
+    @functools.lru_cache(maxsize=2)
+    def block(index: int) -> list[float]:
+        return _host_values(schedule, index * _HOST_BLOCK, (index + 1) * _HOST_BLOCK)
+
+    def value(step: int) -> float:
+        index, offset = divmod(step, _HOST_BLOCK)
+        return block(index)[offset]
+
+    return value
+
+
+def make_lambda_scheduler(view: torch.optim.Optimizer, schedules: Sequence[Schedule]) -> Any:
     """``trainer.lr_scheduler`` for ftrain schedules: a ``LambdaLR`` over ``view`` whose factor for group ``i`` is
     ``schedules[i](step) / lr_i`` (so ``get_last_lr()`` is the schedule's value, as transformers' LambdaLR), read
-    from the schedule's values computed once for ``num_training_steps``."""
-    values = {id(s): _host_values(s, num_training_steps) for s in schedules}
+    from the schedule's values computed a block of steps at a time (:func:`_host_reader`)."""
+    readers = {id(s): _host_reader(s) for s in schedules}
     lambdas = [
-        functools.partial(_schedule_factor, values=values[id(s)], schedule=s, lr=g["lr"])
+        functools.partial(_schedule_factor, value=readers[id(s)], lr=g["lr"])
         for s, g in zip(schedules, view.param_groups)
     ]
     return torch.optim.lr_scheduler.LambdaLR(view, lambdas)

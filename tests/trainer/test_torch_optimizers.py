@@ -12,6 +12,7 @@ after the run.
 from __future__ import annotations
 
 import importlib.util
+import warnings
 
 import pytest
 import torch
@@ -245,6 +246,24 @@ def test_views_before_training_match_transformers(tmp_path):
             trainer.lr_scheduler.step()
     torch.testing.assert_close(lrs["ft"], lrs["hf"], **FLOAT64)
     assert ft.optimizer.state_dict() == {**hf.optimizer.state_dict(), "state": {}}
+
+
+def test_created_scheduler_matches_transformers_across_blocks_and_past_the_end(tmp_path):
+    """The created ``LambdaLR`` reads ftrain's schedule a block of steps at a time: its ``get_last_lr()`` is
+    transformers' at every step, over several blocks and past ``num_training_steps`` (where the cosine rises again)."""
+    kw = dict(weight_decay=0.1, warmup_steps=100, lr_scheduler_type="cosine")
+    hf = transformers.Trainer(Regression(), _args(transformers.TrainingArguments, tmp_path / "hf", **kw))
+    ft = Trainer(Regression(), _args(TrainingArguments, tmp_path / "ft", **kw))
+    lrs = {"hf": [], "ft": []}
+    for key, trainer in (("hf", hf), ("ft", ft)):
+        trainer.create_optimizer_and_scheduler(num_training_steps=1500)
+        for _ in range(2600):
+            lrs[key].append(trainer.lr_scheduler.get_last_lr())
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # stepping the scheduler without optimizer.step()
+                trainer.lr_scheduler.step()
+    assert lrs["hf"][2000] != lrs["hf"][1500]  # past the end, transformers' cosine moves again
+    torch.testing.assert_close(lrs["ft"], lrs["hf"], **FLOAT64)
 
 
 def test_the_view_refuses_stateful_calls_and_stepped_optimizers(tmp_path):
