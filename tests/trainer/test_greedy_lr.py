@@ -24,13 +24,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 from transformers.optimization import GreedyLR  # noqa: E402
 
-from tests.trainer.side_by_side import (  # noqa: E402
-    Regression,
-    assert_same_training,
-    logged_steps,
-    regression_rows,
-    side_args,
-)
+from tests.trainer.side_by_side import assert_same_training, logged_steps, train_both  # noqa: E402
 
 LR = 0.2
 
@@ -125,15 +119,7 @@ SETTINGS = dict(max_steps=STEPS, per_device_train_batch_size=4, logging_steps=1,
 
 def _train_both(tmp_path, make_objects=None, **kw):
     """(transformers' Trainer, ftrain's), each trained with its own fresh model (and ``make_objects(model)``)."""
-    trainers = {}
-    for side, cls, args in side_args(tmp_path, {**SETTINGS, **kw}):
-        model = Regression()
-        objects = make_objects(model) if make_objects is not None else (None, None)
-        data, eval_data = regression_rows(32, intercept=0.3), regression_rows(8, intercept=0.3)
-        trainer = cls(model, args, train_dataset=data, eval_dataset=eval_data, optimizers=objects)
-        trainer.train()
-        trainers[side] = trainer
-    return trainers["hf"], trainers["ft"]
+    return train_both(tmp_path, {**SETTINGS, **kw}, make_objects, eval_rows=8)
 
 
 def _assert_same_scheduler(hf, ft):

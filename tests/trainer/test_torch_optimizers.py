@@ -30,7 +30,7 @@ from tests.trainer.side_by_side import (  # noqa: E402
     assert_same_training,
     logged_steps,
     regression_rows,
-    side_args,
+    train_both,
 )
 
 STEPS = 6
@@ -55,19 +55,9 @@ def _args(cls, tmp_path, **kw):
     return cls(output_dir=str(tmp_path), **{**SETTINGS, **kw})
 
 
-def _run(trainer_cls, args, make_objects, eval_dataset=None):
-    model = Regression()
-    objects = make_objects(model) if make_objects is not None else (None, None)
-    trainer = trainer_cls(model, args, train_dataset=_data(), eval_dataset=eval_dataset, optimizers=objects)
-    trainer.train()
-    return trainer
-
-
-def _both(tmp_path, make_objects, eval_dataset=None, **kw):
+def _both(tmp_path, make_objects, eval_rows=0, **kw):
     """(transformers' Trainer, ftrain's), each trained with its own fresh ``make_objects(model)``."""
-    trainers = {side: _run(cls, args, make_objects, eval_dataset)
-                for side, cls, args in side_args(tmp_path, {**SETTINGS, **kw})}  # fmt: skip
-    return trainers["hf"], trainers["ft"]
+    return train_both(tmp_path, {**SETTINGS, **kw}, make_objects, eval_rows=eval_rows)
 
 
 def _assert_same_run(hf, ft):
@@ -155,7 +145,7 @@ def test_reduce_lr_on_plateau_matches_transformers(tmp_path, one_thread):
         return opt, torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=0, threshold=0.5)
 
     kw = dict(eval_strategy="steps", eval_steps=1, metric_for_best_model="eval_loss")
-    hf, ft = _both(tmp_path, objects, eval_dataset=_data(8), **kw)
+    hf, ft = _both(tmp_path, objects, eval_rows=8, **kw)
     assert len({h["learning_rate"] for h in logged_steps(hf)}) > 1  # the scheduler did reduce
     _assert_same_run(hf, ft)
     assert isinstance(ft.lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
