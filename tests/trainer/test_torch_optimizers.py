@@ -19,7 +19,9 @@ import torch
 from tolerances import FLOAT64
 from torch import nn
 
+from ftrain.schedules import plateau_update
 from ftrain.trainer import Trainer, TrainingArguments
+from ftrain.trainer.convert import make_optimizer
 from ftrain.trainer.torch_optim import table_schedule
 
 transformers = pytest.importorskip("transformers")
@@ -254,6 +256,37 @@ def test_created_scheduler_matches_transformers_across_blocks_and_past_the_end(t
                 trainer.lr_scheduler.step()
     assert lrs["hf"][2000] != lrs["hf"][1500]  # past the end, transformers' cosine moves again
     torch.testing.assert_close(lrs["ft"], lrs["hf"], **FLOAT64)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "reduce_lr_on_plateau", "greedy"])
+@pytest.mark.parametrize("optim_name", [*SUPPORTED, "adafactor", "lion_32bit"])
+def test_the_trainers_optimizer_is_convert_make_optimizer(optim_name, schedule, tmp_path):
+    """The Trainer builds its optimizer through the torch description (``create_optimizer`` ->
+    ``make_transformation``); for ``TrainingArguments`` alone that is :func:`ftrain.trainer.convert.make_optimizer`'s
+    chain (which the ``ftrain`` command's optimizer is checked against), update for update, bitwise."""
+    kw = dict(optim=optim_name, learning_rate=0.05, weight_decay=0.1, max_grad_norm=0.5, lr_scheduler_type=schedule,
+              warmup_steps=2, eval_strategy="steps", eval_steps=1,
+              lr_scheduler_kwargs={"factor": 0.5, "patience": 0} if schedule != "cosine" else {})  # fmt: skip
+    if optim_name in ("sgd", "rmsprop"):
+        kw["optim_args"] = "momentum=0.9"
+    args = TrainingArguments(str(tmp_path), **kw)
+    model = Regression()
+    ft = Trainer(model, args, eval_dataset=_data(8))
+    ft.create_optimizer_and_scheduler(num_training_steps=6)
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    sides = [ft._tx, make_optimizer(args, model, num_training_steps=6)]
+    states, outs = [tx.init(params) for tx in sides], [dict(params), dict(params)]
+    g = torch.Generator().manual_seed(0)
+    for step in range(6):
+        grads = {k: torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in params.items()}
+        for i, tx in enumerate(sides):
+            updates, states[i] = tx.update(grads, states[i], outs[i])
+            outs[i] = {k: outs[i][k] + updates[k] for k in params}
+            if schedule != "cosine":
+                states[i] = plateau_update(states[i], float(step % 3))  # raises and lowers the scale
+    for name in params:
+        assert not torch.equal(outs[0][name], params[name]), name
+        assert torch.equal(outs[0][name], outs[1][name]), name
 
 
 def test_the_view_refuses_stateful_calls_and_stepped_optimizers(tmp_path):
