@@ -707,21 +707,21 @@ class _AdafactorScheduleView:
     """``get_lr`` of transformers' ``AdafactorSchedule`` (a proxy that reports the step size Adafactor computes
     itself) over ftrain's state, mixed in front of that class by :func:`bind_scheduler`.
 
-    transformers reads the step size of the groups whose first parameter has a ``.grad``; ftrain's step never
-    sets ``.grad``, so a group counts once the train state holds its optimizer state. The value is transformers'
-    ``Adafactor._get_lr`` without the ``scale_parameter`` factor ``max(eps[1], RMS(p))``: that RMS is of the
-    parameter before the update, which ftrain's state does not keep (ftrain applies it inside the update all the
-    same; only the reported number leaves it out).
+    transformers reads the step size at the optimizer's update count once the groups have gradients (before that,
+    the base lrs). ftrain's step never sets ``.grad``, and the Trainer steps this view once per update (and catches
+    it up on resume), so its ``last_epoch`` is that count once training has a state: reading it costs nothing per
+    update, where reading the optimizer state would translate every parameter's state and wait for the device. The
+    value is transformers' ``Adafactor._get_lr`` without the ``scale_parameter`` factor ``max(eps[1], RMS(p))``:
+    that RMS is of the parameter before the update, which ftrain's state does not keep (ftrain applies it inside
+    the update all the same; only the reported number leaves it out).
     """
 
     def get_lr(self) -> list[float]:
-        states = self.optimizer.state
-        lrs = [
-            _adafactor_step_size(group, int(states[group["params"][0]]["step"]))
-            for group in self.optimizer.param_groups
-            if group["params"] and group["params"][0] in states
-        ]
-        return lrs or list(self.base_lrs)
+        view = self.optimizer  # trainer.optimizer, or the stand-in of torch_lr_schedules (no state: base lrs)
+        if self.last_epoch == 0 or not isinstance(view, _OptimizerView) or view._state_source() is None:
+            return list(self.base_lrs)
+        groups = self.optimizer.param_groups
+        return [_adafactor_step_size(group, self.last_epoch) for group in groups if group["params"]]
 
 
 def _adafactor_step_size(group: Mapping[str, Any], step: int) -> float:
