@@ -761,38 +761,63 @@ def reduce_on_plateau(
     """
     if not factor < 1.0:
         raise ValueError(f"reduce_on_plateau: factor must be < 1.0 (it multiplies the scale), got {factor}.")
-    if mode not in ("min", "max"):
-        raise ValueError(f"reduce_on_plateau: mode must be 'min' or 'max', got {mode!r}.")
-    if threshold_mode not in ("rel", "abs"):
-        raise ValueError(f"reduce_on_plateau: threshold_mode must be 'rel' or 'abs', got {threshold_mode!r}.")
-    sign = 1.0 if mode == "min" else -1.0
-    rel = threshold_mode == "rel"
-    # torch: rel min `best * (1 - t)`, rel max `best * (t + 1)`, abs min `best - t`, abs max `best + t`.
-    mul = (1.0 - threshold if mode == "min" else threshold + 1.0) if rel else 1.0
-    add = 0.0 if rel else -sign * threshold
+    sign, mul, add = _improvement_threshold("reduce_on_plateau", mode, threshold_mode, threshold)
 
     def init(params: Params) -> ReduceOnPlateauState:
-        check_float_params(params, where="reduce_on_plateau")
-        tensors = [x for x in _tree.tree_leaves(params) if isinstance(x, torch.Tensor)]
-        device = tensors[0].device if tensors else torch.device("cpu")
-        f64 = lambda v: torch.tensor(float(v), dtype=torch.float64, device=device)
-        i64 = lambda v: torch.tensor(int(v), dtype=torch.int64, device=device)
+        f64, i64 = _scalar_makers(params, "reduce_on_plateau")
         hparams = PlateauHyperparams(
             f64(factor), i64(patience), i64(cooldown), f64(min_scale), f64(eps), f64(sign), f64(mul), f64(add)
         )
         return ReduceOnPlateauState(f64(1.0), f64(sign * math.inf), i64(0), i64(0), hparams)
 
-    def update(updates: Updates, state: ReduceOnPlateauState, params: Params | None = None):
-        return _tree.tree_map(lambda u: u * state.scale, updates), state
+    return GradientTransformation(init, _scale_updates)
 
-    return GradientTransformation(init, update)
+
+def _improvement_threshold(where: str, mode: str, threshold_mode: str, threshold: float) -> tuple[float, ...]:
+    """``(mode_sign, threshold_mul, threshold_add)``: a metric improves on ``best`` when ``mode_sign · metric <
+    mode_sign · (best · threshold_mul + threshold_add)`` (:func:`_improves`), which is torch's and transformers' test
+    — rel min ``best · (1 - t)``, rel max ``best · (1 + t)``, abs min ``best - t``, abs max ``best + t``.
+
+    Raises:
+        ValueError: an unknown ``mode`` / ``threshold_mode`` (the message starts with ``where``).
+    """
+    if mode not in ("min", "max"):
+        raise ValueError(f"{where}: mode must be 'min' or 'max', got {mode!r}.")
+    if threshold_mode not in ("rel", "abs"):
+        raise ValueError(f"{where}: threshold_mode must be 'rel' or 'abs', got {threshold_mode!r}.")
+    sign = 1.0 if mode == "min" else -1.0
+    if threshold_mode == "rel":
+        return sign, 1.0 - sign * threshold, 0.0
+    return sign, 1.0, -sign * threshold
+
+
+def _improves(h: PlateauHyperparams | GreedyHyperparams, current: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
+    """Whether ``current`` improves on ``best`` under the folded threshold of :func:`_improvement_threshold`."""
+    return h.mode_sign * current < h.mode_sign * (best * h.threshold_mul + h.threshold_add)
+
+
+def _scalar_makers(params: Params, where: str) -> tuple[Callable[[float], torch.Tensor], Callable[[int], torch.Tensor]]:
+    """``(f64, i64)``: makers of the 0-d float64 / int64 state tensors of a metric-driven schedule, on the device of
+    ``params``' first tensor (checked to be floating point, as every transformation's ``init`` does)."""
+    check_float_params(params, where=where)
+    tensors = [x for x in _tree.tree_leaves(params) if isinstance(x, torch.Tensor)]
+    device = tensors[0].device if tensors else torch.device("cpu")
+    return (
+        lambda v: torch.tensor(float(v), dtype=torch.float64, device=device),
+        lambda v: torch.tensor(int(v), dtype=torch.int64, device=device),
+    )
+
+
+def _scale_updates(updates: Updates, state: ReduceOnPlateauState | GreedyState, params: Params | None = None):
+    """The ``update`` of a metric-driven schedule: every update times the state's ``scale``."""
+    return _tree.tree_map(lambda u: u * state.scale, updates), state
 
 
 def _plateau_step(state: ReduceOnPlateauState, metric: torch.Tensor | float) -> ReduceOnPlateauState:
     """One ``ReduceLROnPlateau.step(metric)``, branch-free."""
     h = state.hparams
     current = torch.as_tensor(metric, dtype=torch.float64, device=state.best.device)
-    better = h.mode_sign * current < h.mode_sign * (state.best * h.threshold_mul + h.threshold_add)
+    better = _improves(h, current, state.best)
     best = torch.where(better, current, state.best)
     num_bad = torch.where(better, 0, state.num_bad_steps + 1)
     in_cooldown = state.cooldown_counter > 0
@@ -946,38 +971,24 @@ def greedy(
     """
     if not factor < 1.0:
         raise ValueError(f"greedy: factor must be < 1.0 (the scale is multiplied or divided by it), got {factor}.")
-    if mode not in ("min", "max"):
-        raise ValueError(f"greedy: mode must be 'min' or 'max', got {mode!r}.")
-    if threshold_mode not in ("rel", "abs"):
-        raise ValueError(f"greedy: threshold_mode must be 'rel' or 'abs', got {threshold_mode!r}.")
+    sign, mul, add = _improvement_threshold("greedy", mode, threshold_mode, threshold)
     if smooth and window_size < 1:
         raise ValueError(f"greedy: window_size must be >= 1 with smooth=True, got {window_size}.")
-    sign = 1.0 if mode == "min" else -1.0
-    rel = threshold_mode == "rel"
-    mul = (1.0 - threshold if mode == "min" else 1.0 + threshold) if rel else 1.0
-    add = 0.0 if rel else -sign * threshold
     size = max(int(window_size), 1)
 
     def init(params: Params) -> GreedyState:
-        check_float_params(params, where="greedy")
-        tensors = [x for x in _tree.tree_leaves(params) if isinstance(x, torch.Tensor)]
-        device = tensors[0].device if tensors else torch.device("cpu")
-        f64 = lambda v: torch.tensor(float(v), dtype=torch.float64, device=device)
-        i64 = lambda v: torch.tensor(int(v), dtype=torch.int64, device=device)
+        f64, i64 = _scalar_makers(params, "greedy")
         h = GreedyHyperparams(
             f64(factor), i64(patience), i64(cooldown), i64(warmup), f64(min_scale), f64(max_scale), f64(eps),
-            f64(sign), f64(mul), f64(add), torch.tensor(bool(smooth), device=device), i64(reset_start),
+            f64(sign), f64(mul), f64(add), i64(bool(smooth)).bool(), i64(reset_start),
         )  # fmt: skip
-        window = torch.zeros(size, dtype=torch.float64, device=device)
+        window = torch.zeros(size, dtype=torch.float64, device=h.factor.device)
         return GreedyState(
             f64(1.0), f64(sign * math.inf), i64(0), i64(0), i64(0), i64(0), i64(reset_start), window, i64(0),
             f64(0.0), h,
         )  # fmt: skip
 
-    def update(updates: Updates, state: GreedyState, params: Params | None = None):
-        return _tree.tree_map(lambda u: u * state.scale, updates), state
-
-    return GradientTransformation(init, update)
+    return GradientTransformation(init, _scale_updates)
 
 
 def _streaming_average(state: GreedyState, value: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -1008,7 +1019,7 @@ def _greedy_step(state: GreedyState, metric: torch.Tensor | float) -> GreedyStat
     counted = ~in_cooldown & ~in_warmup
     cooldown_counter = torch.where(in_cooldown, state.cooldown_counter - 1, state.cooldown_counter)
     warmup_counter = torch.where(in_warmup, state.warmup_counter - 1, state.warmup_counter)
-    better = h.mode_sign * current < h.mode_sign * (state.best * h.threshold_mul + h.threshold_add)
+    better = _improves(h, current, state.best)
     best = torch.where(counted & better, current, state.best)
     zero = torch.zeros_like(state.num_bad_steps)
     num_bad = torch.where(counted & ~better, state.num_bad_steps + 1, zero)

@@ -108,23 +108,9 @@ _UNSUPPORTED: dict[str, tuple[str, str]] = {
     "schedule_free_adamw": ("comes from schedulefree", "adamw_torch"),
     "schedule_free_sgd": ("comes from schedulefree", "sgd"),
 }
-for _name in ("adamw_bnb_8bit", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit", "ademamix", "ademamix_8bit"):
-    _UNSUPPORTED[_name] = ("is a bitsandbytes optimizer (8-bit or paged states)", "adamw_torch")
-for _name in ("paged_ademamix_32bit", "paged_ademamix_8bit"):
-    _UNSUPPORTED[_name] = ("is a bitsandbytes optimizer (8-bit or paged states)", "adamw_torch")
-for _name in ("lion_8bit", "paged_lion_32bit", "paged_lion_8bit"):
-    _UNSUPPORTED[_name] = ("is a bitsandbytes optimizer (8-bit or paged states)", "lion_32bit")
-for _name in ("rmsprop_bnb", "rmsprop_bnb_8bit", "rmsprop_bnb_32bit"):
-    _UNSUPPORTED[_name] = ("is a bitsandbytes optimizer (8-bit or paged states)", "rmsprop")
-for _name in ("galore_adamw", "galore_adamw_8bit", "galore_adamw_layerwise", "galore_adamw_8bit_layerwise"):
-    _UNSUPPORTED[_name] = ("projects gradients to low rank (galore_torch)", "adamw_torch")
-for _name in ("galore_adafactor", "galore_adafactor_layerwise"):
-    _UNSUPPORTED[_name] = ("projects gradients to low rank (galore_torch)", "adafactor")
-for _name in ("apollo_adamw", "apollo_adamw_layerwise"):
-    _UNSUPPORTED[_name] = ("projects gradients to low rank (apollo_torch)", "adamw_torch")
-
-# The package transformers imports for each optimizer of another library: (module, pip command, exception type
-# transformers raises when the module is missing — ImportError, or ValueError for the four it reports so).
+# The package transformers imports for each of them: (module, pip command, exception type transformers raises when
+# the module is missing — ImportError, or ValueError for the four it reports so).
+_SCHEDULEFREE = ("schedulefree", "pip install schedulefree", ImportError)
 _BACKENDS: dict[str, tuple[str, str, type[Exception]]] = {
     "adamw_torch_xla": ("torch_xla", "pip install torch_xla", ValueError),
     "adamw_torch_npu_fused": ("torch_npu", "pip install torch_npu", ValueError),
@@ -135,16 +121,30 @@ _BACKENDS: dict[str, tuple[str, str, type[Exception]]] = {
     "stable_adamw": ("optimi", "pip install torch-optimi", ImportError),
     "lomo": ("lomo_optim", "pip install lomo-optim", ImportError),
     "adalomo": ("lomo_optim", "pip install lomo-optim", ImportError),
+    "schedule_free_radam": _SCHEDULEFREE,
+    "schedule_free_adamw": _SCHEDULEFREE,
+    "schedule_free_sgd": _SCHEDULEFREE,
 }
-for _name, (_reason, _) in _UNSUPPORTED.items():
-    if "bitsandbytes" in _reason:
-        _BACKENDS[_name] = ("bitsandbytes", "pip install -U bitsandbytes", ImportError)
-    elif "galore" in _reason:
-        _BACKENDS[_name] = ("galore_torch", "pip install git+https://github.com/jiaweizzhao/GaLore", ImportError)
-    elif "apollo" in _reason:
-        _BACKENDS[_name] = ("apollo_torch", "pip install git+https://github.com/zhuhanqing/APOLLO", ImportError)
-    elif _reason == "comes from schedulefree":
-        _BACKENDS[_name] = ("schedulefree", "pip install schedulefree", ImportError)
+# Families of refused optimizers: (reason, backend) shared by their names.
+_BNB = ("is a bitsandbytes optimizer (8-bit or paged states)",
+        ("bitsandbytes", "pip install -U bitsandbytes", ImportError))  # fmt: skip
+_GALORE = ("projects gradients to low rank (galore_torch)",
+           ("galore_torch", "pip install git+https://github.com/jiaweizzhao/GaLore", ImportError))  # fmt: skip
+_APOLLO = ("projects gradients to low rank (apollo_torch)",
+           ("apollo_torch", "pip install git+https://github.com/zhuhanqing/APOLLO", ImportError))  # fmt: skip
+_FAMILIES = [  # (names, (reason, backend), instead)
+    (("adamw_bnb_8bit", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit", "ademamix", "ademamix_8bit",
+      "paged_ademamix_32bit", "paged_ademamix_8bit"), _BNB, "adamw_torch"),
+    (("lion_8bit", "paged_lion_32bit", "paged_lion_8bit"), _BNB, "lion_32bit"),
+    (("rmsprop_bnb", "rmsprop_bnb_8bit", "rmsprop_bnb_32bit"), _BNB, "rmsprop"),
+    (("galore_adamw", "galore_adamw_8bit", "galore_adamw_layerwise", "galore_adamw_8bit_layerwise"), _GALORE,
+     "adamw_torch"),
+    (("galore_adafactor", "galore_adafactor_layerwise"), _GALORE, "adafactor"),
+    (("apollo_adamw", "apollo_adamw_layerwise"), _APOLLO, "adamw_torch"),
+]  # fmt: skip
+for _names, (_reason, _backend), _instead in _FAMILIES:
+    for _name in _names:
+        _UNSUPPORTED[_name], _BACKENDS[_name] = (_reason, _instead), _backend
 
 
 def _refuse(name: str) -> Exception:

@@ -707,21 +707,21 @@ class _AdafactorScheduleView:
     """``get_lr`` of transformers' ``AdafactorSchedule`` (a proxy that reports the step size Adafactor computes
     itself) over ftrain's state, mixed in front of that class by :func:`bind_scheduler`.
 
-    transformers reads the step size of the groups whose first parameter has a ``.grad``; ftrain's step never
-    sets ``.grad``, so a group counts once the train state holds its optimizer state. The value is transformers'
-    ``Adafactor._get_lr`` without the ``scale_parameter`` factor ``max(eps[1], RMS(p))``: that RMS is of the
-    parameter before the update, which ftrain's state does not keep (ftrain applies it inside the update all the
-    same; only the reported number leaves it out).
+    transformers reads the step size at the optimizer's update count once the groups have gradients (before that,
+    the base lrs). ftrain's step never sets ``.grad``, and the Trainer steps this view once per update (and catches
+    it up on resume), so its ``last_epoch`` is that count once training has a state: reading it costs nothing per
+    update, where reading the optimizer state would translate every parameter's state and wait for the device. The
+    value is transformers' ``Adafactor._get_lr`` without the ``scale_parameter`` factor ``max(eps[1], RMS(p))``:
+    that RMS is of the parameter before the update, which ftrain's state does not keep (ftrain applies it inside
+    the update all the same; only the reported number leaves it out).
     """
 
     def get_lr(self) -> list[float]:
-        states = self.optimizer.state
-        lrs = [
-            _adafactor_step_size(group, int(states[group["params"][0]]["step"]))
-            for group in self.optimizer.param_groups
-            if group["params"] and group["params"][0] in states
-        ]
-        return lrs or list(self.base_lrs)
+        view = self.optimizer  # trainer.optimizer, or the stand-in of torch_lr_schedules (no state: base lrs)
+        if self.last_epoch == 0 or not isinstance(view, _OptimizerView) or view._state_source() is None:
+            return list(self.base_lrs)
+        groups = self.optimizer.param_groups
+        return [_adafactor_step_size(group, self.last_epoch) for group in groups if group["params"]]
 
 
 def _adafactor_step_size(group: Mapping[str, Any], step: int) -> float:
@@ -737,31 +737,51 @@ def _adafactor_schedule_class(cls: type) -> type:
     return type(cls.__name__, (_AdafactorScheduleView, cls), {"__module__": __name__, "__qualname__": cls.__qualname__})
 
 
-def _schedule_factor(step: int, *, values: Sequence[float], schedule: Schedule, lr: float) -> float:
-    """``schedule(step) / lr``, the factor a ``LambdaLR`` multiplies the group's initial lr by, read from
-    ``values`` (the schedule at steps ``0..len - 1``, computed once) so that stepping reads no tensor."""
-    value = values[step] if 0 <= step < len(values) else float(schedule(torch.tensor(step)))
-    return value / lr if lr else 0.0
+def _schedule_factor(step: int, *, value: Callable[[int], float], lr: float) -> float:
+    """``schedule(step) / lr``, the factor a ``LambdaLR`` multiplies the group's initial lr by (``value`` is
+    :func:`_host_reader` of the schedule, so that stepping reads no tensor)."""
+    return value(step) / lr if lr else 0.0
 
 
-def _host_values(schedule: Schedule, num_steps: int) -> list[float]:
-    """``schedule`` at ``0..num_steps`` as Python floats, in one call where it takes a vector of steps."""
+#: How many steps of a schedule :func:`_host_reader` computes in one call.
+_HOST_BLOCK = 1024
+
+
+def _host_values(schedule: Schedule, start: int, stop: int) -> list[float]:
+    """``schedule`` at ``start..stop - 1`` as Python floats, in one call where it takes a vector of steps."""
+    steps = torch.arange(start, stop)
     try:
-        values = schedule(torch.arange(num_steps + 1))
-        if isinstance(values, torch.Tensor) and values.shape == (num_steps + 1,):
+        values = schedule(steps)
+        if isinstance(values, torch.Tensor) and values.shape == steps.shape:
             return values.tolist()
     except (RuntimeError, TypeError, ValueError):
         pass  # a schedule written for 0-d steps only
-    return [float(schedule(torch.tensor(k))) for k in range(num_steps + 1)]
+    return [float(schedule(torch.tensor(k))) for k in range(start, stop)]
 
 
-def make_lambda_scheduler(view: torch.optim.Optimizer, schedules: Sequence[Schedule], num_training_steps: int) -> Any:
+def _host_reader(schedule: Schedule) -> Callable[[int], float]:
+    """``step -> float(schedule(step))``, computed :data:`_HOST_BLOCK` steps at a time when a step of the block is
+    first read (the last two blocks are kept): nothing is computed or held for steps the run never reaches, however
+    large ``max_steps`` is, and each scheduler step is a list lookup."""
+
+    @functools.lru_cache(maxsize=2)
+    def block(index: int) -> list[float]:
+        return _host_values(schedule, index * _HOST_BLOCK, (index + 1) * _HOST_BLOCK)
+
+    def value(step: int) -> float:
+        index, offset = divmod(step, _HOST_BLOCK)
+        return block(index)[offset]
+
+    return value
+
+
+def make_lambda_scheduler(view: torch.optim.Optimizer, schedules: Sequence[Schedule]) -> Any:
     """``trainer.lr_scheduler`` for ftrain schedules: a ``LambdaLR`` over ``view`` whose factor for group ``i`` is
     ``schedules[i](step) / lr_i`` (so ``get_last_lr()`` is the schedule's value, as transformers' LambdaLR), read
-    from the schedule's values computed once for ``num_training_steps``."""
-    values = {id(s): _host_values(s, num_training_steps) for s in schedules}
+    from the schedule's values computed a block of steps at a time (:func:`_host_reader`)."""
+    readers = {id(s): _host_reader(s) for s in schedules}
     lambdas = [
-        functools.partial(_schedule_factor, values=values[id(s)], schedule=s, lr=g["lr"])
+        functools.partial(_schedule_factor, value=readers[id(s)], lr=g["lr"])
         for s, g in zip(schedules, view.param_groups)
     ]
     return torch.optim.lr_scheduler.LambdaLR(view, lambdas)

@@ -433,7 +433,7 @@ class Trainer:
                 self.lr_scheduler = _torch_optim.greedy_view_scheduler(optimizer, self.plan.optim.schedule_kwargs)
             else:
                 schedules = self._group_schedules(optimizer, num_training_steps)
-                self.lr_scheduler = _torch_optim.make_lambda_scheduler(optimizer, schedules, num_training_steps)
+                self.lr_scheduler = _torch_optim.make_lambda_scheduler(optimizer, schedules)
         return self.lr_scheduler
 
     def _group_schedules(self, optimizer: torch.optim.Optimizer, num_training_steps: int) -> list[Any]:

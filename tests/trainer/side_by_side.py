@@ -69,6 +69,24 @@ def regression_rows(n: int, *, intercept: float) -> list[dict[str, torch.Tensor]
     return [{"x": x[i], "labels": y[i]} for i in range(n)]
 
 
+def train_both(
+    tmp_path: Path, settings: dict[str, Any], make_objects: Any = None, *, eval_rows: int = 0
+) -> tuple[Any, Any]:
+    """``(transformers' Trainer, ftrain's)``, each built from ``settings`` (:func:`side_args`) with its own fresh
+    :class:`Regression` and ``optimizers=make_objects(model)`` (``(None, None)`` without it), then trained on
+    :func:`regression_rows` ``(32)``, with ``eval_rows`` rows of evaluation data when it is not 0."""
+    trainers = {}
+    for side, trainer_cls, args in side_args(tmp_path, settings):
+        model = Regression()
+        objects = make_objects(model) if make_objects is not None else (None, None)
+        eval_dataset = regression_rows(eval_rows, intercept=0.3) if eval_rows else None
+        trainer = trainer_cls(model, args, train_dataset=regression_rows(32, intercept=0.3),
+                              eval_dataset=eval_dataset, optimizers=objects)  # fmt: skip
+        trainer.train()
+        trainers[side] = trainer
+    return trainers["hf"], trainers["ft"]
+
+
 def logged_steps(trainer: Any) -> list[dict[str, Any]]:
     """The training steps' log entries (those with a ``loss``), in order."""
     return [e for e in trainer.state.log_history if "loss" in e]

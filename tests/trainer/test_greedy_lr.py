@@ -24,13 +24,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 from transformers.optimization import GreedyLR  # noqa: E402
 
-from tests.trainer.side_by_side import (  # noqa: E402
-    Regression,
-    assert_same_training,
-    logged_steps,
-    regression_rows,
-    side_args,
-)
+from tests.trainer.side_by_side import assert_same_training, logged_steps, train_both  # noqa: E402
 
 LR = 0.2
 
@@ -55,16 +49,14 @@ def _metrics(seed: int, n: int = 80) -> list[float]:
     return out
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
-def test_scale_follows_transformers_greedy_lr(case, seed):
-    """After each metric, ``LR · scale`` is the lr ``GreedyLR`` set on a torch optimizer with base ``LR``."""
+def _assert_follows_greedy_lr(tx, case: dict, metrics: list[float]) -> list[float]:
+    """After each metric, ``LR · scale`` of ``tx``'s state is the lr ``GreedyLR(**case)`` set on a torch optimizer
+    with base ``LR``, and the counters are its counters; returns that lr sequence."""
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))], lr=LR)
     reference = GreedyLR(opt, **case)
-    tx = get_greedy_schedule(LR, **case)
     state = tx.init({"w": torch.zeros(1, dtype=torch.float64)})
     lrs, hf_lrs = [], []
-    for metric in _metrics(seed):
+    for metric in metrics:
         reference.step(metric)
         state = plateau_update(state, metric)
         hf_lrs.append(opt.param_groups[0]["lr"])
@@ -75,6 +67,14 @@ def test_scale_follows_transformers_greedy_lr(case, seed):
         assert int(state.warmup_counter) == reference.warmup_counter
         assert int(state.reset_start) == reference.reset_start
     assert lrs == pytest.approx(hf_lrs, rel=FLOAT64["rtol"], abs=0)
+    return hf_lrs
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_scale_follows_transformers_greedy_lr(case, seed):
+    """After each metric, ``LR · scale`` is the lr ``GreedyLR`` set on a torch optimizer with base ``LR``."""
+    hf_lrs = _assert_follows_greedy_lr(get_greedy_schedule(LR, **case), case, _metrics(seed))
     assert len(set(hf_lrs)) > 1  # the sequence did move the learning rate
 
 
@@ -95,8 +95,12 @@ def test_reset_restarts_from_the_base_learning_rate():
 
 
 def test_get_scheduler_greedy_is_the_transformation():
-    tx = get_scheduler("greedy", LR, scheduler_specific_kwargs={"factor": 0.5})
+    """``get_scheduler("greedy", lr, scheduler_specific_kwargs=...)`` passes every kwarg on: it follows
+    ``GreedyLR`` with those kwargs (not its defaults)."""
+    case = CASES["cooldown-warmup"]
+    tx = get_scheduler("greedy", LR, scheduler_specific_kwargs=case)
     assert isinstance(tx.init({"w": torch.zeros(1)}), GreedyState)
+    assert len(set(_assert_follows_greedy_lr(tx, case, _metrics(0)))) > 1
 
 
 def test_refusals():
@@ -125,15 +129,7 @@ SETTINGS = dict(max_steps=STEPS, per_device_train_batch_size=4, logging_steps=1,
 
 def _train_both(tmp_path, make_objects=None, **kw):
     """(transformers' Trainer, ftrain's), each trained with its own fresh model (and ``make_objects(model)``)."""
-    trainers = {}
-    for side, cls, args in side_args(tmp_path, {**SETTINGS, **kw}):
-        model = Regression()
-        objects = make_objects(model) if make_objects is not None else (None, None)
-        data, eval_data = regression_rows(32, intercept=0.3), regression_rows(8, intercept=0.3)
-        trainer = cls(model, args, train_dataset=data, eval_dataset=eval_data, optimizers=objects)
-        trainer.train()
-        trainers[side] = trainer
-    return trainers["hf"], trainers["ft"]
+    return train_both(tmp_path, {**SETTINGS, **kw}, make_objects, eval_rows=8)
 
 
 def _assert_same_scheduler(hf, ft):

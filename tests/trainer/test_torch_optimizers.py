@@ -12,13 +12,16 @@ after the run.
 from __future__ import annotations
 
 import importlib.util
+import warnings
 
 import pytest
 import torch
 from tolerances import FLOAT64
 from torch import nn
 
+from ftrain.schedules import plateau_update
 from ftrain.trainer import Trainer, TrainingArguments
+from ftrain.trainer.convert import make_optimizer
 from ftrain.trainer.torch_optim import table_schedule
 
 transformers = pytest.importorskip("transformers")
@@ -29,7 +32,7 @@ from tests.trainer.side_by_side import (  # noqa: E402
     assert_same_training,
     logged_steps,
     regression_rows,
-    side_args,
+    train_both,
 )
 
 STEPS = 6
@@ -54,19 +57,9 @@ def _args(cls, tmp_path, **kw):
     return cls(output_dir=str(tmp_path), **{**SETTINGS, **kw})
 
 
-def _run(trainer_cls, args, make_objects, eval_dataset=None):
-    model = Regression()
-    objects = make_objects(model) if make_objects is not None else (None, None)
-    trainer = trainer_cls(model, args, train_dataset=_data(), eval_dataset=eval_dataset, optimizers=objects)
-    trainer.train()
-    return trainer
-
-
-def _both(tmp_path, make_objects, eval_dataset=None, **kw):
+def _both(tmp_path, make_objects, eval_rows=0, **kw):
     """(transformers' Trainer, ftrain's), each trained with its own fresh ``make_objects(model)``."""
-    trainers = {side: _run(cls, args, make_objects, eval_dataset)
-                for side, cls, args in side_args(tmp_path, {**SETTINGS, **kw})}  # fmt: skip
-    return trainers["hf"], trainers["ft"]
+    return train_both(tmp_path, {**SETTINGS, **kw}, make_objects, eval_rows=eval_rows)
 
 
 def _assert_same_run(hf, ft):
@@ -154,7 +147,7 @@ def test_reduce_lr_on_plateau_matches_transformers(tmp_path, one_thread):
         return opt, torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=0, threshold=0.5)
 
     kw = dict(eval_strategy="steps", eval_steps=1, metric_for_best_model="eval_loss")
-    hf, ft = _both(tmp_path, objects, eval_dataset=_data(8), **kw)
+    hf, ft = _both(tmp_path, objects, eval_rows=8, **kw)
     assert len({h["learning_rate"] for h in logged_steps(hf)}) > 1  # the scheduler did reduce
     _assert_same_run(hf, ft)
     assert isinstance(ft.lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
@@ -245,6 +238,55 @@ def test_views_before_training_match_transformers(tmp_path):
             trainer.lr_scheduler.step()
     torch.testing.assert_close(lrs["ft"], lrs["hf"], **FLOAT64)
     assert ft.optimizer.state_dict() == {**hf.optimizer.state_dict(), "state": {}}
+
+
+def test_created_scheduler_matches_transformers_across_blocks_and_past_the_end(tmp_path):
+    """The created ``LambdaLR`` reads ftrain's schedule a block of steps at a time: its ``get_last_lr()`` is
+    transformers' at every step, over several blocks and past ``num_training_steps`` (where the cosine rises again)."""
+    kw = dict(weight_decay=0.1, warmup_steps=100, lr_scheduler_type="cosine")
+    hf = transformers.Trainer(Regression(), _args(transformers.TrainingArguments, tmp_path / "hf", **kw))
+    ft = Trainer(Regression(), _args(TrainingArguments, tmp_path / "ft", **kw))
+    lrs = {"hf": [], "ft": []}
+    for key, trainer in (("hf", hf), ("ft", ft)):
+        trainer.create_optimizer_and_scheduler(num_training_steps=1500)
+        for _ in range(2600):
+            lrs[key].append(trainer.lr_scheduler.get_last_lr())
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # stepping the scheduler without optimizer.step()
+                trainer.lr_scheduler.step()
+    assert lrs["hf"][2000] != lrs["hf"][1500]  # past the end, transformers' cosine moves again
+    torch.testing.assert_close(lrs["ft"], lrs["hf"], **FLOAT64)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "reduce_lr_on_plateau", "greedy"])
+@pytest.mark.parametrize("optim_name", [*SUPPORTED, "adafactor", "lion_32bit"])
+def test_the_trainers_optimizer_is_convert_make_optimizer(optim_name, schedule, tmp_path):
+    """The Trainer builds its optimizer through the torch description (``create_optimizer`` ->
+    ``make_transformation``); for ``TrainingArguments`` alone that is :func:`ftrain.trainer.convert.make_optimizer`'s
+    chain (which the ``ftrain`` command's optimizer is checked against), update for update, bitwise."""
+    kw = dict(optim=optim_name, learning_rate=0.05, weight_decay=0.1, max_grad_norm=0.5, lr_scheduler_type=schedule,
+              warmup_steps=2, eval_strategy="steps", eval_steps=1,
+              lr_scheduler_kwargs={"factor": 0.5, "patience": 0} if schedule != "cosine" else {})  # fmt: skip
+    if optim_name in ("sgd", "rmsprop"):
+        kw["optim_args"] = "momentum=0.9"
+    args = TrainingArguments(str(tmp_path), **kw)
+    model = Regression()
+    ft = Trainer(model, args, eval_dataset=_data(8))
+    ft.create_optimizer_and_scheduler(num_training_steps=6)
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    sides = [ft._tx, make_optimizer(args, model, num_training_steps=6)]
+    states, outs = [tx.init(params) for tx in sides], [dict(params), dict(params)]
+    g = torch.Generator().manual_seed(0)
+    for step in range(6):
+        grads = {k: torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in params.items()}
+        for i, tx in enumerate(sides):
+            updates, states[i] = tx.update(grads, states[i], outs[i])
+            outs[i] = {k: outs[i][k] + updates[k] for k in params}
+            if schedule != "cosine":
+                states[i] = plateau_update(states[i], float(step % 3))  # raises and lowers the scale
+    for name in params:
+        assert not torch.equal(outs[0][name], params[name]), name
+        assert torch.equal(outs[0][name], outs[1][name]), name
 
 
 def test_the_view_refuses_stateful_calls_and_stepped_optimizers(tmp_path):
