@@ -20,11 +20,12 @@ folder does not resume), also under a temporary name renamed into place when com
 ``_load_from_checkpoint`` (weights, from ``train()``), then the ``TrainerState`` (arguments that differ from the
 saved run's are warned about, ``compare_trainer_and_checkpoint_args``), ``_load_callback_state``,
 ``_load_optimizer_and_scheduler``, ``_load_scaler``, ``_load_rng_state``. For a committed ftrain checkpoint each
-hook takes its part of the committed ``TrainState`` (weights, then optimizer state and step, then key), so a resume
-continues bitwise: the data position is ``state.step`` (``BatchStream.iter_from``) and dropout keys are
-``fold_in(key, step)``. A folder transformers wrote resumes from ``model.safetensors``, ``trainer_state.json``,
-``optimizer.pt`` + ``scheduler.pt`` (mapped onto ftrain's optimizer state by :mod:`ftrain.trainer.hf_checkpoint`,
-read with ``torch.load(weights_only=True)``) and ``rng_state.pth`` (the global generators).
+hook takes its part of the committed ``TrainState`` (weights, then optimizer state and step, then key; the file
+is read and verified once, by the first), so a resume continues bitwise: the data position is ``state.step``
+(``BatchStream.iter_from``) and dropout keys are ``fold_in(key, step)``. A folder transformers wrote resumes from
+``model.safetensors``, ``trainer_state.json``, ``optimizer.pt`` + ``scheduler.pt`` (mapped onto ftrain's optimizer
+state by :mod:`ftrain.trainer.hf_checkpoint`, read with ``torch.load(weights_only=True)``) and ``rng_state.pth``
+(the global generators).
 
 **training_args.bin** is ``torch.save(args)`` of ftrain's ``TrainingArguments``, as transformers pickles its own:
 tooling reads it with ``torch.load(weights_only=False)`` (which needs ftrain importable). ftrain itself never
@@ -78,6 +79,7 @@ from ftrain.checkpoint import (
     list_step_dirs,
 )
 from ftrain.checkpoint.atomic import fsync_dir, make_tmp_dir
+from ftrain.checkpoint.treeio import LeafSpec, check_fits, rebuild
 from ftrain.state import TrainState
 from ftrain.trainer.callbacks import restore_callback_states
 from ftrain.trainer.hf_checkpoint import (
@@ -140,6 +142,11 @@ def _barrier() -> None:
             torch.distributed.barrier()
 
 
+def _weights(flat: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The ``params`` and ``buffers`` of a flat committed ``TrainState`` by ``state_dict`` name."""
+    return {m.group(2): v for k, v in flat.items() if (m := _STATE_KEY.match(k)) and isinstance(v, torch.Tensor)}
+
+
 def _named_like(model: nn.Module, names: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """``model``'s parameters and buffers of the names in ``names``, with those tensors' devices and dtypes."""
     named = dict(model.named_parameters(remove_duplicate=False))
@@ -165,6 +172,10 @@ class TrainerCheckpoints:
         self.trainer = trainer
         self._manager: CheckpointManager | None = None  # of the directory last used, with the options then
         self._resuming: dict[str, TrainState] | None = None  # during a resume: the committed state, read once
+        # From resolve_resume to restore_checkpoint: the folder train() resumes from, and its committed state as
+        # load_from_checkpoint read it for the weights, so the resume's TrainState is rebuilt from that one read.
+        self._resume_from: str | None = None
+        self._read_ahead: tuple[tuple[LeafSpec, ...], dict[str, Any]] | None = None
         self._warned_unmappable = False  # the missing optimizer.pt is reported once per trainer
 
     # ---- the manager ----------------------------------------------------------------------------------------------
@@ -207,11 +218,14 @@ class TrainerCheckpoints:
 
     def resolve_resume(self, resume_from_checkpoint: bool | str | None) -> str | None:
         """``train(resume_from_checkpoint=...)`` as a folder: ``True`` is the last ``checkpoint-N`` of
-        ``output_dir`` (:func:`~ftrain.trainer.utils.get_last_checkpoint`), ``False`` / ``None`` is ``None``.
+        ``output_dir`` (:func:`~ftrain.trainer.utils.get_last_checkpoint`), ``False`` / ``None`` is ``None``. The
+        folder is remembered until :meth:`restore_checkpoint`: ``load_from_checkpoint`` keeps what it reads from it
+        for the rest of the resume.
 
         Raises:
             ValueError: no checkpoint in ``output_dir`` (``True``), or no such folder.
         """
+        self._resume_from = self._read_ahead = None
         if resume_from_checkpoint is False or resume_from_checkpoint is None:
             return None
         output_dir = self.trainer.plan.save.output_dir
@@ -219,10 +233,12 @@ class TrainerCheckpoints:
             found = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
             if found is None:
                 raise ValueError(f"No valid checkpoint found in output directory ({output_dir})")
-            return found
-        if not os.path.isdir(resume_from_checkpoint):
-            raise ValueError(f"Can't find a valid checkpoint at {resume_from_checkpoint}")
-        return str(resume_from_checkpoint)
+        else:
+            found = str(resume_from_checkpoint)
+            if not os.path.isdir(found):
+                raise ValueError(f"Can't find a valid checkpoint at {found}")
+        self._resume_from = os.path.abspath(found)
+        return found
 
     def restore_checkpoint(self, checkpoint: str, state: TrainState) -> TrainState:
         """Resumes from ``checkpoint`` onto the fresh ``state`` (built from the weights ``_load_from_checkpoint``
@@ -251,8 +267,8 @@ class TrainerCheckpoints:
             trainer._load_optimizer_and_scheduler(checkpoint)
             trainer._load_scaler(checkpoint)
             trainer._load_rng_state(checkpoint)
-        finally:
-            self._resuming = None
+        finally:  # what was read for this resume is not kept past it
+            self._resuming = self._resume_from = self._read_ahead = None
         return trainer._train_state
 
     def _check_resumable(self, checkpoint: str) -> None:
@@ -284,7 +300,8 @@ class TrainerCheckpoints:
             trainer.control = restore_callback_states(trainer.callback_handler, trainer.control, stored)
 
     def _committed_train_state(self, checkpoint: str, like: TrainState) -> TrainState | None:
-        """The ``TrainState`` committed in ``checkpoint`` rebuilt on ``like``, else ``None``; read once per resume."""
+        """The ``TrainState`` committed in ``checkpoint`` rebuilt on ``like``, else ``None``; read once per resume
+        (from what ``load_from_checkpoint`` read for the weights when it read this folder at the resume's start)."""
         key = os.path.abspath(checkpoint)
         if self._resuming is not None and key in self._resuming:
             return self._resuming[key]
@@ -292,7 +309,12 @@ class TrainerCheckpoints:
         if committed is None:
             return None
         manager, step = committed
-        restored = manager.restore(step, like=like)
+        if self._read_ahead is not None and key == self._resume_from:
+            (leaves, flat), self._read_ahead = self._read_ahead, None
+            check_fits(list(leaves), like, where=f"checkpoint {Path(key).name}")
+            restored = rebuild(like, list(leaves), flat)  # what manager.restore(step, like=like) returns
+        else:
+            restored = manager.restore(step, like=like)
         if self._resuming is not None:
             self._resuming[key] = restored
         return restored
@@ -485,7 +507,10 @@ class TrainerCheckpoints:
         trainer = self.trainer
         model = trainer.model if model is None else model
         folder = str(resume_from_checkpoint)
-        tensors = self.committed_weights(folder)
+        read = self._read_committed(folder)
+        if read is not None and os.path.abspath(folder) == self._resume_from:
+            self._read_ahead = read  # the resume's optimizer state, step and key come from this same read
+        tensors = None if read is None else _weights(read[1])
         if tensors is None:
             tensors = read_safetensors_weights(folder)
         if tensors is None:
@@ -507,21 +532,26 @@ class TrainerCheckpoints:
             )
             trainer._model_stale = False
 
-    def committed_state(self, folder: str) -> dict[str, Any] | None:
-        """``{key path: tensor / None / value}`` of a committed ftrain checkpoint (``checkpoint-N`` with
-        ``COMMIT``), else ``None``."""
+    def _read_committed(self, folder: str) -> tuple[tuple[LeafSpec, ...], dict[str, Any]] | None:
+        """``(leaves, {key path: tensor / None / value})`` of a committed ftrain checkpoint (``checkpoint-N`` with
+        ``COMMIT``), as saved (CPU tensors), else ``None``."""
         committed = self._committed(folder)
         if committed is None:
             return None
         manager, step = committed
-        return manager.restore(step)
+        flat, info = manager.restore_with_metadata(step)
+        return info.leaves, flat
+
+    def committed_state(self, folder: str) -> dict[str, Any] | None:
+        """``{key path: tensor / None / value}`` of a committed ftrain checkpoint (``checkpoint-N`` with
+        ``COMMIT``), else ``None``."""
+        read = self._read_committed(folder)
+        return None if read is None else read[1]
 
     def committed_weights(self, folder: str) -> dict[str, torch.Tensor] | None:
         """The weights of a committed ftrain checkpoint by ``state_dict`` name, else ``None``."""
         flat = self.committed_state(folder)
-        if flat is None:
-            return None
-        return {m.group(2): v for k, v in flat.items() if (m := _STATE_KEY.match(k)) and isinstance(v, torch.Tensor)}
+        return None if flat is None else _weights(flat)
 
     def saved_specs(self, checkpoint: str) -> list[Any]:
         """Every leaf (key path, kind, dtype, shape) of the state saved in the ``checkpoint-N`` folder.
