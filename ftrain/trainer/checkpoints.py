@@ -426,7 +426,9 @@ class TrainerCheckpoints:
         By step (default): ``CheckpointManager.apply_retention``. With ``use_mtime``: the folders ordered by
         modification time (by step when all times lie within one second), the newest and the best protected, the
         oldest others deleted until ``max(save_total_limit, protected)`` remain, as transformers'
-        ``rotate_checkpoints``. Every process calls it (they list, wait for each other, then rank 0 deletes)."""
+        ``rotate_checkpoints``; a ``checkpoint-*`` folder with no step in its name (``checkpoint-best``) is not a
+        checkpoint, so it is neither counted nor deleted (transformers deletes it). Every process calls it (they
+        list, wait for each other, then rank 0 deletes)."""
         limit = self.trainer.plan.save.total_limit
         if limit is None or limit <= 0:
             return
@@ -434,7 +436,9 @@ class TrainerCheckpoints:
         if not use_mtime:
             self.manager(directory).apply_retention(include_uncommitted=True)
             return
-        paths = self._ordered_checkpoints(directory, PREFIX_CHECKPOINT_DIR, use_mtime=True)
+        ordered = self._ordered_checkpoints(directory, PREFIX_CHECKPOINT_DIR, use_mtime=True)
+        steps = {path: CHECKPOINT_NAMING.parse(Path(path).name, exact=False) for path in ordered}
+        paths = [path for path in ordered if steps[path] is not None]
         best = self.trainer.state.best_model_checkpoint
         protected = {p for p in paths[-1:]} | ({str(Path(best))} if best is not None else set())
         remaining = len(paths)
@@ -442,7 +446,7 @@ class TrainerCheckpoints:
             if remaining <= max(limit, len(protected)):
                 break
             if path not in protected:
-                self.delete_checkpoint(CHECKPOINT_NAMING.parse(Path(path).name, exact=False), path)
+                self.delete_checkpoint(steps[path], path)
                 remaining -= 1
 
     def keep_only_best(self) -> None:
