@@ -336,15 +336,17 @@ class TrainerCheckpoints:
 
     # ---- saving ---------------------------------------------------------------------------------------------------
 
-    def save_checkpoint(self) -> None:
-        """Writes ``output_dir/checkpoint-{global_step}`` (see the module docstring), pushes it, then rotates.
+    def save_checkpoint(self, run_dir: str | None = None) -> None:
+        """Writes ``run_dir/checkpoint-{global_step}`` (see the module docstring), pushes it, then rotates
+        ``run_dir``'s folders. ``run_dir`` is the trainer's ``_get_output_dir(trial)`` (default ``output_dir``).
 
         Every process calls it. A folder of the same step is replaced, as transformers overwrites it.
         """
         trainer = self.trainer
         save, state = trainer.plan.save, trainer.state
+        run_dir = save.output_dir if run_dir is None else run_dir
         step = state.global_step
-        manager = self.manager(save.output_dir)
+        manager = self.manager(run_dir)
         folder = manager.step_path(step)
         if step in manager.all_steps() or folder.is_dir():
             manager.delete(step, include_uncommitted=True)  # every rank forgets it; rank 0 deletes the folder
@@ -352,7 +354,7 @@ class TrainerCheckpoints:
         trainer.store_flos()  # trainer_state.json holds the flops up to this step, as transformers
         best = state.best_global_step
         if best and (best == step or manager.step_path(best).exists()):
-            state.best_model_checkpoint = os.path.join(save.output_dir, CHECKPOINT_NAMING.name(best))
+            state.best_model_checkpoint = os.path.join(run_dir, CHECKPOINT_NAMING.name(best))
         self._refresh_stateful_callbacks()
         if save.only_model:
             self._publish(folder, trainer._write_hf_views)
@@ -361,7 +363,7 @@ class TrainerCheckpoints:
         _barrier()  # the folder is in place before any rank pushes or lists checkpoints to rotate
         if save.should_save and trainer.plan.hub.push_to_hub:
             trainer._push_from_checkpoint(str(folder))
-        trainer._rotate_checkpoints()
+        trainer._rotate_checkpoints(output_dir=run_dir)
 
     def _publish(self, folder: Path, write: Callable[[Path], None]) -> None:
         """``write(tmp)`` into a temporary folder next to ``folder``, renamed to ``folder`` once complete (a folder
@@ -406,9 +408,10 @@ class TrainerCheckpoints:
 
     # ---- listing, retention, deletion -----------------------------------------------------------------------------
 
-    def checkpoint_dirs(self) -> list[tuple[int, str]]:
-        """``(step, path)`` of every ``checkpoint-N`` folder of ``output_dir``, committed or not, by step."""
-        out = self.trainer.plan.save.output_dir
+    def checkpoint_dirs(self, output_dir: str | None = None) -> list[tuple[int, str]]:
+        """``(step, path)`` of every ``checkpoint-N`` folder of ``output_dir`` (default ``args.output_dir``),
+        committed or not, by step."""
+        out = self.trainer.plan.save.output_dir if output_dir is None else output_dir
         if not os.path.isdir(out):
             return []
         return [(step, os.path.join(out, path.name)) for step, path in list_step_dirs(out, CHECKPOINT_NAMING)]
@@ -451,11 +454,12 @@ class TrainerCheckpoints:
 
     def keep_only_best(self) -> None:
         """At the end of training with ``save_total_limit == 1`` and a best checkpoint, deletes every other
-        ``checkpoint-N`` folder, as transformers (the saving process does it)."""
-        save, best = self.trainer.plan.save, self.trainer.state.best_model_checkpoint
+        ``checkpoint-N`` folder of ``_get_output_dir(trial)``, as transformers (the saving process does it)."""
+        trainer = self.trainer
+        save, best = trainer.plan.save, trainer.state.best_model_checkpoint
         if not (save.should_save and best and save.total_limit == 1):
             return
-        for step, path in self.checkpoint_dirs():
+        for step, path in self.checkpoint_dirs(trainer._get_output_dir(trainer._trial)):
             if os.path.abspath(path) != os.path.abspath(best):
                 self.delete_checkpoint(step, path)
 

@@ -140,3 +140,16 @@ def test_a_resume_reads_the_committed_state_once_and_restores_it_bitwise(tmp_pat
     assert int(trainer.resumed.step) == 2
     for a, b in zip(tree_leaves(trainer.resumed), tree_leaves(saved), strict=True):
         assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_an_overridden_get_output_dir_moves_the_checkpoints_as_transformers(tmp_path):
+    """transformers' ``_save_checkpoint`` writes into ``_get_output_dir(trial)`` and rotates there; a subclass that
+    overrides it finds the same folders there with both trainers, and none in ``output_dir``."""
+    sides = {"hf": (transformers.Trainer, transformers.TrainingArguments), "ft": (Trainer, TrainingArguments)}
+    for lib, (trainer_cls, args_cls) in sides.items():
+        run_dir = str(tmp_path / lib / "elsewhere")
+        elsewhere = type("Elsewhere", (trainer_cls,), {"_get_output_dir": lambda self, trial, d=run_dir: d})
+        args = args_cls(output_dir=str(tmp_path / lib / "out"), max_steps=6, save_steps=2, save_total_limit=2, **BASE)
+        elsewhere(model=tiny_gpt2(), args=args, train_dataset=rows()).train()
+        assert sorted(os.listdir(run_dir)) == ["checkpoint-4", "checkpoint-6"], lib
+        assert not (tmp_path / lib / "out").exists() or os.listdir(tmp_path / lib / "out") == [], lib
