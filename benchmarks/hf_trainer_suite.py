@@ -468,7 +468,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = compare(runs)
     print_report(runs, summary)
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    meta = {**machine_description(), "tests_dir": str(args.tests), "files": [p.name for p in files], "k": args.keyword}
+    covered = sorted({*cached.get("meta", {}).get("files", []), *(p.name for p in files)})  # the merged runs' files
+    meta = {**machine_description(), "tests_dir": str(args.tests), "files": covered, "k": args.keyword}
     args.json.write_text(json.dumps({"meta": meta, "summary": summary, "runs": runs}, indent=1))
     print(f"\nwrote {args.json}")
     return 0

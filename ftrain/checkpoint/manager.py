@@ -594,7 +594,8 @@ class CheckpointManager:
                 ``TrainState`` — whose static parts (skeleton, ``tx``) are reused and whose leaves' devices (and
                 DTensor placements) the restored tensors take. ``None`` returns ``{key path: tensor / None /
                 value}`` as saved.
-            verify: check every file's size and hash against the manifest.
+            verify: check the size and hash of every file it reads (the state's and meta.json) against the
+                manifest; files of ``save(write_files=...)`` are checked by ``Manifest.verify``.
 
         Raises:
             FileNotFoundError: no committed checkpoint (for ``step``).

@@ -20,11 +20,12 @@ folder does not resume), also under a temporary name renamed into place when com
 ``_load_from_checkpoint`` (weights, from ``train()``), then the ``TrainerState`` (arguments that differ from the
 saved run's are warned about, ``compare_trainer_and_checkpoint_args``), ``_load_callback_state``,
 ``_load_optimizer_and_scheduler``, ``_load_scaler``, ``_load_rng_state``. For a committed ftrain checkpoint each
-hook takes its part of the committed ``TrainState`` (weights, then optimizer state and step, then key), so a resume
-continues bitwise: the data position is ``state.step`` (``BatchStream.iter_from``) and dropout keys are
-``fold_in(key, step)``. A folder transformers wrote resumes from ``model.safetensors``, ``trainer_state.json``,
-``optimizer.pt`` + ``scheduler.pt`` (mapped onto ftrain's optimizer state by :mod:`ftrain.trainer.hf_checkpoint`,
-read with ``torch.load(weights_only=True)``) and ``rng_state.pth`` (the global generators).
+hook takes its part of the committed ``TrainState`` (weights, then optimizer state and step, then key; the file
+is read and verified once, by the first), so a resume continues bitwise: the data position is ``state.step``
+(``BatchStream.iter_from``) and dropout keys are ``fold_in(key, step)``. A folder transformers wrote resumes from
+``model.safetensors``, ``trainer_state.json``, ``optimizer.pt`` + ``scheduler.pt`` (mapped onto ftrain's optimizer
+state by :mod:`ftrain.trainer.hf_checkpoint`, read with ``torch.load(weights_only=True)``) and ``rng_state.pth``
+(the global generators).
 
 **training_args.bin** is ``torch.save(args)`` of ftrain's ``TrainingArguments``, as transformers pickles its own:
 tooling reads it with ``torch.load(weights_only=False)`` (which needs ftrain importable). ftrain itself never
@@ -78,6 +79,7 @@ from ftrain.checkpoint import (
     list_step_dirs,
 )
 from ftrain.checkpoint.atomic import fsync_dir, make_tmp_dir
+from ftrain.checkpoint.treeio import LeafSpec, check_fits, rebuild
 from ftrain.state import TrainState
 from ftrain.trainer.callbacks import restore_callback_states
 from ftrain.trainer.hf_checkpoint import (
@@ -140,6 +142,11 @@ def _barrier() -> None:
             torch.distributed.barrier()
 
 
+def _weights(flat: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The ``params`` and ``buffers`` of a flat committed ``TrainState`` by ``state_dict`` name."""
+    return {m.group(2): v for k, v in flat.items() if (m := _STATE_KEY.match(k)) and isinstance(v, torch.Tensor)}
+
+
 def _named_like(model: nn.Module, names: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """``model``'s parameters and buffers of the names in ``names``, with those tensors' devices and dtypes."""
     named = dict(model.named_parameters(remove_duplicate=False))
@@ -165,6 +172,10 @@ class TrainerCheckpoints:
         self.trainer = trainer
         self._manager: CheckpointManager | None = None  # of the directory last used, with the options then
         self._resuming: dict[str, TrainState] | None = None  # during a resume: the committed state, read once
+        # From resolve_resume to restore_checkpoint: the folder train() resumes from, and its committed state as
+        # load_from_checkpoint read it for the weights, so the resume's TrainState is rebuilt from that one read.
+        self._resume_from: str | None = None
+        self._read_ahead: tuple[tuple[LeafSpec, ...], dict[str, Any]] | None = None
         self._warned_unmappable = False  # the missing optimizer.pt is reported once per trainer
 
     # ---- the manager ----------------------------------------------------------------------------------------------
@@ -207,11 +218,14 @@ class TrainerCheckpoints:
 
     def resolve_resume(self, resume_from_checkpoint: bool | str | None) -> str | None:
         """``train(resume_from_checkpoint=...)`` as a folder: ``True`` is the last ``checkpoint-N`` of
-        ``output_dir`` (:func:`~ftrain.trainer.utils.get_last_checkpoint`), ``False`` / ``None`` is ``None``.
+        ``output_dir`` (:func:`~ftrain.trainer.utils.get_last_checkpoint`), ``False`` / ``None`` is ``None``. The
+        folder is remembered until :meth:`restore_checkpoint`: ``load_from_checkpoint`` keeps what it reads from it
+        for the rest of the resume.
 
         Raises:
             ValueError: no checkpoint in ``output_dir`` (``True``), or no such folder.
         """
+        self._resume_from = self._read_ahead = None
         if resume_from_checkpoint is False or resume_from_checkpoint is None:
             return None
         output_dir = self.trainer.plan.save.output_dir
@@ -219,10 +233,12 @@ class TrainerCheckpoints:
             found = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
             if found is None:
                 raise ValueError(f"No valid checkpoint found in output directory ({output_dir})")
-            return found
-        if not os.path.isdir(resume_from_checkpoint):
-            raise ValueError(f"Can't find a valid checkpoint at {resume_from_checkpoint}")
-        return str(resume_from_checkpoint)
+        else:
+            found = str(resume_from_checkpoint)
+            if not os.path.isdir(found):
+                raise ValueError(f"Can't find a valid checkpoint at {found}")
+        self._resume_from = os.path.abspath(found)
+        return found
 
     def restore_checkpoint(self, checkpoint: str, state: TrainState) -> TrainState:
         """Resumes from ``checkpoint`` onto the fresh ``state`` (built from the weights ``_load_from_checkpoint``
@@ -251,8 +267,8 @@ class TrainerCheckpoints:
             trainer._load_optimizer_and_scheduler(checkpoint)
             trainer._load_scaler(checkpoint)
             trainer._load_rng_state(checkpoint)
-        finally:
-            self._resuming = None
+        finally:  # what was read for this resume is not kept past it
+            self._resuming = self._resume_from = self._read_ahead = None
         return trainer._train_state
 
     def _check_resumable(self, checkpoint: str) -> None:
@@ -284,7 +300,8 @@ class TrainerCheckpoints:
             trainer.control = restore_callback_states(trainer.callback_handler, trainer.control, stored)
 
     def _committed_train_state(self, checkpoint: str, like: TrainState) -> TrainState | None:
-        """The ``TrainState`` committed in ``checkpoint`` rebuilt on ``like``, else ``None``; read once per resume."""
+        """The ``TrainState`` committed in ``checkpoint`` rebuilt on ``like``, else ``None``; read once per resume
+        (from what ``load_from_checkpoint`` read for the weights when it read this folder at the resume's start)."""
         key = os.path.abspath(checkpoint)
         if self._resuming is not None and key in self._resuming:
             return self._resuming[key]
@@ -292,7 +309,12 @@ class TrainerCheckpoints:
         if committed is None:
             return None
         manager, step = committed
-        restored = manager.restore(step, like=like)
+        if self._read_ahead is not None and key == self._resume_from:
+            (leaves, flat), self._read_ahead = self._read_ahead, None
+            check_fits(list(leaves), like, where=f"checkpoint {Path(key).name}")
+            restored = rebuild(like, list(leaves), flat)  # what manager.restore(step, like=like) returns
+        else:
+            restored = manager.restore(step, like=like)
         if self._resuming is not None:
             self._resuming[key] = restored
         return restored
@@ -314,15 +336,17 @@ class TrainerCheckpoints:
 
     # ---- saving ---------------------------------------------------------------------------------------------------
 
-    def save_checkpoint(self) -> None:
-        """Writes ``output_dir/checkpoint-{global_step}`` (see the module docstring), pushes it, then rotates.
+    def save_checkpoint(self, run_dir: str | None = None) -> None:
+        """Writes ``run_dir/checkpoint-{global_step}`` (see the module docstring), pushes it, then rotates
+        ``run_dir``'s folders. ``run_dir`` is the trainer's ``_get_output_dir(trial)`` (default ``output_dir``).
 
         Every process calls it. A folder of the same step is replaced, as transformers overwrites it.
         """
         trainer = self.trainer
         save, state = trainer.plan.save, trainer.state
+        run_dir = save.output_dir if run_dir is None else run_dir
         step = state.global_step
-        manager = self.manager(save.output_dir)
+        manager = self.manager(run_dir)
         folder = manager.step_path(step)
         if step in manager.all_steps() or folder.is_dir():
             manager.delete(step, include_uncommitted=True)  # every rank forgets it; rank 0 deletes the folder
@@ -330,7 +354,7 @@ class TrainerCheckpoints:
         trainer.store_flos()  # trainer_state.json holds the flops up to this step, as transformers
         best = state.best_global_step
         if best and (best == step or manager.step_path(best).exists()):
-            state.best_model_checkpoint = os.path.join(save.output_dir, CHECKPOINT_NAMING.name(best))
+            state.best_model_checkpoint = os.path.join(run_dir, CHECKPOINT_NAMING.name(best))
         self._refresh_stateful_callbacks()
         if save.only_model:
             self._publish(folder, trainer._write_hf_views)
@@ -339,7 +363,7 @@ class TrainerCheckpoints:
         _barrier()  # the folder is in place before any rank pushes or lists checkpoints to rotate
         if save.should_save and trainer.plan.hub.push_to_hub:
             trainer._push_from_checkpoint(str(folder))
-        trainer._rotate_checkpoints()
+        trainer._rotate_checkpoints(output_dir=run_dir)
 
     def _publish(self, folder: Path, write: Callable[[Path], None]) -> None:
         """``write(tmp)`` into a temporary folder next to ``folder``, renamed to ``folder`` once complete (a folder
@@ -384,9 +408,10 @@ class TrainerCheckpoints:
 
     # ---- listing, retention, deletion -----------------------------------------------------------------------------
 
-    def checkpoint_dirs(self) -> list[tuple[int, str]]:
-        """``(step, path)`` of every ``checkpoint-N`` folder of ``output_dir``, committed or not, by step."""
-        out = self.trainer.plan.save.output_dir
+    def checkpoint_dirs(self, output_dir: str | None = None) -> list[tuple[int, str]]:
+        """``(step, path)`` of every ``checkpoint-N`` folder of ``output_dir`` (default ``args.output_dir``),
+        committed or not, by step."""
+        out = self.trainer.plan.save.output_dir if output_dir is None else output_dir
         if not os.path.isdir(out):
             return []
         return [(step, os.path.join(out, path.name)) for step, path in list_step_dirs(out, CHECKPOINT_NAMING)]
@@ -404,7 +429,9 @@ class TrainerCheckpoints:
         By step (default): ``CheckpointManager.apply_retention``. With ``use_mtime``: the folders ordered by
         modification time (by step when all times lie within one second), the newest and the best protected, the
         oldest others deleted until ``max(save_total_limit, protected)`` remain, as transformers'
-        ``rotate_checkpoints``. Every process calls it (they list, wait for each other, then rank 0 deletes)."""
+        ``rotate_checkpoints``; a ``checkpoint-*`` folder with no step in its name (``checkpoint-best``) is not a
+        checkpoint, so it is neither counted nor deleted (transformers deletes it). Every process calls it (they
+        list, wait for each other, then rank 0 deletes)."""
         limit = self.trainer.plan.save.total_limit
         if limit is None or limit <= 0:
             return
@@ -412,7 +439,9 @@ class TrainerCheckpoints:
         if not use_mtime:
             self.manager(directory).apply_retention(include_uncommitted=True)
             return
-        paths = self._ordered_checkpoints(directory, PREFIX_CHECKPOINT_DIR, use_mtime=True)
+        ordered = self._ordered_checkpoints(directory, PREFIX_CHECKPOINT_DIR, use_mtime=True)
+        steps = {path: CHECKPOINT_NAMING.parse(Path(path).name, exact=False) for path in ordered}
+        paths = [path for path in ordered if steps[path] is not None]
         best = self.trainer.state.best_model_checkpoint
         protected = {p for p in paths[-1:]} | ({str(Path(best))} if best is not None else set())
         remaining = len(paths)
@@ -420,16 +449,17 @@ class TrainerCheckpoints:
             if remaining <= max(limit, len(protected)):
                 break
             if path not in protected:
-                self.delete_checkpoint(CHECKPOINT_NAMING.parse(Path(path).name, exact=False), path)
+                self.delete_checkpoint(steps[path], path)
                 remaining -= 1
 
     def keep_only_best(self) -> None:
         """At the end of training with ``save_total_limit == 1`` and a best checkpoint, deletes every other
-        ``checkpoint-N`` folder, as transformers (the saving process does it)."""
-        save, best = self.trainer.plan.save, self.trainer.state.best_model_checkpoint
+        ``checkpoint-N`` folder of ``_get_output_dir(trial)``, as transformers (the saving process does it)."""
+        trainer = self.trainer
+        save, best = trainer.plan.save, trainer.state.best_model_checkpoint
         if not (save.should_save and best and save.total_limit == 1):
             return
-        for step, path in self.checkpoint_dirs():
+        for step, path in self.checkpoint_dirs(trainer._get_output_dir(trainer._trial)):
             if os.path.abspath(path) != os.path.abspath(best):
                 self.delete_checkpoint(step, path)
 
@@ -485,7 +515,10 @@ class TrainerCheckpoints:
         trainer = self.trainer
         model = trainer.model if model is None else model
         folder = str(resume_from_checkpoint)
-        tensors = self.committed_weights(folder)
+        read = self._read_committed(folder)
+        if read is not None and os.path.abspath(folder) == self._resume_from:
+            self._read_ahead = read  # the resume's optimizer state, step and key come from this same read
+        tensors = None if read is None else _weights(read[1])
         if tensors is None:
             tensors = read_safetensors_weights(folder)
         if tensors is None:
@@ -507,21 +540,26 @@ class TrainerCheckpoints:
             )
             trainer._model_stale = False
 
-    def committed_state(self, folder: str) -> dict[str, Any] | None:
-        """``{key path: tensor / None / value}`` of a committed ftrain checkpoint (``checkpoint-N`` with
-        ``COMMIT``), else ``None``."""
+    def _read_committed(self, folder: str) -> tuple[tuple[LeafSpec, ...], dict[str, Any]] | None:
+        """``(leaves, {key path: tensor / None / value})`` of a committed ftrain checkpoint (``checkpoint-N`` with
+        ``COMMIT``), as saved (CPU tensors), else ``None``."""
         committed = self._committed(folder)
         if committed is None:
             return None
         manager, step = committed
-        return manager.restore(step)
+        flat, info = manager.restore_with_metadata(step)
+        return info.leaves, flat
+
+    def committed_state(self, folder: str) -> dict[str, Any] | None:
+        """``{key path: tensor / None / value}`` of a committed ftrain checkpoint (``checkpoint-N`` with
+        ``COMMIT``), else ``None``."""
+        read = self._read_committed(folder)
+        return None if read is None else read[1]
 
     def committed_weights(self, folder: str) -> dict[str, torch.Tensor] | None:
         """The weights of a committed ftrain checkpoint by ``state_dict`` name, else ``None``."""
         flat = self.committed_state(folder)
-        if flat is None:
-            return None
-        return {m.group(2): v for k, v in flat.items() if (m := _STATE_KEY.match(k)) and isinstance(v, torch.Tensor)}
+        return None if flat is None else _weights(flat)
 
     def saved_specs(self, checkpoint: str) -> list[Any]:
         """Every leaf (key path, kind, dtype, shape) of the state saved in the ``checkpoint-N`` folder.

@@ -1028,15 +1028,15 @@ class Trainer:
         self._checkpoints.load_best_model()
 
     def _get_output_dir(self, trial: Any) -> str:
-        """The folder ``_save_checkpoint`` writes ``checkpoint-{global_step}`` into (transformers' name; its
-        ``CheckpointManager`` reads it). A search trial's arguments already point ``output_dir`` at the trial's
-        ``run-*`` folder (:meth:`_hp_search_setup`), so ``trial`` changes nothing here."""
+        """The folder ``_save_checkpoint`` writes ``checkpoint-{global_step}`` into and rotates, as transformers (an
+        override moves them). A search trial's arguments already point ``output_dir`` at the trial's ``run-*``
+        folder (:meth:`_hp_search_setup`), so ``trial`` changes nothing here."""
         return self.plan.save.output_dir
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
-        """Writes ``output_dir/checkpoint-{global_step}`` atomically (the state and transformers' files, through
-        ``_write_hf_views``), pushes it, then rotates. ``model`` and ``trial`` are transformers' (unused)."""
-        self._checkpoints.save_checkpoint()
+        """Writes ``_get_output_dir(trial)/checkpoint-{global_step}`` atomically (the state and transformers' files,
+        through ``_write_hf_views``), pushes it, then rotates. ``model`` is transformers' (unused)."""
+        self._checkpoints.save_checkpoint(self._get_output_dir(trial))
 
     def _write_hf_views(self, folder: Path) -> None:
         """transformers' files of a checkpoint into the uncommitted ``folder``, in transformers' order:

@@ -20,6 +20,7 @@ from ftrain.checkpoint import (  # noqa: E402
     StepAlreadyExistsError,
     atomic,
 )
+from ftrain.checkpoint.integrity import Manifest  # noqa: E402
 
 
 def _flip_byte(path: Path, offset: int) -> None:
@@ -96,6 +97,37 @@ def test_a_save_that_fails_before_the_commit_leaves_nothing_listed(tmp_path, mon
         assert mgr.all_steps() == [1]
         assert mgr.save(2, make_state())  # the step is free again
     assert not any(p.name.startswith(".tmp-") for p in tmp_path.iterdir())
+
+
+def test_files_written_with_the_state_are_committed_and_verified_with_it(tmp_path):
+    """save(write_files=...): the caller's files land in the uncommitted folder and are hashed into the manifest (a
+    damaged one is named by its check), a failing writer leaves nothing listed, and async saves refuse it."""
+
+    def extra(folder):
+        assert folder.name.startswith(".tmp-")  # written before the commit
+        (folder / "extra.txt").write_text("hello")
+
+    def failing(folder):
+        raise OSError("disk full (simulated)")
+
+    state = make_state()
+    with CheckpointManager(tmp_path) as mgr:
+        mgr.save(1, state, write_files=extra)
+        with pytest.raises(OSError, match="disk full"):
+            mgr.save(2, state, write_files=failing)
+        assert mgr.all_steps() == [1]
+    ckpt = tmp_path / "step_00000001"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000001"]
+    files = json.loads((ckpt / "manifest.json").read_text())["files"]
+    assert sorted(files) == ["extra.txt", "meta.json", "state.safetensors"] and files["extra.txt"]["size"] == 5
+    manifest = Manifest.from_bytes((ckpt / "manifest.json").read_bytes(), ckpt)
+    manifest.verify(ckpt)
+    (ckpt / "extra.txt").write_text("hellO")
+    with pytest.raises(CorruptCheckpointError, match="extra.txt"):
+        manifest.verify(ckpt)
+    with CheckpointManager(tmp_path / "async", CheckpointManagerOptions(async_save=True)) as mgr:
+        with pytest.raises(ValueError, match=r"write_files=\.\.\.\) needs a synchronous save"):
+            mgr.save(1, state, write_files=extra)
 
 
 def test_a_committed_step_is_never_overwritten(tmp_path):

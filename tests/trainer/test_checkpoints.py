@@ -9,11 +9,14 @@ derived by hand in each test's comment.
 import os
 
 import pytest
+import torch
 
 transformers = pytest.importorskip("transformers")
 datasets = pytest.importorskip("datasets")
 
+import ftrain.checkpoint.backends as backends  # noqa: E402
 from ftrain.trainer import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+from ftrain.tree import tree_leaves, tree_map  # noqa: E402
 from tests.trainer.test_trainer import BASE, StopAt, rows, tiny_gpt2  # noqa: E402
 
 
@@ -115,3 +118,38 @@ def test_resume_keeps_rotating_as_one_uninterrupted_transformers_run(tmp_path):
     assert first + second == hf_seen
     assert [names for _, names in hf_seen][-1] == ["checkpoint-4", "checkpoint-8"]
     assert _best_name(ft) == _best_name(hf) == "checkpoint-4"
+
+
+def test_a_resume_reads_the_committed_state_once_and_restores_it_bitwise(tmp_path, monkeypatch):
+    """The weights hook's read of ``state.safetensors`` serves the optimizer state, step and key too: the resume
+    reads the file once, and the TrainState it builds is the manager's restore of the checkpoint, bitwise."""
+
+    class Snapshot(Trainer):
+        def _load_rng_state(self, checkpoint):  # the last resume hook: the state is complete after it
+            super()._load_rng_state(checkpoint)
+            copy = lambda leaf: leaf.clone() if isinstance(leaf, torch.Tensor) else leaf  # noqa: E731
+            self.resumed = tree_map(copy, self._train_state)  # a copy: the steps update the state's tensors in place
+
+    kw = dict(max_steps=4, save_steps=2, logging_steps=1)
+    _run(Trainer, TrainingArguments, tmp_path, {}, callbacks=[StopAt(2)], **kw)
+    reads, read = [], backends.read_safetensors
+    monkeypatch.setattr(backends, "read_safetensors", lambda path, *a, **k: reads.append(path) or read(path, *a, **k))
+    trainer, _ = _run(Snapshot, TrainingArguments, tmp_path, {}, resume=str(tmp_path / "checkpoint-2"), **kw)
+    assert reads == [tmp_path / "checkpoint-2" / "state.safetensors"]
+    saved = trainer._checkpoint_manager(tmp_path).restore(2, like=trainer.resumed)
+    assert int(trainer.resumed.step) == 2
+    for a, b in zip(tree_leaves(trainer.resumed), tree_leaves(saved), strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_an_overridden_get_output_dir_moves_the_checkpoints_as_transformers(tmp_path):
+    """transformers' ``_save_checkpoint`` writes into ``_get_output_dir(trial)`` and rotates there; a subclass that
+    overrides it finds the same folders there with both trainers, and none in ``output_dir``."""
+    sides = {"hf": (transformers.Trainer, transformers.TrainingArguments), "ft": (Trainer, TrainingArguments)}
+    for lib, (trainer_cls, args_cls) in sides.items():
+        run_dir = str(tmp_path / lib / "elsewhere")
+        elsewhere = type("Elsewhere", (trainer_cls,), {"_get_output_dir": lambda self, trial, d=run_dir: d})
+        args = args_cls(output_dir=str(tmp_path / lib / "out"), max_steps=6, save_steps=2, save_total_limit=2, **BASE)
+        elsewhere(model=tiny_gpt2(), args=args, train_dataset=rows()).train()
+        assert sorted(os.listdir(run_dir)) == ["checkpoint-4", "checkpoint-6"], lib
+        assert not (tmp_path / lib / "out").exists() or os.listdir(tmp_path / lib / "out") == [], lib

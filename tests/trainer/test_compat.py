@@ -183,11 +183,14 @@ def test_num_tokens_counts_input_ids(tmp_path):
 # ---- optimizer ------------------------------------------------------------------------------------------------------
 
 
-def test_get_optimizer_cls_and_kwargs_is_static_and_gives_torch_classes():
-    for name in ("adamw_torch", "adamw_torch_fused", "sgd", "adagrad", "rmsprop"):
-        args = TrainingArguments("out", optim=name, **COMMON)
-        cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
-        assert issubclass(cls, torch.optim.Optimizer) and kwargs["lr"] == args.learning_rate
+def test_get_optimizer_cls_and_kwargs_is_static_and_gives_torch_classes(HFArgs):
+    kw = dict(COMMON, learning_rate=3e-4, adam_beta2=0.95, adam_epsilon=1e-6)  # non-defaults, so each must be read
+    for name, optim_args in (("adamw_torch", None), ("adamw_torch_fused", None), ("sgd", "momentum=0.9,nesterov=True"),
+                             ("adagrad", "lr_decay=0.1"), ("rmsprop", "momentum=0.5,centered=True")):  # fmt: skip
+        ours = Trainer.get_optimizer_cls_and_kwargs(TrainingArguments("out", optim=name, optim_args=optim_args, **kw))
+        theirs = transformers.Trainer.get_optimizer_cls_and_kwargs(HFArgs("out", optim=name, optim_args=optim_args,
+                                                                          **kw))  # fmt: skip
+        assert ours == theirs, name  # the torch class and its keyword arguments, exactly transformers'
     for name in ("adafactor", "lion_32bit"):  # no torch class: ftrain's factory
         factory, kwargs = Trainer.get_optimizer_cls_and_kwargs(TrainingArguments("out", optim=name, **COMMON))
         assert (factory, kwargs) == get_optimizer_cls_and_kwargs(TrainingArguments("out", optim=name, **COMMON))

@@ -273,7 +273,10 @@ def test_an_optimizer_without_torch_form_writes_no_optimizer_pt_and_says_so(tmp_
 
 def test_rotate_checkpoints_by_mtime_is_transformers(tmp_path):
     """Folders whose modification times disagree with their steps: ``use_mtime=True`` deletes what transformers'
-    rotate_checkpoints deletes (the best and the newest by time protected)."""
+    rotate_checkpoints deletes (the best and the newest by time protected). A ``checkpoint-best`` folder (no step),
+    which transformers would count and delete, is left alone: it is in ours only, and stays."""
+    (tmp_path / "ours" / "checkpoint-best").mkdir(parents=True)
+    os.utime(tmp_path / "ours" / "checkpoint-best", (900, 900))  # the oldest
     for root in ("ours", "theirs"):
         for i, step in enumerate((5, 1, 4, 2, 3)):  # mtime order
             (tmp_path / root / f"checkpoint-{step}").mkdir(parents=True)
@@ -282,6 +285,5 @@ def test_rotate_checkpoints_by_mtime_is_transformers(tmp_path):
     trainer.state.best_model_checkpoint = str(tmp_path / "ours" / "checkpoint-4")
     trainer._rotate_checkpoints(use_mtime=True)
     rotate_checkpoints(str(tmp_path / "theirs"), 2, str(tmp_path / "theirs" / "checkpoint-4"), use_mtime=True)
-    assert sorted(os.listdir(tmp_path / "ours")) == sorted(os.listdir(tmp_path / "theirs")) == [
-        "checkpoint-3", "checkpoint-4",
-    ]  # fmt: skip
+    assert sorted(os.listdir(tmp_path / "theirs")) == ["checkpoint-3", "checkpoint-4"]
+    assert sorted(os.listdir(tmp_path / "ours")) == ["checkpoint-3", "checkpoint-4", "checkpoint-best"]
