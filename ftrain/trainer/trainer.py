@@ -964,12 +964,20 @@ class Trainer:
         epochs_trained: int,
         steps_trained_in_current_epoch: int,
     ) -> None:
-        """The optimizer steps of epoch ``epoch`` of ``train_dataloader`` from the first not yet trained;
-        transformers' ``_run_epoch`` and arguments. Each step's microbatches come from ``get_batch_samples``; the
-        resume position (``epochs_trained``, ``steps_trained_in_current_epoch``) is the loop's feed's (a map-style
-        stream starts at the step, an iterable or user loader is read past its trained batches); ``model`` is handed
-        on to ``_maybe_log_save_evaluate``."""
-        self._loop.run_epoch(model, epoch, train_dataloader, trial, ignore_keys_for_eval, start_time)
+        """The optimizer steps of epoch ``epoch`` of ``train_dataloader`` (``steps_in_epoch`` microbatches in
+        ``num_update_steps_per_epoch`` steps); transformers' ``_run_epoch`` and arguments. In the first epoch of a
+        resumed run (``epoch == epochs_trained`` and ``resume_from_checkpoint``), the
+        ``steps_trained_in_current_epoch`` microbatches already trained are skipped (a map-style stream starts at
+        the step, an iterable or user loader is read past them). Each step's microbatches come from
+        ``get_batch_samples``; ``model`` is handed on to ``_maybe_log_save_evaluate``.
+
+        Raises:
+            ValueError: ``train_dataloader`` is not the loader ``train()`` reads.
+        """
+        resumed = epoch == epochs_trained and resume_from_checkpoint is not None
+        skip = steps_trained_in_current_epoch // self.plan.data.gradient_accumulation_steps if resumed else 0
+        self._loop.run_epoch(model, epoch, train_dataloader, steps_in_epoch, num_update_steps_per_epoch, skip, trial,
+                             ignore_keys_for_eval, start_time)  # fmt: skip
 
     def _track_num_input_tokens(self, inputs: Any) -> None:
         """Adds the tokens of ``inputs`` (a step's microbatches) to ``state.num_input_tokens_seen``

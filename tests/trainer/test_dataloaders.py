@@ -308,6 +308,44 @@ def test_resume_with_and_without_ignore_data_skip_matches_transformers(tmp_path,
     assert_same_training(resumed["hf"], resumed["ft"])
 
 
+def _recording_run_epoch(cls, calls):
+    class Recording(cls):
+        def _run_epoch(self, **kwargs):  # both trainers pass keywords
+            names = ("epoch", "steps_in_epoch", "num_update_steps_per_epoch", "resume_from_checkpoint",
+                     "epochs_trained", "steps_trained_in_current_epoch")  # fmt: skip
+            calls.append(tuple(kwargs[k] is not None if k == "resume_from_checkpoint" else kwargs[k] for k in names))
+            return super()._run_epoch(**kwargs)
+
+    return Recording
+
+
+def test_run_epoch_gets_transformers_arguments_on_a_resume(tmp_path, one_thread):
+    # 20 rows in microbatches of 4, GA 2: 5 microbatches in 3 updates per epoch; saved at step 4 (epoch 1, 1 update
+    # in), resumed to step 6. steps_trained_in_current_epoch counts microbatches, as transformers.
+    calls, resumed = {}, {}
+    common = dict(max_steps=6, save_strategy="steps", save_steps=4)
+    for _name, cls, args in _pair(tmp_path, "run_epoch", **common):
+        cls(model=tiny_gpt2(), args=args, train_dataset=token_rows(20)).train()
+    for name, cls, args in _pair(tmp_path, "run_epoch", **common):
+        calls[name] = []
+        resumed[name] = _recording_run_epoch(cls, calls[name])(model=tiny_gpt2(), args=args,
+                                                               train_dataset=token_rows(20))  # fmt: skip
+        resumed[name].train(resume_from_checkpoint=f"{args.output_dir}/checkpoint-4")
+    assert calls["hf"] == [(1, 5, 3, True, 1, 2)]  # what this test assumes of transformers
+    assert calls["ft"] == calls["hf"]
+    assert_same_training(resumed["hf"], resumed["ft"], accumulated=GA)
+
+
+def test_run_epoch_refuses_another_loader(tmp_path):
+    class OtherLoader(Trainer):
+        def _run_epoch(self, **kwargs):
+            return super()._run_epoch(**{**kwargs, "train_dataloader": list(kwargs["train_dataloader"])})
+
+    args = TrainingArguments(str(tmp_path), **{**ARGS, "max_steps": 1})
+    with pytest.raises(ValueError, match="another train_dataloader than the one train.. reads.*get_train_dataloader"):
+        OtherLoader(model=tiny_gpt2(), args=args, train_dataset=token_rows(8)).train()
+
+
 def test_persistent_workers_keep_one_pool_and_the_same_batches(tmp_path):
     data = {"x": torch.arange(20), "labels": torch.arange(20)}
     stream = BatchStream(data, batch_size=4, seed=3, num_workers=1, persistent_workers=True)
