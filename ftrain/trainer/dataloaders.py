@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from ftrain.data import BatchStream
+from ftrain.trainer.memory import clear_device_cache
 
 __all__ = [
     "EpochSampler",
@@ -231,9 +232,12 @@ def is_out_of_memory(err: BaseException) -> bool:
 
 
 def _free_memory() -> None:
+    """Frees what a failed attempt left: Python garbage, then the accelerator's cached blocks (as accelerate's
+    ``release_memory``)."""
     gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    accelerator = torch.accelerator.current_accelerator()
+    if accelerator is not None:
+        clear_device_cache(accelerator)
 
 
 def find_executable_batch_size(
