@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from ftrain.data import BatchStream
+from ftrain.trainer.memory import clear_device_cache
 
 __all__ = [
     "EpochSampler",
@@ -164,18 +165,12 @@ class TrainFeed:
     Args:
         loader: what ``get_train_dataloader`` returned.
         accum_steps: microbatches per optimizer step.
-        updates_per_epoch: optimizer steps per epoch (transformers' ``num_update_steps_per_epoch``).
-        first_epoch: the epoch the run starts in (``global_step // updates_per_epoch`` on a resume).
-        skip_updates: optimizer steps of ``first_epoch`` already trained, whose batches are skipped (0 with
-            ``ignore_data_skip``).
 
     Raises:
         TypeError: a loader that is a one-shot iterator (it cannot be read again for the next epoch).
     """
 
-    def __init__(
-        self, loader: Any, *, accum_steps: int, updates_per_epoch: int, first_epoch: int, skip_updates: int
-    ) -> None:
+    def __init__(self, loader: Any, *, accum_steps: int) -> None:
         if isinstance(loader, Iterator) and not isinstance(loader, BatchStream):
             raise TypeError(
                 f"get_train_dataloader returned a one-shot {type(loader).__name__}; train() reads the loader again "
@@ -183,16 +178,11 @@ class TrainFeed:
                 "(the Trainer's own loader)."
             )
         self.loader, self.accum_steps = loader, accum_steps
-        self.updates_per_epoch, self.first_epoch, self.skip_updates = updates_per_epoch, first_epoch, skip_updates
         self._pass: Any = None  # the last pass of an iterable BatchStream (the next one continues its reader)
 
-    def skipped(self, epoch: int) -> int:
-        """Optimizer steps of ``epoch`` whose batches are skipped (only in the first epoch of a resumed run)."""
-        return self.skip_updates if epoch == self.first_epoch else 0
-
-    def epoch(self, epoch: int) -> Iterator[Any]:
-        """The microbatches of ``epoch`` from the first one not skipped."""
-        skip = self.skipped(epoch)
+    def epoch(self, epoch: int, skip: int = 0) -> Iterator[Any]:
+        """The microbatches of ``epoch`` after those of its first ``skip`` optimizer steps (already trained, in the
+        first epoch of a resumed run)."""
         loader = self.loader
         if isinstance(loader, BatchStream) and not loader.is_iterable:
             start = epoch * loader.steps_per_epoch + skip
@@ -242,9 +232,12 @@ def is_out_of_memory(err: BaseException) -> bool:
 
 
 def _free_memory() -> None:
+    """Frees what a failed attempt left: Python garbage, then the accelerator's cached blocks (as accelerate's
+    ``release_memory``)."""
     gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    accelerator = torch.accelerator.current_accelerator()
+    if accelerator is not None:
+        clear_device_cache(accelerator)
 
 
 def find_executable_batch_size(

@@ -16,9 +16,9 @@ the whole set, token-weighted for causal LMs (the two agree when every example h
 labels are gathered as numpy arrays (dim 1 padded with -100 across batches, as transformers does; or lists of
 per-batch arrays with ``eval_do_concat_batches=False``) for ``compute_metrics``; ``include_for_metrics`` adds the
 inputs and per-example losses, and ``batch_eval_metrics`` calls ``compute_metrics`` per batch instead
-(transformers' semantics). ``eval_accumulation_steps`` is accepted and has nothing to do: every batch's outputs are
-already moved to the CPU (as numpy) as soon as they are computed, which is what transformers does every
-``eval_accumulation_steps`` batches.
+(transformers' semantics). As transformers' ``EvalLoopContainer``, each batch's outputs (losses included) stay where
+they were computed, so the loop never waits for the device between batches; they move to the CPU (as numpy) every
+``eval_accumulation_steps`` batches, or once at the end when it is ``None``.
 """
 
 from __future__ import annotations
@@ -98,19 +98,31 @@ def _can_return_loss(model: Any) -> bool:
 
 
 class _Collected:
-    """One of the loop's outputs (predictions, labels, inputs or losses), gathered batch by batch as numpy:
-    :meth:`result` concatenates them along dim 0 (dim 1 padded with -100), or, with ``eval_do_concat_batches=False``,
-    returns the list of per-batch arrays (transformers' ``EvalLoopContainer``); ``None`` when nothing was added."""
+    """One of the loop's outputs (predictions, labels, inputs or losses), gathered batch by batch (transformers'
+    ``EvalLoopContainer``): added tensors stay on their device until :meth:`to_cpu_and_numpy` moves them to the
+    CPU as numpy (a host sync); :meth:`result` moves the rest and concatenates the batches along dim 0 (dim 1 padded
+    with -100), or, with ``eval_do_concat_batches=False``, returns the list of per-batch arrays; ``None`` when
+    nothing was added.
+
+    Attributes:
+        parts: the per-batch numpy arrays moved so far.
+    """
 
     def __init__(self, concat: bool) -> None:
         self.concat = concat
         self.parts: list[Any] = []
+        self._pending: list[Any] = []
 
     def add(self, value: Any) -> None:
         if value is not None:
-            self.parts.append(_to_numpy(value))
+            self._pending.append(value)
+
+    def to_cpu_and_numpy(self) -> None:
+        self.parts.extend(_to_numpy(value) for value in self._pending)
+        self._pending = []
 
     def result(self) -> Any:
+        self.to_cpu_and_numpy()
         if not self.parts:
             return None
         return _concat(self.parts) if self.concat else self.parts
@@ -230,7 +242,7 @@ class Evaluator:
         with torch.no_grad(), trainer.compute_loss_context_manager():
             if wants_loss and trainer.overrides("compute_loss"):
                 mean, outputs = trainer.compute_loss(model, inputs, return_outputs=True)
-                rows = torch.tensor(_rows(inputs), device=mean.device)
+                rows = torch.full((), _rows(inputs), dtype=torch.int64, device=mean.device)  # no host-to-device copy
                 loss = Loss(mean.detach().mean() * rows, rows)
             elif wants_loss:
                 loss, outputs = trainer._loss_with_outputs(model, inputs)
@@ -280,7 +292,8 @@ class Evaluator:
         metrics: dict[str, Any] | None = None
         num_samples = 0
         distributed = trainer.mesh is not None
-        for batch, is_last in _with_last(_batches(dataloader)):
+        collected = (preds, labels, inputs, losses)
+        for step, (batch, is_last) in enumerate(_with_last(_batches(dataloader)), start=1):
             valid = batch.get("_valid")  # False on the rows that pad a short last batch over the ranks
             batch = {k: v for k, v in batch.items() if k != "_valid"}
             rows = _rows(batch)
@@ -314,10 +327,13 @@ class Evaluator:
                     losses=batch_losses if want_losses else None,
                 )
                 metrics = compute_metrics(prediction, compute_result=is_last)
+            if plan.eval.accumulation_steps is not None and step % plan.eval.accumulation_steps == 0:
+                for outputs in collected:
+                    outputs.to_cpu_and_numpy()
         if distributed and total_sum is not None:  # the exact (sum, count) over every rank's rows
             total_sum, total_count = _sum_over_ranks(total_sum), _sum_over_ranks(total_count)
         all_preds, all_labels, all_inputs = preds.result(), labels.result(), inputs.result()
-        all_losses = losses.result()
+        all_losses = losses.result()  # every batch's losses moved: losses.parts is complete
         if not batch_metrics:
             metrics = None
             if trainer.compute_metrics is not None and all_preds is not None and all_labels is not None:

@@ -167,7 +167,6 @@ class RunTotals:
         total_loss: the sum of every logged ``tr_loss`` (for ``train_loss``).
         last_logged_step: ``global_step`` at the last log.
         last_metrics: the metrics of the last step (``grad_norm``, ``learning_rate``).
-        counts: the run's :class:`RunCounts`.
     """
 
     start_time: float
@@ -177,7 +176,6 @@ class RunTotals:
     total_loss: float = 0.0
     last_logged_step: int = 0
     last_metrics: dict[str, torch.Tensor] | None = None
-    counts: RunCounts | None = None
 
 
 class TrainingLoop:
@@ -195,9 +193,7 @@ class TrainingLoop:
 
     Attributes:
         run: the :class:`RunTotals` of the ``train()`` call in progress (``None`` before the first).
-        neftune_handle: the NEFTune hook registered on the step's skeleton during ``train()``, else ``None``.
         feed: the :class:`~ftrain.trainer.dataloaders.TrainFeed` of the ``train()`` call in progress.
-        steps_in_epoch: microbatches per epoch of that call (transformers' ``steps_in_epoch``).
         gathered: ``(params, buffers, full state)``: the last gathered full state of a sharded run, reused while
             the state's parameters are the same objects.
     """
@@ -205,9 +201,7 @@ class TrainingLoop:
     def __init__(self, trainer: Any) -> None:
         self.trainer = trainer
         self.run: RunTotals | None = None
-        self.neftune_handle: Any = None
         self.feed: TrainFeed | None = None
-        self.steps_in_epoch = 0
         self.gathered: tuple[Any, Any, TrainState] | None = None
 
     # ---- set-up ---------------------------------------------------------------------------------------------------
@@ -302,14 +296,12 @@ class TrainingLoop:
         trainer.state.compute_steps(plan.intervals, counts.max_steps)
         state = trainer.state
         self.run = RunTotals(time.time(), state.global_step, state.num_input_tokens_seen,
-                             last_logged_step=state.global_step, counts=counts,
+                             last_logged_step=state.global_step,
                              tr_loss=_zero_loss(plan.process.device))  # fmt: skip
         per_epoch = counts.num_update_steps_per_epoch
         epochs_trained = state.global_step // per_epoch
         skip = 0 if plan.data.ignore_data_skip else state.global_step % per_epoch
-        self.feed = TrainFeed(loader, accum_steps=plan.data.gradient_accumulation_steps, first_epoch=epochs_trained,
-                              updates_per_epoch=per_epoch, skip_updates=skip)  # fmt: skip
-        self.steps_in_epoch = counts.steps_in_epoch
+        self.feed = TrainFeed(loader, accum_steps=plan.data.gradient_accumulation_steps)
         self.log_run_start(counts, checkpoint, epochs_trained, skip)
         trainer.control = trainer.callback_handler.on_train_begin(args, state, trainer.control)
         if plan.eval.on_start:
@@ -327,7 +319,7 @@ class TrainingLoop:
                 start_time=self.run.start_time,
                 resume_from_checkpoint=checkpoint,
                 epochs_trained=epochs_trained,
-                steps_trained_in_current_epoch=skip if epoch == epochs_trained else 0,
+                steps_trained_in_current_epoch=skip * plan.data.gradient_accumulation_steps,  # microbatches
             )
             if trainer.control.should_training_stop:
                 break
@@ -423,33 +415,52 @@ class TrainingLoop:
     # ---- the loop -------------------------------------------------------------------------------------------------
 
     def run_epoch(
-        self, model: Any, epoch: int, loader: Any, trial: Any, ignore_keys_for_eval: Any, start_time: float
+        self,
+        model: Any,
+        epoch: int,
+        loader: Any,
+        steps_in_epoch: int,
+        updates_per_epoch: int,
+        skip: int,
+        trial: Any,
+        ignore_keys_for_eval: Any,
+        start_time: float,
     ) -> None:
-        """The default ``Trainer._run_epoch``: the optimizer steps of one epoch, from the first not yet trained.
+        """The default ``Trainer._run_epoch``: the optimizer steps of one epoch of ``loader`` (``steps_in_epoch``
+        microbatches in ``updates_per_epoch`` steps), from the first of them not trained (``skip``).
 
         As transformers, each step's microbatches come from ``get_batch_samples(epoch_iterator, n, device)`` with
         ``n = gradient_accumulation_steps``, fewer for the epoch's last step (``steps_in_epoch % n``); the epoch
         ends early when the loader runs out (an iterable source's pass), and training stops when an epoch
-        yielded nothing."""
+        yielded nothing.
+
+        Raises:
+            ValueError: ``loader`` is not the loader ``train()`` is reading.
+        """
         trainer, feed = self.trainer, self.feed
+        if loader is not feed.loader:
+            raise ValueError(
+                f"{type(trainer).__name__}._run_epoch was given another train_dataloader than the one train() "
+                "reads (get_train_dataloader's, whose position carries over epochs and resumes); to train on "
+                "another loader, override get_train_dataloader."
+            )
         accum = feed.accum_steps
-        remainder = self.steps_in_epoch % accum or accum
-        epoch_iterator = feed.epoch(epoch)
-        done = feed.skipped(epoch)
-        micro, ran = done * accum, False
-        for update_step in range(done, feed.updates_per_epoch):
+        remainder = steps_in_epoch % accum or accum
+        epoch_iterator = feed.epoch(epoch, skip)
+        micro, ran = skip * accum, False
+        for update_step in range(skip, updates_per_epoch):
             if trainer.state.global_step >= trainer.state.max_steps:
                 break
-            num_batches = accum if update_step != feed.updates_per_epoch - 1 else remainder
+            num_batches = accum if update_step != updates_per_epoch - 1 else remainder
             batches = trainer._batch_samples(epoch_iterator, num_batches)
             if not batches:
                 break
             micro, ran = micro + len(batches), True
-            self.update(batches, epoch + micro / self.steps_in_epoch)
+            self.update(batches, epoch + micro / steps_in_epoch)
             self.call_maybe_log_save_evaluate(model, trial, ignore_keys_for_eval, start_time)
             if trainer.control.should_epoch_stop or trainer.control.should_training_stop:
                 break
-        if not ran and not done and trainer.state.global_step < trainer.state.max_steps:
+        if not ran and not skip and trainer.state.global_step < trainer.state.max_steps:
             logger.warning(
                 "The training data yielded no batch in epoch %d: stopping at step %d of %d. This is expected with an "
                 "iterable dataset shorter than max_steps needs.",

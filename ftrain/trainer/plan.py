@@ -504,6 +504,8 @@ class EvalPolicy:
         include_inputs, include_loss: ``include_for_metrics`` asks for ``"inputs"`` / ``"loss"``.
         concat_batches: ``eval_do_concat_batches``: predictions, labels and inputs are concatenated over the
             batches (``False``: lists of per-batch arrays).
+        accumulation_steps: ``eval_accumulation_steps``: the outputs kept on the device move to the CPU every this
+            many batches (``None``: once, at the end).
         loss_reduction: ``eval_loss_reduction``: ``"batch"`` (transformers' ``eval_loss``, each batch's mean
             weighted by its examples) or ``"token"`` (the exact ``(sum, count)`` mean).
         metric_key: ``metric_for_best_model`` with the ``eval_`` prefix (as evaluation metrics are named), or
@@ -522,6 +524,7 @@ class EvalPolicy:
     include_inputs: bool
     include_loss: bool
     concat_batches: bool
+    accumulation_steps: int | None
     loss_reduction: str
     metric_key: str | None
     greater_is_better: bool | None
@@ -939,6 +942,7 @@ def _eval_policy(args: TrainingArguments) -> EvalPolicy:
         include_inputs="inputs" in include,
         include_loss="loss" in include,
         concat_batches=args.eval_do_concat_batches,
+        accumulation_steps=args.eval_accumulation_steps,
         loss_reduction=args.eval_loss_reduction,
         metric_key=None if name is None else name if name.startswith("eval_") else f"eval_{name}",
         greater_is_better=args.greater_is_better,
@@ -1177,9 +1181,7 @@ DISPOSITIONS: dict[str, Disposition] = {
     "eval_on_start": _honoured("eval.on_start"),
     "eval_do_concat_batches": _honoured("eval.concat_batches"),
     "eval_use_gather_object": _ignored("the Evaluator gathers tensors only; Python objects are not gathered"),
-    "eval_accumulation_steps": _ignored(
-        "every batch's outputs move to the CPU as they are computed (what transformers does every N steps)"
-    ),
+    "eval_accumulation_steps": _honoured("eval.accumulation_steps"),
     "include_for_metrics": _honoured("eval.include_inputs", "eval.include_loss"),
     "batch_eval_metrics": _honoured("eval.batch_eval_metrics"),
     # --- checkpoints ---

@@ -94,6 +94,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+import itertools
 import json
 import logging
 import math
@@ -587,9 +588,12 @@ class Trainer:
         return contextlib.nullcontext()
 
     def overrides(self, hook: str) -> bool:
-        """Whether this trainer's class overrides the method ``hook`` of the ftrain trainer it derives from
-        (``Trainer``, or ``Seq2SeqTrainer`` whose own hooks the components know); the components then call it,
-        otherwise they may take a faster path with the same result."""
+        """Whether ``hook`` is not the method of the ftrain trainer this one derives from (``Trainer``, or
+        ``Seq2SeqTrainer`` whose own hooks the components know): its class overrides it, or it was set on the
+        instance (``trainer.get_batch_samples = wrapped(trainer.get_batch_samples)``, as transformers' own tests
+        do). The components then call it; otherwise they may take a faster path with the same result."""
+        if hook in vars(self):
+            return True
         ftrain_class = next(c for c in type(self).__mro__ if c.__module__.startswith("ftrain.trainer."))
         return getattr(type(self), hook) is not getattr(ftrain_class, hook)
 
@@ -960,12 +964,20 @@ class Trainer:
         epochs_trained: int,
         steps_trained_in_current_epoch: int,
     ) -> None:
-        """The optimizer steps of epoch ``epoch`` of ``train_dataloader`` from the first not yet trained;
-        transformers' ``_run_epoch`` and arguments. Each step's microbatches come from ``get_batch_samples``; the
-        resume position (``epochs_trained``, ``steps_trained_in_current_epoch``) is the loop's feed's (a map-style
-        stream starts at the step, an iterable or user loader is read past its trained batches); ``model`` is handed
-        on to ``_maybe_log_save_evaluate``."""
-        self._loop.run_epoch(model, epoch, train_dataloader, trial, ignore_keys_for_eval, start_time)
+        """The optimizer steps of epoch ``epoch`` of ``train_dataloader`` (``steps_in_epoch`` microbatches in
+        ``num_update_steps_per_epoch`` steps); transformers' ``_run_epoch`` and arguments. In the first epoch of a
+        resumed run (``epoch == epochs_trained`` and ``resume_from_checkpoint``), the
+        ``steps_trained_in_current_epoch`` microbatches already trained are skipped (a map-style stream starts at
+        the step, an iterable or user loader is read past them). Each step's microbatches come from
+        ``get_batch_samples``; ``model`` is handed on to ``_maybe_log_save_evaluate``.
+
+        Raises:
+            ValueError: ``train_dataloader`` is not the loader ``train()`` reads.
+        """
+        resumed = epoch == epochs_trained and resume_from_checkpoint is not None
+        skip = steps_trained_in_current_epoch // self.plan.data.gradient_accumulation_steps if resumed else 0
+        self._loop.run_epoch(model, epoch, train_dataloader, steps_in_epoch, num_update_steps_per_epoch, skip, trial,
+                             ignore_keys_for_eval, start_time)  # fmt: skip
 
     def _track_num_input_tokens(self, inputs: Any) -> None:
         """Adds the tokens of ``inputs`` (a step's microbatches) to ``state.num_input_tokens_seen``
@@ -1384,12 +1396,7 @@ class Trainer:
         ``labels``. Unlike transformers it does not depend on whether ``forward`` takes ``**kwargs``: ftrain's
         loss is always (sum, count).
         """
-        batches: list = []
-        for _ in range(num_batches):
-            try:
-                batches.append(next(epoch_iterator))
-            except StopIteration:
-                break
+        batches = list(itertools.islice(epoch_iterator, num_batches))
         return batches, self._get_num_items_in_batch(batches, device)
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
@@ -1407,18 +1414,22 @@ class Trainer:
         return count / (self.get_tp_size() * self._cp_size() * self._sp_size())
 
     def _batch_samples(self, epoch_iterator: Iterator, num_batches: int) -> list:
-        """One optimizer step's microbatches for the loop, through :meth:`get_batch_samples` (so an override takes
-        part, as in transformers' loop).
+        """One optimizer step's microbatches for the loop, through :meth:`get_batch_samples` when it or
+        :meth:`_get_num_items_in_batch` is overridden (so an override takes part, as in transformers' loop). Without
+        an override the microbatches are read directly: the default's count is the one the pure step takes from the
+        batches itself, so computing it here too would cost a host-to-device copy per microbatch (and an
+        ``all_reduce`` per step with ``average_tokens_across_devices``) for a number nobody reads.
 
         Raises:
             ValueError: an override of ``get_batch_samples`` / ``_get_num_items_in_batch`` returned a
                 ``num_items_in_batch`` other than the count the pure step divides by (it takes ``(sum, count)``
                 from the batches itself, so another count cannot be honoured).
         """
+        if not (self.overrides("get_batch_samples") or self.overrides("_get_num_items_in_batch")):
+            return list(itertools.islice(epoch_iterator, num_batches))
         device = self.plan.process.device
         batches, num_items = self.get_batch_samples(epoch_iterator, num_batches, device)
-        custom = self.overrides("get_batch_samples") or self.overrides("_get_num_items_in_batch")
-        if custom and num_items is not None and batches:
+        if num_items is not None and batches:
             own = Trainer._get_num_items_in_batch(self, batches, device)
             if own is None or float(own) != float(num_items):
                 raise ValueError(

@@ -170,6 +170,44 @@ def test_get_batch_samples_count_that_the_step_cannot_honour_is_refused(tmp_path
         Doubled(model=tiny_gpt2(), args=args, train_dataset=token_rows(8)).train()
 
 
+def test_get_batch_samples_set_on_the_instance_is_called_like_transformers(tmp_path, one_thread):
+    """transformers' own tests wrap ``trainer.get_batch_samples`` on the instance; the loop must call that."""
+    windows, counts, trainers = {}, {}, {}
+    for name, cls, args in _pair(tmp_path, "instance", max_steps=-1, num_train_epochs=2):
+        trainer = cls(model=tiny_gpt2(), args=args, train_dataset=token_rows(20))
+        windows[name], counts[name], default = [], [], trainer.get_batch_samples
+
+        def wrapped(epoch_iterator, num_batches, device, name=name, default=default):
+            batches, count = default(epoch_iterator, num_batches, device)
+            windows[name].append(len(batches))
+            counts[name].append(int(count))
+            return batches, count
+
+        trainer.get_batch_samples = wrapped
+        trainer.train()
+        trainers[name] = trainer
+    # 5 microbatches per epoch, GA 2: windows of 2, 2 and 1 in each of the 2 epochs
+    assert windows["ft"] == windows["hf"] == [2, 2, 1] * 2
+    assert counts["ft"] == counts["hf"]
+    assert_same_training(trainers["hf"], trainers["ft"], accumulated=GA)
+
+
+def test_default_loop_does_not_count_labels_twice(tmp_path, monkeypatch):
+    """Without an override the loop reads the microbatches directly: the step counts the labels itself, so the
+    shell's count (a host-to-device copy per microbatch on a GPU) is not computed."""
+    import ftrain.trainer.evaluation as evaluation
+
+    calls = []
+    count = evaluation.loss_item_count
+    monkeypatch.setattr(evaluation, "loss_item_count", lambda *a, **k: calls.append(1) or count(*a, **k))
+    args = TrainingArguments(str(tmp_path), **{**ARGS, "max_steps": 3})
+    trainer = Trainer(model=tiny_gpt2(), args=args, train_dataset=token_rows(20))
+    trainer.train()
+    assert calls == [] and trainer.state.global_step == 3
+    batches, num_items = trainer.get_batch_samples(iter(trainer.get_train_dataloader()), 2, torch.device("cpu"))
+    assert len(calls) == 2 and int(num_items) == 2 * 4 * 15  # the public hook still counts: 2 x 4 rows x 15 labels
+
+
 def _out_of_memory_above(cls, limit, sizes):
     """``cls`` whose ``get_batch_samples`` raises a CUDA out-of-memory error for microbatches above ``limit`` rows
     (where a real run would run out of memory: the first forward), recording each attempt's size."""
@@ -268,6 +306,44 @@ def test_resume_with_and_without_ignore_data_skip_matches_transformers(tmp_path,
     expected_first = 0 if ignore_data_skip else 4  # the resumed epoch from its start, or from its 5th batch
     assert seen["ft"][0] == [[row[0] for row in epoch0[4 * expected_first : 4 * expected_first + 4]]]
     assert_same_training(resumed["hf"], resumed["ft"])
+
+
+def _recording_run_epoch(cls, calls):
+    class Recording(cls):
+        def _run_epoch(self, **kwargs):  # both trainers pass keywords
+            names = ("epoch", "steps_in_epoch", "num_update_steps_per_epoch", "resume_from_checkpoint",
+                     "epochs_trained", "steps_trained_in_current_epoch")  # fmt: skip
+            calls.append(tuple(kwargs[k] is not None if k == "resume_from_checkpoint" else kwargs[k] for k in names))
+            return super()._run_epoch(**kwargs)
+
+    return Recording
+
+
+def test_run_epoch_gets_transformers_arguments_on_a_resume(tmp_path, one_thread):
+    # 20 rows in microbatches of 4, GA 2: 5 microbatches in 3 updates per epoch; saved at step 4 (epoch 1, 1 update
+    # in), resumed to step 6. steps_trained_in_current_epoch counts microbatches, as transformers.
+    calls, resumed = {}, {}
+    common = dict(max_steps=6, save_strategy="steps", save_steps=4)
+    for _name, cls, args in _pair(tmp_path, "run_epoch", **common):
+        cls(model=tiny_gpt2(), args=args, train_dataset=token_rows(20)).train()
+    for name, cls, args in _pair(tmp_path, "run_epoch", **common):
+        calls[name] = []
+        resumed[name] = _recording_run_epoch(cls, calls[name])(model=tiny_gpt2(), args=args,
+                                                               train_dataset=token_rows(20))  # fmt: skip
+        resumed[name].train(resume_from_checkpoint=f"{args.output_dir}/checkpoint-4")
+    assert calls["hf"] == [(1, 5, 3, True, 1, 2)]  # what this test assumes of transformers
+    assert calls["ft"] == calls["hf"]
+    assert_same_training(resumed["hf"], resumed["ft"], accumulated=GA)
+
+
+def test_run_epoch_refuses_another_loader(tmp_path):
+    class OtherLoader(Trainer):
+        def _run_epoch(self, **kwargs):
+            return super()._run_epoch(**{**kwargs, "train_dataloader": list(kwargs["train_dataloader"])})
+
+    args = TrainingArguments(str(tmp_path), **{**ARGS, "max_steps": 1})
+    with pytest.raises(ValueError, match="another train_dataloader than the one train.. reads.*get_train_dataloader"):
+        OtherLoader(model=tiny_gpt2(), args=args, train_dataset=token_rows(8)).train()
 
 
 def test_persistent_workers_keep_one_pool_and_the_same_batches(tmp_path):

@@ -21,7 +21,7 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 datasets = pytest.importorskip("datasets")
 
-from ftrain.trainer import Trainer, TrainingArguments  # noqa: E402
+from ftrain.trainer import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 from tests.trainer.side_by_side import (  # noqa: E402
     APPROX64,
     assert_same_training,
@@ -413,3 +413,45 @@ def test_evaluation_options_match_transformers(tmp_path, one_thread, option):
     if option == "no_concat":  # lists of per-batch arrays, of the batches' own widths
         predictions = trainers["ft"].predict(padded_rows()).predictions
         assert [p.shape[0] for p in predictions] == [4, 4, 2] and ours["eval_batches"] == 3
+
+
+@pytest.mark.parametrize("accumulation_steps", [None, 2])
+def test_outputs_move_to_the_cpu_when_transformers_moves_them(tmp_path, monkeypatch, accumulation_steps):
+    """Each batch's outputs (losses, predictions, labels) stay on the device until ``eval_accumulation_steps``
+    batches are done, or the end with ``None``, as transformers' ``EvalLoopContainer``: the loop does not wait for
+    the device after each batch. Recorded as the prediction steps done when a non-empty container moves."""
+    from transformers.trainer_pt_utils import EvalLoopContainer
+
+    import ftrain.trainer.evaluation as evaluation
+
+    done, moved = {"hf": 0, "ft": 0}, {"hf": [], "ft": []}
+
+    def recorder(name, original, has_tensors):
+        def to_cpu_and_numpy(self):
+            if has_tensors(self):
+                moved[name].append(done[name])
+            return original(self)
+
+        return to_cpu_and_numpy
+
+    monkeypatch.setattr(
+        EvalLoopContainer,
+        "to_cpu_and_numpy",
+        recorder("hf", EvalLoopContainer.to_cpu_and_numpy, lambda c: c.tensors is not None),
+    )
+    monkeypatch.setattr(evaluation._Collected, "to_cpu_and_numpy",
+                        recorder("ft", evaluation._Collected.to_cpu_and_numpy, lambda c: bool(c._pending)))  # fmt: skip
+    trainers = both(tmp_path, tiny_gpt2, compute_metrics=token_metrics, data_collator=pad_collate,
+                    args=dict(eval_accumulation_steps=accumulation_steps))  # fmt: skip
+    for name, base in (("hf", transformers.TrainerCallback), ("ft", TrainerCallback)):
+
+        class Count(base):
+            def on_prediction_step(self, args, state, control, name=name, **kwargs):
+                done[name] += 1
+
+        trainers[name].add_callback(Count())
+    data = padded_rows(18)  # batches of 4, 4, 4, 4 and 2
+    assert_same_metrics(trainers["ft"].evaluate(data), trainers["hf"].evaluate(data))
+    expected = [2, 2, 2, 4, 4, 4, 5, 5, 5] if accumulation_steps else [5, 5, 5]  # losses, predictions, labels
+    assert moved["hf"] == expected  # what this test assumes of transformers
+    assert moved["ft"] == moved["hf"]

@@ -163,6 +163,7 @@ _ALTERNATIVES = {
     "evaluation_strategy": {"evaluation_strategy": "epoch"},
     "warmup_ratio": {"warmup_ratio": 0.1},
     "group_by_length": {"group_by_length": True},
+    "eval_accumulation_steps": {"eval_accumulation_steps": 2},
 }
 
 
