@@ -607,6 +607,7 @@ class TrainingLoop:
             logs["learning_rate"] = host.get("learning_rate", float("nan"))
         run.total_loss += tr_loss_scalar
         run.last_logged_step = trainer.state.global_step
+        trainer.store_flos()  # state.total_flos is current at each log, as transformers (on_log callbacks read it)
         trainer.log(logs, start_time)
 
     def _learning_rate_tensor(self, metrics: dict[str, torch.Tensor]) -> torch.Tensor | None:

@@ -359,19 +359,35 @@ def test_floating_point_ops_and_store_flos_match_transformers(HFArgs, tmp_path):
     assert ft.floating_point_ops(batch) == 42
 
 
-def test_training_total_flos_are_flushed_once_not_per_step(tmp_path):
-    calls = []
+def test_training_total_flos_are_flushed_where_transformers_flushes_them(tmp_path):
+    """``store_flos`` runs at each log and at the end (not per step, where it would be a collective and a host read),
+    so ``state.total_flos`` seen by ``on_log`` callbacks equals transformers' at every log."""
+    seen = {}
 
-    class Counting(Trainer):
-        def store_flos(self, inputs=None):
-            calls.append(inputs is not None)
-            super().store_flos(inputs)
+    def counting(base, side):
+        calls = seen.setdefault(side, {"store": 0, "on_log": []})
 
-    args = TrainingArguments(str(tmp_path), max_steps=2, per_device_train_batch_size=4, logging_steps=10, **COMMON)
-    trainer = Counting(tiny_gpt2(), args, train_dataset=token_rows())
-    out = trainer.train()
-    assert calls == [False]  # one flush at the end: no per-step reduction (save_strategy="no")
-    assert out.metrics["total_flos"] == 2 * 6 * 4 * 8 * trainer.model.num_parameters(exclude_embeddings=True)
+        class Counting(base):
+            def store_flos(self, *args):
+                calls["store"] += 1
+                super().store_flos(*args)
+
+        class AtLog(transformers.TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                calls["on_log"].append(state.total_flos)
+
+        return Counting, AtLog()
+
+    for side, (base, args_cls) in {"hf": (transformers.Trainer, transformers.TrainingArguments),
+                                   "ft": (Trainer, TrainingArguments)}.items():  # fmt: skip
+        cls, callback = counting(base, side)
+        args = args_cls(str(tmp_path / side), max_steps=4, per_device_train_batch_size=4, logging_steps=2, **COMMON)
+        trainer = cls(tiny_gpt2(), args, train_dataset=token_rows(), callbacks=[callback])
+        trainer.train()  # (transformers' PrinterCallback pops total_flos from the returned metrics: read the state)
+        seen[side]["total"] = trainer.state.total_flos
+    assert seen["ft"] == seen["hf"]
+    assert seen["ft"]["store"] == 3  # two logs and the end of training, none per step
+    assert seen["ft"]["total"] == 4 * 6 * 4 * 8 * tiny_gpt2().num_parameters(exclude_embeddings=True)
 
 
 # ---- checkpoints ----------------------------------------------------------------------------------------------------
