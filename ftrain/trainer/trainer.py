@@ -245,6 +245,7 @@ class Trainer:
         self.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs
         self._tx: GradientTransformation | None = None  # what the train step runs (create_optimizer_and_scheduler)
         self._optimizer_spec: _torch_optim.TorchOptimizerSpec | None = None  # what self.optimizer views
+        self._kwargs_schedule: Any = None  # a schedule given as an ftrain factory's learning_rate (create_optimizer)
         self._user_optimizer, self._created_lr_scheduler = optimizers[0], False
         self.optimizer, self.lr_scheduler = self._adopt_optimizers(*optimizers)
         names = self.plan.data.label_names
@@ -439,7 +440,7 @@ class Trainer:
 
     def _group_schedules(self, optimizer: torch.optim.Optimizer, num_training_steps: int) -> list[Any]:
         """The ``args`` schedule for each group's learning rate (a schedule given to an ftrain factory wins)."""
-        given = getattr(self, "_kwargs_schedule", None)
+        given = self._kwargs_schedule
         by_lr: dict[float, Any] = {}  # groups with the same lr share one schedule (one optimizer with a decay mask)
         for group in optimizer.param_groups:
             lr = group.get("initial_lr", group["lr"])
