@@ -141,10 +141,11 @@ def _scalar_dtype() -> torch.dtype:
 
 
 def _host(t: torch.Tensor) -> torch.Tensor:
-    """A plain CPU tensor (a DTensor gathered: a collective when sharded; every rank must call)."""
+    """A plain CPU tensor of its own (a DTensor gathered: a collective when sharded; every rank must call): one copy,
+    whether ``t`` is on an accelerator or already on the CPU."""
     if is_dtensor(t):
         t = t.full_tensor()
-    return t.detach().to("cpu").clone()
+    return t.detach().to("cpu", copy=True)
 
 
 def _torch_step(leaf: Any, step: int | torch.Tensor) -> torch.Tensor | int | None:
