@@ -19,7 +19,7 @@ Example:
     >>> state.params  # doctest: +SKIP
     Traceback (most recent call last):
     ...
-    RuntimeError: this TrainState was donated to a jitted step ...
+    RuntimeError: this TrainState was donated to a step ...
 """
 
 from __future__ import annotations
@@ -77,6 +77,11 @@ class Jitted:
             raise TypeError(
                 f"jit: expected a step from make_train_step or make_eval_step, got {type(step).__name__}. To "
                 "compile any other function use torch.compile directly."
+            )
+        if step.donate:
+            raise ValueError(
+                "jit: this step was built with make_train_step(..., donate=True), which donates eagerly; build it with "
+                "donate=False and compile it with jit(step, donate=True)."
             )
         if donate and isinstance(step, EvalStep):
             raise ValueError("jit: donate=True is for train steps; an eval step does not produce a new state")

@@ -52,9 +52,9 @@ class Donated:
 
     def _fail(self, *args: Any, **kwargs: Any):
         raise RuntimeError(
-            f"this TrainState was donated to a jitted step at step {int(self.step)}: its tensors now hold the next "
+            f"this TrainState was donated to a step at step {int(self.step)}: its tensors now hold the next "
             f"state, so state.{self.field} is gone. Use the state the step returned "
-            "(state, metrics = step(state, batch)), or build the step with jit(..., donate=False)."
+            "(state, metrics = step(state, batch)), or build the step without donate=True."
         )
 
     __getitem__ = __iter__ = __len__ = __getattr__ = __call__ = __bool__ = __float__ = __int__ = _fail

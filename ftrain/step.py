@@ -36,7 +36,7 @@ from ftrain import tree as _tree
 from ftrain.losses import Loss, cross_entropy, mse
 from ftrain.module import Bound
 from ftrain.optim.base import GradientTransformation
-from ftrain.state import TrainState
+from ftrain.state import Donated, TrainState, mark_donated
 
 __all__ = [
     "EvalStep",
@@ -125,6 +125,22 @@ class _OneProcess:
         return _tree.tree_global_norm(grads)
 
 
+def _check_not_donated(state: TrainState) -> None:
+    if isinstance(state.params, Donated):
+        state.params._fail()
+
+
+def _write_into(state: TrainState, params: dict, buffers: dict, opt_state: Any, step: torch.Tensor) -> tuple:
+    """An eager donated step's results written into ``state``'s own tensors; returns those tensors. Leaves that are
+    already the state's own (``update_and_apply(..., donate=True)`` updated them in place) are not copied."""
+    from ftrain.optim.fused import _copy_state_into
+
+    with torch.no_grad():
+        state.step.copy_(step)
+    old = (state.params, state.buffers, state.opt_state)
+    return (*_copy_state_into(old, (params, buffers, opt_state)), state.step)
+
+
 def _plan(skeleton: nn.Module) -> Any:
     return getattr(skeleton, "_ftrain_plan", None) or _OneProcess
 
@@ -139,13 +155,14 @@ class TrainStep:
     """``train_step(state, batch) -> (state, metrics)``; see the module docstring. Build with
     :func:`make_train_step`."""
 
-    def __init__(self, loss_fn: LossFn, *, accum_steps: int = 1):
+    def __init__(self, loss_fn: LossFn, *, accum_steps: int = 1, donate: bool = False):
         if not callable(loss_fn):
             raise TypeError(f"make_train_step: loss_fn must be callable, got {type(loss_fn).__name__}")
         if not isinstance(accum_steps, int) or accum_steps < 1:
             raise ValueError(f"make_train_step: accum_steps must be an int >= 1, got {accum_steps!r}")
         self.loss_fn = loss_fn
         self.accum_steps = accum_steps
+        self.donate = donate
         self.training = True
 
     def grads(
@@ -192,17 +209,20 @@ class TrainStep:
         batch: Batch,
     ) -> tuple[dict, dict, Any, torch.Tensor, dict[str, torch.Tensor]]:
         """The pure tensor function: ``(params, buffers, opt_state, step, metrics)`` after one update."""
-        from ftrain.optim.update import apply_updates
+        from ftrain.optim.fused import update_and_apply
 
         plan = _plan(skeleton)
         grads, new_buffers, metrics = self.grads(skeleton, params, buffers, batch)
         metrics["grad_norm"] = plan.global_norm(grads)
-        params = plan.to_update(params)
-        updates, new_opt_state = tx.update(plan.to_update(grads), opt_state, params)
+        # An eager donated step updates in place; a compiled one is donated by ftrain.jit (it copies into the inputs).
+        donate = self.donate and not torch.compiler.is_compiling()
+        new_params, new_opt_state = update_and_apply(
+            tx, plan.to_update(grads), opt_state, plan.to_update(params), donate=donate, grad_norm=metrics["grad_norm"]
+        )
         lr = _learning_rate(new_opt_state)
         if lr is not None:
             metrics["learning_rate"] = lr
-        return plan.from_update(apply_updates(params, updates)), new_buffers, new_opt_state, step + 1, metrics
+        return plan.from_update(new_params), new_buffers, new_opt_state, step + 1, metrics
 
     def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, torch.Tensor]]:
         return self.run(self.core, state, batch)
@@ -215,6 +235,10 @@ class TrainStep:
             raise ValueError("train_step: the state needs a skeleton and a tx; build it with TrainState.create")
         if state.skeleton.training != self.training:
             state.skeleton.train(self.training)
+        donating = self.donate and core == self.core
+        if donating:
+            _check_not_donated(state)
+            step_before = state.step.detach().clone()  # not int(): that would sync with the device
         try:
             with _random.step_rng(state.key, state.step, state.device):
                 params, buffers, opt_state, step, metrics = core(
@@ -225,7 +249,11 @@ class TrainStep:
             if clear is None:
                 raise
             raise clear from err
+        if donating:
+            params, buffers, opt_state, step = _write_into(state, params, buffers, opt_state, step)
         new = state.replace(step=step, params=params, buffers=buffers, opt_state=opt_state)
+        if donating:
+            mark_donated(state, step_before)
         return new, metrics
 
 
@@ -253,7 +281,7 @@ class EvalStep(TrainStep):
         return self.run(self.core, state, batch)[1]
 
 
-def make_train_step(loss_fn: LossFn, *, accum_steps: int = 1) -> TrainStep:
+def make_train_step(loss_fn: LossFn, *, accum_steps: int = 1, donate: bool = False) -> TrainStep:
     """A pure ``train_step(state, batch) -> (state, metrics)``.
 
     Args:
@@ -271,7 +299,7 @@ def make_train_step(loss_fn: LossFn, *, accum_steps: int = 1) -> TrainStep:
         >>> int(state.step), sorted(metrics)
         (1, ['count', 'grad_norm', 'learning_rate', 'loss', 'loss_sum'])
     """
-    return TrainStep(loss_fn, accum_steps=accum_steps)
+    return TrainStep(loss_fn, accum_steps=accum_steps, donate=donate)
 
 
 def make_eval_step(loss_fn: LossFn) -> EvalStep:

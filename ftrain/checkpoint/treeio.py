@@ -88,7 +88,7 @@ class LeafSpec:
 
 def _leaf_spec(path: str, leaf: Any) -> LeafSpec:
     if isinstance(leaf, Donated):
-        leaf._fail()  # raises: this state was donated to a jitted step
+        leaf._fail()  # raises: this state was donated to a step
     if leaf is None:
         return LeafSpec(path, "none")
     if isinstance(leaf, torch.Tensor):

@@ -14,6 +14,7 @@ from ftrain.optim.alias import *  # noqa: F403
 from ftrain.optim.base import *  # noqa: F403
 from ftrain.optim.combine import *  # noqa: F403
 from ftrain.optim.factorized import *  # noqa: F403
+from ftrain.optim.fused import *  # noqa: F403
 from ftrain.optim.masks import *  # noqa: F403
 from ftrain.optim.named import *  # noqa: F403
 from ftrain.optim.transform import *  # noqa: F403
