@@ -142,7 +142,8 @@ def _params_leaves(params: Params, n: int, *, where: str) -> list[torch.Tensor]:
 
 def _bump(state: Any) -> Any:
     """The state after an update of an empty tree: counters advance, nothing else changes."""
-    return state._replace(count=state.count + 1) if hasattr(state, "count") else state
+    # A field named count: every NamedTuple has a ``count`` method (tuple.count), so hasattr would not tell.
+    return state._replace(count=state.count + 1) if "count" in getattr(state, "_fields", ()) else state
 
 
 def _mul(xs: list[torch.Tensor], s: Numeric) -> list[torch.Tensor]:
