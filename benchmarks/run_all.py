@@ -7,6 +7,7 @@ Benchmarks (names for ``--only``):
   data_resume        time to the first batch when resuming at step k, against a DataLoader that skips k batches
   trainer_overhead   ftrain.Trainer against its own raw loop and against transformers.Trainer
   distributed_memory FSDP per-rank memory (skipped with a note while benchmarks/distributed_memory.py is missing)
+  optimizer          one optimizer update per alias, update_and_apply against its torch.optim fused/foreach one
 
 Every row is ``ratio = measured / baseline`` with the goal it is held to (``<= 0.95``: at most 0.95x the baseline).
 Writes ``<out-dir>/summary.json`` (the rows, the machine, each benchmark's status), ``<out-dir>/summary.png`` (the
@@ -227,6 +228,19 @@ def rows_trainer_overhead(payload: dict) -> list[dict]:
     return out
 
 
+def rows_optimizer(payload: dict) -> list[dict]:
+    """ms per update of each alias against its torch.optim counterpart: ``update_and_apply(donate=True)`` held to the
+    script's goal; the undonated call and the old ``tx.update`` + ``apply_updates`` as context rows."""
+    goal = payload.get("settings", {}).get("goal", "<= 1.2")
+    out = []
+    for r in payload["rows"]:
+        base = f"{r['alias']}: %s vs {r['baseline_label']}"
+        out.append(row("optimizer", base % "update_and_apply(donate=True)", r["donated"], r["baseline"], "ms", goal))
+        out.append(row("optimizer", base % "update_and_apply (pure)", r["pure"], r["baseline"], "ms"))
+        out.append(row("optimizer", base % "tx.update + apply_updates", r["generic"], r["baseline"], "ms"))
+    return out
+
+
 SHARD_SLACK = 1.01  # 1/N per rank, plus 1% for what is not sharded (step counts) and padding of uneven shards
 
 
@@ -299,6 +313,7 @@ BENCHES = {
             quick_fallback=("--rounds", "1", "--warmup", "2", "--steps", "4"),
         ),
         Bench("distributed_memory", "distributed_memory.py", rows_distributed_memory, quick_fallback=("--nproc", "2")),
+        Bench("optimizer", "optimizer.py", rows_optimizer),
     )
 }
 

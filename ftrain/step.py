@@ -217,7 +217,13 @@ class TrainStep:
         # An eager donated step updates in place; a compiled one is donated by ftrain.jit (it copies into the inputs).
         donate = self.donate and not torch.compiler.is_compiling()
         new_params, new_opt_state = update_and_apply(
-            tx, plan.to_update(grads), opt_state, plan.to_update(params), donate=donate, grad_norm=metrics["grad_norm"]
+            tx,
+            plan.to_update(grads),
+            opt_state,
+            plan.to_update(params),
+            donate=donate,
+            grad_norm=metrics["grad_norm"],
+            donate_grads=True,  # the grads are this step's own: clipping may scale them in place
         )
         lr = _learning_rate(new_opt_state)
         if lr is not None:

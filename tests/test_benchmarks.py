@@ -243,3 +243,20 @@ def test_only_rejects_an_unknown_benchmark_and_names_the_known_ones(run_all, cap
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "['stepp_time']" in err and "step_time, memory, checkpoint, data_resume, trainer_overhead" in err
+
+
+def test_optimizer_rows_hold_the_donated_update_to_the_goal_and_keep_the_others_as_context(run_all):
+    payload = {
+        "settings": {"goal": "<= 1.2"},
+        "rows": [{"alias": "adamw", "baseline_label": "AdamW(fused)", "baseline": 3.0, "donated": 3.3, "pure": 7.5,
+                  "generic": 27.0}],
+    }  # fmt: skip
+    rows = run_all.rows_optimizer(payload)
+    for r in rows:
+        _check_row_arithmetic(r)
+    by = {r["variant"].split(": ")[1].split(" vs ")[0]: r for r in rows}
+    assert set(by) == {"update_and_apply(donate=True)", "update_and_apply (pure)", "tx.update + apply_updates"}
+    donated = by["update_and_apply(donate=True)"]
+    assert (donated["measured"], donated["goal"], donated["met"]) == (3.3, "<= 1.2", True)
+    assert by["update_and_apply (pure)"]["goal"] is None and by["tx.update + apply_updates"]["goal"] is None
+    assert all(r["baseline"] == 3.0 and r["unit"] == "ms" for r in rows)

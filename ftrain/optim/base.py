@@ -14,7 +14,10 @@ compiled step.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+import weakref
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any, NamedTuple, Protocol
 
 import torch
@@ -28,6 +31,7 @@ Schedule = Callable[[torch.Tensor], torch.Tensor]
 ScalarOrSchedule = float | torch.Tensor | Schedule
 
 __all__ = [
+    "Description",
     "EmptyState",
     "GradientTransformation",
     "OptState",
@@ -38,6 +42,8 @@ __all__ = [
     "TransformUpdateFn",
     "Updates",
     "check_float_params",
+    "describe",
+    "description",
     "identity",
     "set_to_zero",
 ]
@@ -58,6 +64,52 @@ class GradientTransformation(NamedTuple):
     update: TransformUpdateFn
 
 
+@dataclasses.dataclass(frozen=True)
+class Description:
+    """What a transformation built by an :mod:`ftrain.optim` factory is, so that
+    :func:`ftrain.optim.update_and_apply` can recognise it and run it as a fused kernel.
+
+    Attributes:
+        kind: the factory's name without its module (``"scale_by_adam"``, ``"chain"``, ...).
+        hparams: the arguments the factory was called with (numbers, 0-d tensors, schedules, masks), read-only.
+        children: the transformations it is built from (``chain``'s links, ``masked``'s inner one), in order.
+    """
+
+    kind: str
+    hparams: Mapping[str, Any] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
+    children: tuple[GradientTransformation, ...] = ()
+
+
+# Keyed by the ``update`` function (a closure unique to each transformation), weakly: a description lives as long
+# as its transformation, and GradientTransformation keeps its two fields (``init, update = tx`` still works).
+_DESCRIPTIONS: weakref.WeakKeyDictionary[Callable[..., Any], Description] = weakref.WeakKeyDictionary()
+
+
+def describe(
+    tx: GradientTransformation, kind: str, /, *, children: tuple[GradientTransformation, ...] = (), **hparams: Any
+) -> GradientTransformation:
+    """Records what ``tx`` is (see :class:`Description`) and returns ``tx``. Each factory in :mod:`ftrain.optim`
+    calls it on what it returns; a transformation nobody described simply takes the generic route. Inside a
+    compiled function nothing is recorded (the compiled step never takes the fused route).
+
+    Example:
+        >>> tx = describe(identity(), "identity")
+        >>> description(tx).kind
+        'identity'
+    """
+    if not torch.compiler.is_compiling():  # only the eager update_and_apply reads them; dynamo cannot trace weakrefs
+        _DESCRIPTIONS[tx.update] = Description(kind, MappingProxyType(dict(hparams)), tuple(children))
+    return tx
+
+
+def description(tx: GradientTransformation) -> Description | None:
+    """The :class:`Description` recorded for ``tx`` by :func:`describe`, or ``None``."""
+    try:
+        return _DESCRIPTIONS.get(tx.update)
+    except TypeError:  # an update that cannot be weakly referenced was never described
+        return None
+
+
 class EmptyState(NamedTuple):
     """State of a stateless transformation."""
 
@@ -71,7 +123,7 @@ def identity() -> GradientTransformation:
     def update(updates, state, params=None):
         return updates, state
 
-    return GradientTransformation(init, update)
+    return describe(GradientTransformation(init, update), "identity")
 
 
 def set_to_zero() -> GradientTransformation:
@@ -83,7 +135,7 @@ def set_to_zero() -> GradientTransformation:
     def update(updates, state, params=None):
         return _tree.tree_map(torch.zeros_like, updates), state
 
-    return GradientTransformation(init, update)
+    return describe(GradientTransformation(init, update), "set_to_zero")
 
 
 def check_float_params(params: Params, /, *, where: str) -> None:

@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 import optree
 
 from ftrain import tree as _tree
-from ftrain.optim.base import GradientTransformation, OptState, Params, Updates, set_to_zero
+from ftrain.optim.base import GradientTransformation, OptState, Params, Updates, describe, set_to_zero
 from ftrain.optim.transform import MaskOrFn, _flatten_keep_none, _resolve_mask
 
 __all__ = [
@@ -75,7 +75,7 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
             new_states.append(tx_state)
         return updates, tuple(new_states)
 
-    return GradientTransformation(init, update)
+    return describe(GradientTransformation(init, update), "chain", children=transforms)
 
 
 def named_chain(*transforms: tuple[str, GradientTransformation]) -> GradientTransformation:
@@ -116,7 +116,12 @@ def named_chain(*transforms: tuple[str, GradientTransformation]) -> GradientTran
             updates, new_state[name] = tx.update(updates, state[name], params)
         return updates, new_state
 
-    return GradientTransformation(init, update)
+    return describe(
+        GradientTransformation(init, update),
+        "named_chain",
+        children=tuple(tx for _, tx in transforms),
+        names=tuple(names),
+    )
 
 
 class MaskedState(NamedTuple):
@@ -173,7 +178,7 @@ def masked(inner: GradientTransformation, mask: MaskOrFn) -> GradientTransformat
         out = [new if k else old for old, new, k in zip(leaves, inner_leaves, keep)]
         return spec.unflatten(out), MaskedState(inner_state)
 
-    return GradientTransformation(init, update)
+    return describe(GradientTransformation(init, update), "masked", children=(inner,), mask=mask)
 
 
 def freeze(mask: MaskOrFn) -> GradientTransformation:
@@ -273,4 +278,10 @@ def partition(
                     out[i] = new
         return spec.unflatten(out), PartitionState(new_states)
 
-    return GradientTransformation(init, update)
+    return describe(
+        GradientTransformation(init, update),
+        "partition",
+        children=tuple(transforms.values()),
+        labels=tuple(transforms),
+        param_labels=param_labels,
+    )

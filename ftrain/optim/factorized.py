@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 import torch
 
 from ftrain import tree as _tree
-from ftrain.optim.base import GradientTransformation, Params, ScalarOrSchedule, check_float_params
+from ftrain.optim.base import GradientTransformation, Params, ScalarOrSchedule, check_float_params, describe
 from ftrain.optim.transform import (
     MaskOrFn,
     Numeric,
@@ -194,6 +194,17 @@ def scale_by_adafactor(
     _check_step_size_args(learning_rate, relative_step, warmup_init)
     decays = not (isinstance(weight_decay, (int, float)) and weight_decay == 0)
     lr_kw = dict(relative_step=relative_step, warmup_init=warmup_init)
+    hparams = dict(
+        learning_rate=learning_rate,
+        eps=eps,
+        clip_threshold=clip_threshold,
+        decay_rate=decay_rate,
+        beta1=beta1,
+        weight_decay=weight_decay,
+        weight_decay_mask=weight_decay_mask,
+        scale_parameter=scale_parameter,
+        **lr_kw,
+    )
 
     def init(params: Params) -> ScaleByAdafactorState:
         check_float_params(params, where="scale_by_adafactor")
@@ -244,7 +255,7 @@ def scale_by_adafactor(
         new_trees = [_tree.tree_unflatten(spec, s) for s in new_stats]
         return out, ScaleByAdafactorState(state.count + 1, lr, *new_trees, new_avg)
 
-    return GradientTransformation(init, update)
+    return describe(GradientTransformation(init, update), "scale_by_adafactor", **hparams)
 
 
 def adafactor(
@@ -304,4 +315,4 @@ def adafactor(
         steps, state = inner.update(updates, state, params)
         return _tree.tree_map(torch.neg, steps), state
 
-    return GradientTransformation(inner.init, update)
+    return describe(GradientTransformation(inner.init, update), "adafactor", children=(inner,))

@@ -37,6 +37,7 @@ from ftrain.optim.base import (
     Schedule,
     Updates,
     check_float_params,
+    describe,
 )
 
 Numeric = float | torch.Tensor
@@ -141,7 +142,8 @@ def _params_leaves(params: Params, n: int, *, where: str) -> list[torch.Tensor]:
 
 def _bump(state: Any) -> Any:
     """The state after an update of an empty tree: counters advance, nothing else changes."""
-    return state._replace(count=state.count + 1) if hasattr(state, "count") else state
+    # A field named count: every NamedTuple has a ``count`` method (tuple.count), so hasattr would not tell.
+    return state._replace(count=state.count + 1) if "count" in getattr(state, "_fields", ()) else state
 
 
 def _mul(xs: list[torch.Tensor], s: Numeric) -> list[torch.Tensor]:
@@ -237,7 +239,7 @@ def scale(factor: Numeric) -> GradientTransformation:
             return updates, state
         return _tree.tree_unflatten(spec, _mul(leaves, _on(factor, _device(leaves)))), state
 
-    return GradientTransformation(init, update)
+    return describe(GradientTransformation(init, update), "scale", factor=factor)
 
 
 def add_decayed_weights(weight_decay: Numeric = 0.0, mask: MaskOrFn = None) -> GradientTransformation:
@@ -283,7 +285,7 @@ def add_decayed_weights(weight_decay: Numeric = 0.0, mask: MaskOrFn = None) -> G
             full_leaves[i] = new
         return full_spec.unflatten(full_leaves), state
 
-    return GradientTransformation(init, update)
+    return describe(GradientTransformation(init, update), "add_decayed_weights", weight_decay=weight_decay, mask=mask)
 
 
 def clip_by_global_norm(max_norm: Numeric) -> GradientTransformation:
@@ -317,7 +319,7 @@ def clip_by_global_norm(max_norm: Numeric) -> GradientTransformation:
         factor = torch.clamp(_on(max_norm, norm.device) / (norm + 1e-6), max=1.0)
         return _tree.tree_unflatten(spec, _mul(leaves, factor)), state
 
-    return GradientTransformation(init, update)
+    return describe(GradientTransformation(init, update), "clip_by_global_norm", max_norm=max_norm)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -378,7 +380,9 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule, *, flip_sign: bool =
         new_leaves = _mul(leaves, factor) if leaves else leaves
         return _tree.tree_unflatten(spec, new_leaves), ScaleByLearningRateState(state.count + 1, lr_t)
 
-    return GradientTransformation(init, update)
+    return describe(
+        GradientTransformation(init, update), "scale_by_learning_rate", learning_rate=learning_rate, flip_sign=flip_sign
+    )
 
 
 class ScaleByScheduleState(NamedTuple):
@@ -420,7 +424,7 @@ def scale_by_schedule(step_size_fn: Schedule) -> GradientTransformation:
             factor = factor.to(device=_device(leaves), dtype=_scalar_dtype(leaves))
         return _tree.tree_unflatten(spec, _mul(leaves, factor)), ScaleByScheduleState(state.count + 1)
 
-    return GradientTransformation(init, update)
+    return describe(GradientTransformation(init, update), "scale_by_schedule", step_size_fn=step_size_fn)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -495,7 +499,15 @@ def scale_by_adam(
         new_state = ScaleByAdamState(count, _tree.tree_unflatten(spec, mu), _tree.tree_unflatten(spec, nu))
         return _tree.tree_unflatten(spec, out), new_state
 
-    return GradientTransformation(init, update)
+    return describe(
+        GradientTransformation(init, update),
+        "scale_by_adam",
+        b1=b1,
+        b2=b2,
+        eps=eps,
+        eps_root=eps_root,
+        nesterov=nesterov,
+    )
 
 
 class TraceState(NamedTuple):
@@ -552,7 +564,7 @@ def trace(decay: Numeric, *, nesterov: bool = False, dampening: Numeric = 0.0) -
         out = _add_scaled(g, buf, momentum) if nesterov else buf
         return _tree.tree_unflatten(spec, out), TraceState(state.count + 1, _tree.tree_unflatten(spec, buf))
 
-    return GradientTransformation(init, update)
+    return describe(GradientTransformation(init, update), "trace", decay=decay, nesterov=nesterov, dampening=dampening)
 
 
 class ScaleByRmsState(NamedTuple):
@@ -612,7 +624,14 @@ def scale_by_rms(
         out = torch._foreach_div(g, torch._foreach_add(avg, _on(eps, dev)))
         return _tree.tree_unflatten(spec, out), ScaleByRmsState(_tree.tree_unflatten(spec, nu), new_mu)
 
-    return GradientTransformation(init, update)
+    return describe(
+        GradientTransformation(init, update),
+        "scale_by_rms",
+        decay=decay,
+        eps=eps,
+        centered=centered,
+        initial_scale=initial_scale,
+    )
 
 
 class ScaleByAdagradState(NamedTuple):
@@ -670,7 +689,13 @@ def scale_by_adagrad(
         new_state = ScaleByAdagradState(state.count + 1, _tree.tree_unflatten(spec, sums))
         return _tree.tree_unflatten(spec, out), new_state
 
-    return GradientTransformation(init, update)
+    return describe(
+        GradientTransformation(init, update),
+        "scale_by_adagrad",
+        initial_accumulator_value=initial_accumulator_value,
+        eps=eps,
+        lr_decay=lr_decay,
+    )
 
 
 class ScaleByLionState(NamedTuple):
@@ -715,4 +740,4 @@ def scale_by_lion(b1: Numeric = 0.9, b2: Numeric = 0.99) -> GradientTransformati
         mu = _ema(mu, g, _on(b2, dev))
         return _tree.tree_unflatten(spec, out), ScaleByLionState(_tree.tree_unflatten(spec, mu))
 
-    return GradientTransformation(init, update)
+    return describe(GradientTransformation(init, update), "scale_by_lion", b1=b1, b2=b2)

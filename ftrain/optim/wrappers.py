@@ -34,7 +34,7 @@ import optree
 import torch
 
 from ftrain import tree as _tree
-from ftrain.optim.base import GradientTransformation, OptState, Params, Updates, check_float_params
+from ftrain.optim.base import GradientTransformation, OptState, Params, Updates, check_float_params, describe
 from ftrain.optim.transform import _zero_count
 
 __all__ = [
@@ -200,7 +200,8 @@ def inject_hyperparams(
             new_updates, inner_state = inner_factory(**static, **hparams).update(updates, state.inner_state, params)
             return new_updates, InjectHyperparamsState(state.count + 1, hparams, inner_state)
 
-        return GradientTransformation(init, update)
+        tx = GradientTransformation(init, update)
+        return describe(tx, "inject_hyperparams", factory=inner_factory, static=static, schedules=schedules)
 
     return make
 
