@@ -349,6 +349,11 @@ def make_train_step(loss_fn: LossFn, *, accum_steps: int = 1, donate: bool = Fal
             the original module.
         accum_steps: split each batch along dim 0 into this many microbatches and accumulate their gradients
             inside the step. A list of microbatches (e.g. uneven ones) is accumulated whatever this is.
+        donate: an eager step that writes the next state into the given state's tensors, as ``torch.optim``
+            updates in place (peak memory holds one copy of params and optimizer state), and returns them; the
+            given state is then dead (any use raises). A state built from a module without ``copy=True`` shares
+            its storage, so the module is updated too. To compile a donating step use ``jit(step, donate=True)``
+            on a step built without it.
 
     Example:
         >>> import torch
