@@ -141,6 +141,56 @@ def _write_into(state: TrainState, params: dict, buffers: dict, opt_state: Any, 
     return (*_copy_state_into(old, (params, buffers, opt_state)), state.step)
 
 
+def _can_write_grads(leaves: list[torch.Tensor]) -> bool:
+    """Whether the step may sum and divide its gradients in place (no new list of gradients per microbatch and
+    per division). Eager steps on plain tensors may; a compiled step is functional anyway (Inductor fuses the
+    ops), and DTensor gradients (a sharded state) keep the out-of-place ops."""
+    return not torch.compiler.is_compiling() and all(type(x) is torch.Tensor for x in leaves)
+
+
+def _owned_grads(grads: Sequence[torch.Tensor], keep: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``grads`` as tensors that only this step holds, so that it may write into them; a copy where needed.
+
+    ``torch.autograd.grad`` can return one tensor for several leaves (the gradient through an ``a + b``), a
+    stride-0 expansion (the gradient of ``x.sum()``), views of one tensor (the gradient through a ``cat``), or
+    even a tensor of the caller's (a custom ``autograd.Function`` may return a saved input). Those are cloned;
+    ``keep`` (the step's inputs) are never written. The usual case — fresh, dense gradients — costs no copy.
+    """
+    seen = {x.untyped_storage().data_ptr() for x in keep}
+    owned = []
+    for g in grads:
+        ptr = g.untyped_storage().data_ptr()
+        if ptr in seen or not (g.is_contiguous() or torch._debug_has_internal_overlap(g) == 0):
+            g = g.clone()
+        else:
+            seen.add(ptr)
+        owned.append(g)
+    return owned
+
+
+def _add(total: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+    return value if total is None else total + value
+
+
+def _sum_grads(
+    total: list[torch.Tensor] | None, grads: Sequence[torch.Tensor], in_place: bool, keep: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    """``total + grads``; the first microbatch's gradients become the total (owned, to be written into)."""
+    if total is None:
+        return _owned_grads(grads, keep) if in_place else list(grads)
+    if in_place:
+        torch._foreach_add_(total, grads)
+        return total
+    return list(torch._foreach_add(total, grads))
+
+
+def _divide_grads(grads: list[torch.Tensor], denom: torch.Tensor, in_place: bool) -> list[torch.Tensor]:
+    if in_place:
+        torch._foreach_div_(grads, denom.to(grads[0].dtype))
+        return grads
+    return list(torch._foreach_div(grads, denom.to(grads[0].dtype)))
+
+
 def _plan(skeleton: nn.Module) -> Any:
     return getattr(skeleton, "_ftrain_plan", None) or _OneProcess
 
@@ -168,7 +218,12 @@ class TrainStep:
     def grads(
         self, skeleton: nn.Module, params: dict, buffers: dict, batch: Batch
     ) -> tuple[dict, dict, dict[str, torch.Tensor]]:
-        """Gradients of the whole batch, divided once by its total count; ``(grads, new_buffers, metrics)``."""
+        """Gradients of the whole batch, divided once by its total count; ``(grads, new_buffers, metrics)``.
+
+        With one microbatch the count is known before the backward, which then starts from ``1 / count`` (the
+        gradient of the mean, as ``loss.backward()`` of a mean loss): no pass over the gradients divides them.
+        Several microbatches' gradients are summed — in place in an eager step — and divided once at the end.
+        """
         plan = _plan(skeleton)
         names = list(params)
         params = plan.grad_leaves(params)
@@ -179,24 +234,29 @@ class TrainStep:
         mutable = getattr(skeleton, "_ftrain_buffer_names", ())
         buffers = {k: v.clone() if k in mutable else v for k, v in buffers.items()}
         model = Bound(skeleton, plan.gather(live), buffers)
-        total_grads = None
+        microbatches = _split_microbatches(batch, self.accum_steps)
+        in_place = len(microbatches) > 1 and _can_write_grads(leaves)  # only a sum of several is written into
+        total_grads = seed = None
         total_sum = total_count = None
         aux_sums: dict[str, torch.Tensor] = {}
-        for mb in _split_microbatches(batch, self.accum_steps):
+        for mb in microbatches:
             with torch.enable_grad():
                 loss_sum, count, aux = _unpack_loss(self.loss_fn(model, mb), "train_step")
-            g = torch.autograd.grad(loss_sum, leaves, allow_unused=True, materialize_grads=True)
-            total_grads = list(g) if total_grads is None else torch._foreach_add(total_grads, g)
-            loss_sum, count = loss_sum.detach(), count.detach()
-            total_sum = loss_sum if total_sum is None else total_sum + loss_sum
-            total_count = count if total_count is None else total_count + count
+            total_sum = _add(total_sum, loss_sum.detach())
+            total_count = _add(total_count, count.detach())
             for k, v in aux.items():
-                aux_sums[k] = v.detach() if k not in aux_sums else aux_sums[k] + v.detach()
-        total_sum, total_count = plan.reduce_totals(total_sum, total_count)  # once per step, over data ranks
-        denom = total_count.clamp_min(1)
-        grads = dict(zip(names, torch._foreach_div(total_grads, denom.to(total_grads[0].dtype))))
-        metrics = {"loss": total_sum / denom.to(total_sum.dtype), "loss_sum": total_sum, "count": total_count}
-        return grads, buffers, {**metrics, **aux_sums}
+                aux_sums[k] = _add(aux_sums.get(k), v.detach())
+            if len(microbatches) == 1:
+                total_sum, total_count = plan.reduce_totals(total_sum, total_count)  # over data ranks
+                seed = torch.ones_like(loss_sum) / total_count.clamp_min(1).to(loss_sum.dtype)
+            g = torch.autograd.grad(loss_sum, leaves, grad_outputs=seed, allow_unused=True, materialize_grads=True)
+            total_grads = _sum_grads(total_grads, g, in_place, keep=(*leaves, *buffers.values()))
+        if seed is None:
+            total_sum, total_count = plan.reduce_totals(total_sum, total_count)  # once per step, over data ranks
+            total_grads = _divide_grads(total_grads, total_count.clamp_min(1), in_place)
+        grads = dict(zip(names, total_grads))
+        loss = total_sum / total_count.clamp_min(1).to(total_sum.dtype)
+        return grads, buffers, {"loss": loss, "loss_sum": total_sum, "count": total_count, **aux_sums}
 
     def core(
         self,
@@ -295,6 +355,11 @@ def make_train_step(loss_fn: LossFn, *, accum_steps: int = 1, donate: bool = Fal
             the original module.
         accum_steps: split each batch along dim 0 into this many microbatches and accumulate their gradients
             inside the step. A list of microbatches (e.g. uneven ones) is accumulated whatever this is.
+        donate: an eager step that writes the next state into the given state's tensors, as ``torch.optim``
+            updates in place (peak memory holds one copy of params and optimizer state), and returns them; the
+            given state is then dead (any use raises). A state built from a module without ``copy=True`` shares
+            its storage, so the module is updated too. To compile a donating step use ``jit(step, donate=True)``
+            on a step built without it.
 
     Example:
         >>> import torch

@@ -297,6 +297,8 @@ def find_hyperparam(opt_state: OptState, name: str) -> torch.Tensor | None:
     if name == "learning_rate" and _is_learning_rate_state(opt_state):
         return opt_state.learning_rate
     for child in _children(opt_state):
+        if isinstance(child, torch.Tensor):  # a moment or a count: no hyper-parameter below (the step asks each step)
+            continue
         found = find_hyperparam(child, name)
         if found is not None:
             return found
