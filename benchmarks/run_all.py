@@ -7,6 +7,7 @@ Benchmarks (names for ``--only``):
   data_resume        time to the first batch when resuming at step k, against a DataLoader that skips k batches
   trainer_overhead   ftrain.Trainer against its own raw loop and against transformers.Trainer
   distributed_memory FSDP per-rank memory (skipped with a note while benchmarks/distributed_memory.py is missing)
+  cold_start         the first compiled step in a fresh process (empty / warm compile cache) against transformers'
 
 Every row is ``ratio = measured / baseline`` with the goal it is held to (``<= 0.95``: at most 0.95x the baseline).
 Writes ``<out-dir>/summary.json`` (the rows, the machine, each benchmark's status), ``<out-dir>/summary.png`` (the
@@ -299,6 +300,7 @@ BENCHES = {
             quick_fallback=("--rounds", "1", "--warmup", "2", "--steps", "4"),
         ),
         Bench("distributed_memory", "distributed_memory.py", rows_distributed_memory, quick_fallback=("--nproc", "2")),
+        Bench("cold_start", "cold_start.py", rows_generic("cold_start")),
     )
 }
 

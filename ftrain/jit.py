@@ -249,8 +249,27 @@ def jit(step: TrainStep, *, donate: bool = False, **kwargs: Any) -> Jitted | Cal
             multithreaded Inductor kernel (embedding backward) made reruns differ from step 1.
         mode, dynamic, options, backend: passed to ``torch.compile`` (``backend`` defaults to ``"inductor"``);
             ``fallback_random=True`` makes dropout match eager.
+        optimizer: ``"compiled"`` (default): the whole step — forward, backward, optimizer — is one graph.
+            ``"eager"``: only the gradients (forward, backward, ``grad_norm``; :meth:`TrainStep.grads_and_norm`)
+            are compiled and the optimizer runs eagerly through :func:`ftrain.optim.update_and_apply` (in place
+            when ``donate``): a smaller graph, so a shorter first compile, and the one that can be precompiled.
+        cache_dir: with ``optimizer="eager"`` (``fullgraph``, Inductor, torch with precompile): where the compiled
+            gradient function is saved after the first compile and loaded from by a later process, which then skips
+            tracing and compiling (a rerun or a resume starts in seconds). ``None``: the environment variable
+            ``FTRAIN_COMPILE_CACHE``, else ``~/.cache/ftrain/compile``; ``False`` (or ``FTRAIN_COMPILE_CACHE=off``):
+            no cache. One file per :func:`ftrain.compile_cache.cache_key`: a sha256 of torch's, Python's and
+            ftrain's versions and ftrain's step source files; the step's loss function by content (bytecode,
+            constants, closure values, the functions it calls, their source files) and the step's settings
+            (accumulation, train mode); the model's submodule classes, their source files, printed sizes and
+            settings, train/eval mode and transformers config; the structure, shapes, strides, dtypes and devices of
+            params, buffers and batch; and the compile options (mode, dynamic, Inductor options, backend,
+            deterministic). A changed model, loss or batch shape gets another file; the loaded function's
+            saved guards (shapes, dtypes) are also checked on every call, and a failed check compiles as usual.
+            The file holds the generated code, not the machine code: keep torch's Inductor cache
+            (``TORCHINDUCTOR_CACHE_DIR``) too, or the C++ kernels are rebuilt on load.
 
     Returns:
-        A :class:`Jitted` step with ``compiles`` and ``recompiles`` counters.
+        A :class:`Jitted` step with ``compiles`` and ``recompiles`` counters, and ``cache_file`` / ``cache_loaded``
+        (the precompile file used, and whether this process loaded it instead of compiling).
     """
     return Jitted(step, donate=donate, **kwargs)
