@@ -8,6 +8,7 @@ Benchmarks (names for ``--only``):
   trainer_overhead   ftrain.Trainer against its own raw loop and against transformers.Trainer
   distributed_memory FSDP per-rank memory (skipped with a note while benchmarks/distributed_memory.py is missing)
   optimizer          one optimizer update per alias, update_and_apply against its torch.optim fused/foreach one
+  cold_start         the first compiled step in a fresh process (empty / warm compile cache) against transformers'
 
 Every row is ``ratio = measured / baseline`` with the goal it is held to (``<= 0.95``: at most 0.95x the baseline).
 Writes ``<out-dir>/summary.json`` (the rows, the machine, each benchmark's status), ``<out-dir>/summary.png`` (the
@@ -325,6 +326,7 @@ BENCHES = {
         ),
         Bench("distributed_memory", "distributed_memory.py", rows_distributed_memory, quick_fallback=("--nproc", "2")),
         Bench("optimizer", "optimizer.py", rows_optimizer),
+        Bench("cold_start", "cold_start.py", rows_generic("cold_start")),
     )
 }
 

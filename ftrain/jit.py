@@ -26,17 +26,23 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch._dynamo
 import torch.utils._pytree
 
+from ftrain import compile_cache as _cache
+from ftrain.optim.fused import _copy_state_into
 from ftrain.state import Donated, TrainState, mark_donated
 from ftrain.step import EvalStep, TrainStep
 
 __all__ = ["Donated", "Jitted", "jit"]
+
+_OPTIMIZER_MODES = ("compiled", "eager")
 
 
 def _check_alive(state: Any) -> None:
@@ -72,6 +78,8 @@ class Jitted:
         fallback_random: bool = False,
         options: dict[str, Any] | None = None,
         backend: str | Callable = "inductor",
+        optimizer: str = "compiled",
+        cache_dir: str | os.PathLike | bool | None = None,
     ):
         if not isinstance(step, TrainStep):
             raise TypeError(
@@ -91,10 +99,33 @@ class Jitted:
         inductor_options = dict(options or {})
         if fallback_random:
             inductor_options["fallback_random"] = True
-        core = self._donating_core if donate else step.core
+        if optimizer not in _OPTIMIZER_MODES:
+            raise ValueError(f"jit: optimizer must be one of {_OPTIMIZER_MODES}, got {optimizer!r}")
+        self.optimizer = "compiled" if isinstance(step, EvalStep) else optimizer
+        if self.optimizer == "eager":
+            compiled_part, self._core = step.grads_and_norm, self._eager_update_core
+        else:
+            compiled_part = self._donating_core if donate else step.core
         self._compiled = torch.compile(
-            core, fullgraph=fullgraph, dynamic=dynamic, mode=mode, options=inductor_options or None, backend=backend
+            compiled_part,
+            fullgraph=fullgraph,
+            dynamic=dynamic,
+            mode=mode,
+            options=inductor_options or None,
+            backend=backend,
         )
+        if self.optimizer == "compiled":
+            self._core = self._compiled
+        self._compile_kwargs = dict(fullgraph=fullgraph, dynamic=dynamic, mode=mode, options=inductor_options or None)
+        self._key_options = {**self._compile_kwargs, "backend": backend if isinstance(backend, str) else repr(backend),
+                             "deterministic": deterministic}  # fmt: skip
+        precompilable = self.optimizer == "eager" and fullgraph and backend == "inductor"
+        self.cache_dir = (
+            _cache.resolve_cache_dir(cache_dir) if precompilable and _cache.precompile_supported() else None
+        )
+        self.cache_file: Path | None = None
+        self.cache_loaded = False
+        self._precompiled: Any = None
         self.compiles = 0
         self.calls = 0
         self._first_call_compiles = 0
@@ -113,6 +144,49 @@ class Jitted:
         for old, new in zip(olds, news):
             old.copy_(new)
         return params, buffers, opt_state, step, metrics
+
+    def _eager_update_core(self, skeleton, tx, params, buffers, opt_state, step, batch):
+        """``optimizer="eager"``: the compiled gradients, then the optimizer run eagerly by
+        :func:`ftrain.optim.update_and_apply` (fused passes, in place when donating)."""
+        grads, new_buffers, metrics = self._gradients(skeleton, params, buffers, batch)
+        new_params, new_opt = self.step.update(skeleton, tx, grads, params, opt_state, metrics, donate=self.donate)
+        if not self.donate:
+            return new_params, new_buffers, new_opt, step + 1, metrics
+        with torch.no_grad():
+            _copy_state_into(buffers, new_buffers)
+            step.add_(1)
+        return params, buffers, opt_state, step, metrics
+
+    def _gradients(self, *args):
+        """The compiled ``step.grads_and_norm(*args)``: the precompiled function from the cache directory where its
+        guards hold for ``args``, else the ``torch.compile``'d one (which compiles, or recompiles, as usual)."""
+        if self.cache_dir is not None and self.calls == 0 and self._precompiled is None:
+            self._precompiled = self._load_or_precompile(args)
+        fn = self._precompiled
+        if fn is not None and fn.guard_check(self.step, *args):
+            return fn(self.step, *args)
+        return self._compiled(*args)
+
+    def _load_or_precompile(self, args: tuple) -> Any:
+        """The precompiled gradient function for ``args``: loaded from ``cache_dir`` when a file of the same
+        :func:`~ftrain.compile_cache.cache_key` is there, else compiled ahead of time and saved there."""
+        fn = type(self.step).grads_and_norm
+        self.cache_file = self.cache_dir / f"{_cache.cache_key(fn, (self.step, *args), self._key_options)}.pt2"
+        loaded = _cache.load(self.cache_file)
+        if loaded is not None:
+            self.cache_loaded = True
+            loaded.disable_guard_check()  # _gradients checks them once per call
+            return loaded
+        try:
+            kwargs = {**self._compile_kwargs, "options": {**(self._compile_kwargs["options"] or {}),
+                                                         "guard_filter_fn": _cache.portable_guards}}  # fmt: skip
+            compiled = torch.compile(fn, **kwargs).aot_compile(((self.step, *args), {}))
+        except Exception as err:  # torch's precompile is experimental: a model it cannot save is compiled as usual
+            logging.getLogger(__name__).warning("ftrain.jit: precompile failed (%s); compiling without the cache", err)
+            return None
+        _cache.save(compiled, self.cache_file)
+        compiled.disable_guard_check()
+        return compiled
 
     @contextlib.contextmanager
     def _context(self):
@@ -136,7 +210,7 @@ class Jitted:
         before = counters["unique_graphs"]
         try:
             with self._context():
-                new_state, metrics = self.step.run(self._compiled, state, batch)
+                new_state, metrics = self.step.run(self._core, state, batch)
         except Exception as err:
             if counters["unique_graphs"] != before or self.calls == 0:
                 self._raise_eager_error(state, batch, err)
@@ -175,8 +249,27 @@ def jit(step: TrainStep, *, donate: bool = False, **kwargs: Any) -> Jitted | Cal
             multithreaded Inductor kernel (embedding backward) made reruns differ from step 1.
         mode, dynamic, options, backend: passed to ``torch.compile`` (``backend`` defaults to ``"inductor"``);
             ``fallback_random=True`` makes dropout match eager.
+        optimizer: ``"compiled"`` (default): the whole step — forward, backward, optimizer — is one graph.
+            ``"eager"``: only the gradients (forward, backward, ``grad_norm``; :meth:`TrainStep.grads_and_norm`)
+            are compiled and the optimizer runs eagerly through :func:`ftrain.optim.update_and_apply` (in place
+            when ``donate``): a smaller graph, so a shorter first compile, and the one that can be precompiled.
+        cache_dir: with ``optimizer="eager"`` (``fullgraph``, Inductor, torch with precompile): where the compiled
+            gradient function is saved after the first compile and loaded from by a later process, which then skips
+            tracing and compiling (a rerun or a resume starts in seconds). ``None``: the environment variable
+            ``FTRAIN_COMPILE_CACHE``, else ``~/.cache/ftrain/compile``; ``False`` (or ``FTRAIN_COMPILE_CACHE=off``):
+            no cache. One file per :func:`ftrain.compile_cache.cache_key`: a sha256 of torch's, Python's and
+            ftrain's versions and ftrain's step source files; the step's loss function by content (bytecode,
+            constants, closure values, the functions it calls, their source files) and the step's settings
+            (accumulation, train mode); the model's submodule classes, their source files, printed sizes and
+            settings, train/eval mode and transformers config; the structure, shapes, strides, dtypes and devices of
+            params, buffers and batch; and the compile options (mode, dynamic, Inductor options, backend,
+            deterministic). A changed model, loss or batch shape gets another file; the loaded function's
+            saved guards (shapes, dtypes) are also checked on every call, and a failed check compiles as usual.
+            The file holds the generated code, not the machine code: keep torch's Inductor cache
+            (``TORCHINDUCTOR_CACHE_DIR``) too, or the C++ kernels are rebuilt on load.
 
     Returns:
-        A :class:`Jitted` step with ``compiles`` and ``recompiles`` counters.
+        A :class:`Jitted` step with ``compiles`` and ``recompiles`` counters, and ``cache_file`` / ``cache_loaded``
+        (the precompile file used, and whether this process loaded it instead of compiling).
     """
     return Jitted(step, donate=donate, **kwargs)

@@ -269,13 +269,37 @@ class TrainStep:
         batch: Batch,
     ) -> tuple[dict, dict, Any, torch.Tensor, dict[str, torch.Tensor]]:
         """The pure tensor function: ``(params, buffers, opt_state, step, metrics)`` after one update."""
+        grads, new_buffers, metrics = self.grads_and_norm(skeleton, params, buffers, batch)
+        # An eager donated step updates in place; a compiled one is donated by ftrain.jit (it copies into the inputs).
+        donate = self.donate and not torch.compiler.is_compiling()
+        new_params, new_opt_state = self.update(skeleton, tx, grads, params, opt_state, metrics, donate=donate)
+        return new_params, new_buffers, new_opt_state, step + 1, metrics
+
+    def grads_and_norm(
+        self, skeleton: nn.Module, params: dict, buffers: dict, batch: Batch
+    ) -> tuple[dict, dict, dict[str, torch.Tensor]]:
+        """:meth:`grads` with the metric ``grad_norm`` added: the part of the step before the optimizer (what
+        ``ftrain.jit(step, optimizer="eager")`` compiles)."""
+        grads, new_buffers, metrics = self.grads(skeleton, params, buffers, batch)
+        metrics["grad_norm"] = _plan(skeleton).global_norm(grads)
+        return grads, new_buffers, metrics
+
+    def update(
+        self,
+        skeleton: nn.Module,
+        tx: GradientTransformation,
+        grads: dict,
+        params: dict,
+        opt_state: Any,
+        metrics: dict[str, torch.Tensor],
+        *,
+        donate: bool = False,
+    ) -> tuple[dict, Any]:
+        """The optimizer part of the step: ``(new_params, new_opt_state)`` from :func:`ftrain.optim.update_and_apply`
+        (in place when ``donate``); adds ``learning_rate`` to ``metrics`` when the optimizer state records one."""
         from ftrain.optim.fused import update_and_apply
 
         plan = _plan(skeleton)
-        grads, new_buffers, metrics = self.grads(skeleton, params, buffers, batch)
-        metrics["grad_norm"] = plan.global_norm(grads)
-        # An eager donated step updates in place; a compiled one is donated by ftrain.jit (it copies into the inputs).
-        donate = self.donate and not torch.compiler.is_compiling()
         new_params, new_opt_state = update_and_apply(
             tx,
             plan.to_update(grads),
@@ -288,7 +312,7 @@ class TrainStep:
         lr = _learning_rate(new_opt_state)
         if lr is not None:
             metrics["learning_rate"] = lr
-        return plan.from_update(new_params), new_buffers, new_opt_state, step + 1, metrics
+        return plan.from_update(new_params), new_opt_state
 
     def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, torch.Tensor]]:
         return self.run(self.core, state, batch)

@@ -1,0 +1,210 @@
+"""A cache of precompiled steps between processes, so that a rerun or a resume starts in seconds.
+
+torch keeps its own caches on disk (Inductor's FX-graph cache and the AOTAutograd cache, under
+``TORCHINDUCTOR_CACHE_DIR``, ``/tmp/torchinductor_<user>`` by default): with them a second process skips Inductor's
+code generation and C++ compile, but it still traces the step with dynamo, which on a small GPT-2 is most of a warm
+first step. torch's precompile (``torch.compile(fn).aot_compile(...)``, ``torch.compiler.load_compiled_function``,
+torch >= 2.13, experimental) saves the traced result too; this module keeps one such file per compiled function in a
+directory and names the file by a key of everything that decides the compiled code (:func:`cache_key`), so a
+changed model, loss, batch shape or option never loads a file made for another.
+
+The directory: the ``cache_dir`` argument of :func:`ftrain.jit`, else the environment variable
+``FTRAIN_COMPILE_CACHE``, else ``~/.cache/ftrain/compile`` (``$XDG_CACHE_HOME`` when set). ``cache_dir=False`` or
+``FTRAIN_COMPILE_CACHE=off`` turns it off.
+
+Example:
+    >>> import os
+    >>> resolve_cache_dir(False) is None, str(resolve_cache_dir("/tmp/c"))
+    (True, '/tmp/c')
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import logging
+import os
+import sys
+import types
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.utils._pytree
+
+__all__ = ["ENV", "cache_key", "portable_guards", "precompile_supported", "resolve_cache_dir"]
+
+ENV = "FTRAIN_COMPILE_CACHE"
+_OFF = ("", "0", "off", "false", "no")
+_log = logging.getLogger(__name__)
+
+
+def precompile_supported() -> bool:
+    """Whether this torch can save and load a precompiled function (2.13 has it; 2.11 does not)."""
+    return hasattr(torch.compiler, "load_compiled_function")
+
+
+def portable_guards(entries: list[Any]) -> list[bool]:
+    """A ``guard_filter_fn`` for precompile: keeps the guards that can be saved (tensor shapes, dtypes, devices,
+    plain values) and drops those on object identity (modules, functions, closures, globals), which mean nothing in
+    another process. What they checked is in :func:`cache_key`."""
+    from torch._dynamo.guards import CheckFunctionManager
+
+    unsaveable = set(CheckFunctionManager.UNSUPPORTED_SERIALIZATION_GUARD_TYPES)
+    return [
+        not (e.is_global or e.guard_type in unsaveable or unsaveable.intersection(e.derived_guard_types))
+        for e in entries
+    ]
+
+
+def resolve_cache_dir(cache_dir: str | os.PathLike | bool | None) -> Path | None:
+    """The cache directory: ``cache_dir`` if a path, none if ``False``; for ``None`` or ``True``, the environment
+    variable ``FTRAIN_COMPILE_CACHE`` (``off`` turns the cache off), else ``~/.cache/ftrain/compile``."""
+    if cache_dir is False:
+        return None
+    if cache_dir is not None and cache_dir is not True:
+        return Path(cache_dir)
+    env = os.environ.get(ENV)
+    if env is not None:
+        return None if env.strip().lower() in _OFF else Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "ftrain" / "compile"
+
+
+def _source_hash(obj: Any) -> str:
+    """The text of the file that defines ``obj`` (its class for an instance), hashed; ``""`` when it has none."""
+    target = obj if isinstance(obj, types.FunctionType | type | types.ModuleType) else type(obj)
+    try:
+        path = inspect.getsourcefile(target)
+    except TypeError:
+        return ""
+    if path is None or not os.path.exists(path):
+        return ""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _function_fingerprint(fn: Any, depth: int = 0) -> list[str]:
+    """A function's identity by content: its module, name, bytecode and constants, the functions it calls by
+    global name and the values in its closure (functions recursively, four levels deep; other values by type and
+    repr), plus the source files that define them."""
+    if isinstance(fn, types.MethodType):
+        return [type(fn.__self__).__qualname__, _source_hash(fn.__self__), *_function_fingerprint(fn.__func__, depth)]
+    if not isinstance(fn, types.FunctionType) or depth > 4:
+        return [type(fn).__qualname__, _source_hash(fn), repr(fn) if _is_plain(fn) else ""]
+    code = fn.__code__
+    out = [fn.__module__, fn.__qualname__, code.co_code.hex(), repr(code.co_consts), _source_hash(fn)]
+    for name in code.co_names:  # functions it calls by global name (a lambda calling the real loss function)
+        value = fn.__globals__.get(name)
+        if isinstance(value, types.FunctionType) and value is not fn:
+            out += _function_fingerprint(value, depth + 1)
+    for cell in fn.__closure__ or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        out += _function_fingerprint(value, depth + 1) if callable(value) else [type(value).__qualname__, _plain(value)]
+    return out
+
+
+def _is_plain(value: Any) -> bool:
+    return isinstance(value, str | int | float | bool | type(None) | torch.dtype | torch.device)
+
+
+def _plain(value: Any) -> str:
+    return repr(value) if _is_plain(value) else type(value).__qualname__
+
+
+def _tree_layout(tree: Any) -> list[str]:
+    """The tree's structure and, per tensor leaf, shape, dtype, device, layout and strides (what the guards and
+    the generated kernels depend on); other leaves by type and plain value."""
+    leaves, spec = torch.utils._pytree.tree_flatten(tree)
+    out = [str(spec)]
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            out.append(f"{type(leaf).__name__}{tuple(leaf.shape)}{leaf.stride()}{leaf.dtype}{leaf.device}{leaf.layout}")
+            out.append(f"grad={leaf.requires_grad}")
+        else:
+            out.append(f"{type(leaf).__qualname__}={_plain(leaf)}")
+    return out
+
+
+def _module_fingerprint(module: torch.nn.Module) -> list[str]:
+    """The module tree: every submodule's class, the source file defining it, and its printed form (sizes and
+    settings such as dropout rates), with the mode (train / eval) of each."""
+    out = []
+    for name, sub in module.named_modules():
+        out += [
+            name,
+            type(sub).__module__,
+            type(sub).__qualname__,
+            _source_hash(sub),
+            sub.extra_repr(),
+            str(sub.training),
+        ]
+    config = getattr(module, "config", None)
+    if config is not None and hasattr(config, "to_json_string"):
+        out.append(config.to_json_string())
+    return out
+
+
+def cache_key(fn: Callable, args: tuple, options: dict[str, Any]) -> str:
+    """The name of a precompiled ``fn(*args)`` in the cache: a sha256 over
+
+    - torch's, Python's and ftrain's versions, and the source files of ``ftrain.step``, ``ftrain.module``,
+      ``ftrain.random`` and ``ftrain.jit``;
+    - ``fn`` and every function reached from it through arguments and closures (the step's loss function, its
+      closure's settings): module, qualified name, bytecode, constants, the defining source file;
+    - each argument: a module's submodule classes, their source files, printed sizes and settings, train/eval mode
+      and transformers config; a tree's structure and each tensor's shape, strides, dtype, device, layout;
+    - ``options``: the ``jit`` options that change the compiled code (mode, dynamic, Inductor options, backend,
+      deterministic algorithms, ``fullgraph``).
+
+    Two calls with equal keys compile to the same code; anything else gives another key. torch checks the loaded
+    function's guards on every call as well, and :class:`ftrain.jit.Jitted` compiles afresh when they fail.
+    """
+    import ftrain
+
+    parts = [torch.__version__, sys.version, getattr(ftrain, "__version__", "")]
+    for name in ("ftrain.step", "ftrain.module", "ftrain.random", "ftrain.jit", "ftrain.losses"):
+        parts.append(_source_hash(sys.modules.get(name) or __import__(name, fromlist=["_"])))
+    parts += _function_fingerprint(fn)
+    for arg in args:
+        if isinstance(arg, torch.nn.Module):
+            parts += _module_fingerprint(arg)
+        elif hasattr(arg, "loss_fn"):  # a TrainStep: its settings and its loss function
+            settings = sorted((k, _plain(v)) for k, v in vars(arg).items() if _is_plain(v))
+            parts += [type(arg).__qualname__, repr(settings), *_function_fingerprint(arg.loss_fn)]
+        elif callable(arg) and not isinstance(arg, torch.Tensor):
+            parts += _function_fingerprint(arg)
+        else:
+            parts += _tree_layout(arg)
+    parts.append(
+        repr(sorted((k, _plain(v) if not isinstance(v, dict) else repr(sorted(v.items()))) for k, v in options.items()))
+    )
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:32]
+
+
+def load(path: Path) -> Any | None:
+    """The precompiled function saved at ``path``, or ``None`` when there is none or it does not load (a file from
+    another machine or torch build; logged, then compiled afresh)."""
+    if not path.exists():
+        return None
+    try:
+        with open(path, "rb") as f:
+            return torch.compiler.load_compiled_function(f)
+    except Exception as err:  # a stale or foreign file must never stop training: compile instead
+        _log.warning("ftrain.jit: could not load the precompiled step %s (%s); compiling it again", path, err)
+        return None
+
+
+def save(compiled: Any, path: Path) -> None:
+    """Writes a precompiled function to ``path`` atomically (a temporary name, then a rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        compiled.save_compiled_function(str(tmp))
+        os.replace(tmp, path)
+    except Exception as err:
+        tmp.unlink(missing_ok=True)
+        _log.warning("ftrain.jit: could not save the precompiled step to %s (%s)", path, err)
