@@ -7,10 +7,10 @@ the manager's. Backends: ``"safetensors"`` (this module), ``"dcp"``
 (:class:`~ftrain.checkpoint.backend_orbax.OrbaxBackend`, optional extra).
 
 The safetensors file is written here in one streaming pass, straight from the tensors' memory (no serialized copy),
-with the hash computed on a helper thread while the bytes go out, and read back in one pass straight into new
-tensors, hashed the same way. The layout is the safetensors format (8-byte little-endian header length, JSON header,
-then the tensors back to back, each aligned to its element size), so ``safetensors.torch.load_file`` reads these
-files too; tests check it does. Nothing is memory-mapped: a restored tensor never aliases the file.
+hashed while the bytes go out, and read back on several threads straight into new tensors, hashed in the same
+pass (:mod:`ftrain.checkpoint.fileio`). The layout is the safetensors format (8-byte little-endian header length,
+JSON header, then the tensors back to back, each aligned to its element size), so ``safetensors.torch.load_file``
+reads these files too; tests check it does. Nothing is memory-mapped: a restored tensor never aliases the file.
 
 Example:
     >>> import tempfile, pathlib, torch
@@ -27,18 +27,20 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import struct
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
 from ftrain.checkpoint.errors import CorruptCheckpointError
-from ftrain.checkpoint.integrity import CHUNK, FileEntry, Manifest, OverlappedHasher
+from ftrain.checkpoint.fileio import io_jobs, read_jobs, write_jobs
+from ftrain.checkpoint.integrity import FileEntry, Manifest, new_hash
 from ftrain.checkpoint.treeio import is_dtensor
 
 __all__ = [
@@ -128,18 +130,6 @@ def _byte_view(t: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
-def _chunks(mv: memoryview) -> Iterator[memoryview]:
-    for start in range(0, mv.nbytes, CHUNK):
-        yield mv[start : start + CHUNK]
-
-
-def _write_all(f, data: memoryview | bytes) -> None:
-    mv = memoryview(data)
-    while mv.nbytes:
-        n = f.write(mv)
-        mv = mv[n:]
-
-
 def _check_writable(key: str, t: torch.Tensor) -> None:
     if is_dtensor(t):
         raise TypeError(
@@ -150,15 +140,21 @@ def _check_writable(key: str, t: torch.Tensor) -> None:
         raise TypeError(f"{key}: dtype {t.dtype} cannot be stored in safetensors; cast it or use backend='dcp'")
 
 
+def _host_bytes(t: torch.Tensor) -> memoryview:
+    """The bytes of ``t`` on the CPU: a view of its memory if it is a contiguous CPU tensor, else of a copy."""
+    t = t.detach()
+    return _byte_view((t if t.device.type == "cpu" else t.cpu()).contiguous())
+
+
 def write_safetensors(
     path: str | os.PathLike,
     tensors: Mapping[str, torch.Tensor],
-    algorithm: str,
+    algorithm: str | None,
     metadata: Mapping[str, str] | None = None,
-) -> FileEntry:
-    """Writes a safetensors file in one pass from the tensors' memory (non-CPU tensors are copied one at a time),
-    fsyncs it, and returns its size and digest. Tensors are laid out largest element size first, so each is
-    aligned."""
+) -> FileEntry | None:
+    """Writes a safetensors file in one pass from the tensors' memory (non-CPU tensors are copied a few at a time),
+    fsyncs it once, and returns its size and ``algorithm`` digest (``None`` without an algorithm). Tensors are laid
+    out largest element size first, so each is aligned."""
     if sys.byteorder != "little":
         raise NotImplementedError("the safetensors writer supports little-endian hosts only")
     for key, t in tensors.items():
@@ -175,20 +171,13 @@ def write_safetensors(
         header["__metadata__"] = dict(metadata)
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
-    hasher = OverlappedHasher(algorithm)
+    first = struct.pack("<Q", len(head)) + head
+    hasher = new_hash(algorithm) if algorithm else None
+    views = itertools.chain([memoryview(first)], (_host_bytes(tensors[key]) for key in order))
     with open(path, "wb", buffering=0) as f:
-        first = struct.pack("<Q", len(head)) + head
-        hasher.update(first)
-        _write_all(f, first)
-        for key in order:
-            t = tensors[key].detach()
-            t = (t if t.device.type == "cpu" else t.cpu()).contiguous()
-            for chunk in _chunks(_byte_view(t)):
-                hasher.update(chunk)
-                _write_all(f, chunk)
-        entry = hasher.entry()
+        write_jobs(f.fileno(), io_jobs(views, 0), hasher=hasher)
         os.fsync(f.fileno())
-    return entry
+    return FileEntry(len(first) + offset, hasher.hexdigest()) if hasher is not None else None
 
 
 def _corrupt(path: Path, why: str) -> CorruptCheckpointError:
@@ -277,8 +266,8 @@ def read_safetensors(
     algorithm: str | None = None,
     expected: FileEntry | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Reads a safetensors file in one pass into new CPU tensors with ``like``'s dtypes and shapes; with
-    ``expected``, checks its size and ``algorithm`` digest.
+    """Reads a safetensors file into new CPU tensors with ``like``'s dtypes and shapes, on several threads straight
+    into the tensors' memory; with ``expected``, checks its size and ``algorithm`` digest in the same pass.
 
     Raises:
         CorruptCheckpointError: truncated, altered, or not matching ``like`` (names the file).
@@ -289,19 +278,15 @@ def read_safetensors(
         raise _corrupt(path, f"expected {expected.size} bytes, found {size} (truncated or overwritten?)")
     if size < 8:
         raise _corrupt(path, f"it has only {size} bytes")
-    hasher = OverlappedHasher(algorithm) if expected is not None else None
-    out: dict[str, torch.Tensor] = {}
+    hasher = new_hash(algorithm) if expected is not None else None
     with open(path, "rb", buffering=0) as f:
         first, header, _ = _parse_header(path, f, size)
+        keys = _plan(path, header, like, size - len(first))
+        out = {key: torch.empty(like[key].shape, dtype=like[key].dtype) for key in keys}
         if hasher is not None:
             hasher.update(first)
-        for key in _plan(path, header, like, size - len(first)):
-            t = torch.empty(like[key].shape, dtype=like[key].dtype)
-            for chunk in _chunks(_byte_view(t)):
-                _read_into(f, chunk, path)
-                if hasher is not None:
-                    hasher.update(chunk)
-            out[key] = t
+        jobs = io_jobs((_byte_view(out[key]) for key in keys), len(first))
+        read_jobs(f.fileno(), jobs, hasher=hasher, short=lambda: _corrupt(path, "it ends early (truncated)"))
     if hasher is not None and hasher.hexdigest() != expected.digest:
         raise _corrupt(path, f"its {algorithm} differs from the manifest's (flipped bits?)")
     return out

@@ -9,8 +9,8 @@ anything the caller needs) and the ``metrics`` it was saved with. On disk::
         state.safetensors         the tensors, keyed by key path (or dcp/..., or orbax/... + orbax_keys.json)
         meta.json                 step, backend, time, key, metrics, extra, model class and config, and every leaf's
                                   key path, kind (tensor / none / python), dtype and shape
-        manifest.json             size and sha256 of every file above
-        COMMIT                    written last: the step and the manifest's size and sha256
+        manifest.json             size and checksum (xxh3_128 by default, or sha256...) of every file above
+        COMMIT                    written last: the step and the manifest's size and checksum
       .tmp-step_00000125-<uuid>/  a save in progress (or killed): never listed, removed when a manager starts
 
 Writes are atomic (:mod:`ftrain.checkpoint.atomic`), checked on restore (:mod:`ftrain.checkpoint.integrity`),

@@ -48,7 +48,7 @@ from typing import Any
 
 from ftrain.checkpoint.atomic import StepNaming
 from ftrain.checkpoint.backends import BACKEND_NAMES, Backend, missing_backend_members
-from ftrain.checkpoint.integrity import check_hash_algorithm
+from ftrain.checkpoint.integrity import DEFAULT_HASH, check_hash_algorithm
 
 __all__ = ["RETENTIONS", "CheckpointManagerOptions", "best_steps", "is_save_due", "metric_value", "select_to_keep"]
 
@@ -95,7 +95,9 @@ class CheckpointManagerOptions:
         backend: ``"safetensors"`` (default, one process), ``"dcp"`` (torch.distributed.checkpoint; DTensor
             states, any world size), ``"orbax"`` (``pip install ftrain[orbax]``), or a
             :class:`~ftrain.checkpoint.Backend` instance.
-        hash_algorithm: :mod:`hashlib` algorithm of the manifest (``"sha256"`` by default).
+        hash_algorithm: the manifest's checksum: ``"xxh3_128"`` (default; fast, finds accidental damage — torn
+            writes, truncation, bit rot — but not deliberate tampering) or any :mod:`hashlib` algorithm, e.g.
+            ``"sha256"`` (cryptographic, ~15x slower). See :mod:`ftrain.checkpoint.integrity`.
         step_prefix, step_digits: directory names, ``step_prefix + zero-padded step`` (``step_00000120``);
             ``("checkpoint-", 0)`` gives Hugging Face's ``checkpoint-120``.
 
@@ -118,7 +120,7 @@ class CheckpointManagerOptions:
     keep_best: int | None = None
     async_save: bool = False
     backend: str | Backend = "safetensors"
-    hash_algorithm: str = "sha256"
+    hash_algorithm: str = DEFAULT_HASH
     step_prefix: str = "step_"
     step_digits: int = 8
 

@@ -61,7 +61,7 @@ def save_tree_file(path: str | os.PathLike, tree: Any, /) -> None:
     path = Path(path)
     tmp = path.with_name(f".tmp-{path.name}-{uuid.uuid4().hex}")
     try:
-        write_safetensors(tmp, tensors, "sha256", metadata)
+        write_safetensors(tmp, tensors, None, metadata)  # no manifest: nothing to hash
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

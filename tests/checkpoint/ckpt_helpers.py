@@ -131,6 +131,6 @@ def orbax_checks(directory: str) -> list[str]:
     data.write_bytes(bytes(raw))
     with CheckpointManager(root / "asyncFalse", CheckpointManagerOptions(backend="orbax")) as mgr:
         name = data.relative_to(ckpt).as_posix()
-        with pytest.raises(CorruptCheckpointError, match=f"file '{name}' is corrupt: its sha256 differs"):
+        with pytest.raises(CorruptCheckpointError, match=f"file '{name}' is corrupt: its xxh3_128 differs"):
             mgr.restore(like=(make_state(), extras))
     return files

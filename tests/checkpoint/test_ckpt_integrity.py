@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import warnings
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import xxhash
 
 sys.path.insert(0, str(Path(__file__).parent))  # ckpt_helpers.py lives next to this file
 from ckpt_helpers import assert_bitwise_equal, bits, make_state  # noqa: E402
@@ -29,14 +31,20 @@ def _flip_byte(path: Path, offset: int) -> None:
     path.write_bytes(bytes(data))
 
 
+def _middle_of_the_tensors(path: Path) -> int:
+    """The offset of the middle byte of a safetensors file's tensor data (after the 8-byte length and the header)."""
+    start = 8 + int.from_bytes(path.read_bytes()[:8], "little")
+    return (start + path.stat().st_size) // 2
+
+
 def _truncate(path: Path, n: int) -> None:
     data = path.read_bytes()
     path.write_bytes(data[:-n])
 
 
-def _three_checkpoints(tmp_path, backend="safetensors"):
+def _three_checkpoints(tmp_path, backend="safetensors", hash_algorithm="xxh3_128"):
     states = {s: make_state(steps=s) for s in (1, 2, 3)}
-    with CheckpointManager(tmp_path, CheckpointManagerOptions(backend=backend)) as mgr:
+    with CheckpointManager(tmp_path, CheckpointManagerOptions(backend=backend, hash_algorithm=hash_algorithm)) as mgr:
         for s, state in states.items():
             mgr.save(s, state)
     return states
@@ -49,12 +57,42 @@ def test_layout_on_disk_and_the_commit_marker(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000120"]
     assert sorted(p.name for p in ckpt.iterdir()) == ["COMMIT", "manifest.json", "meta.json", "state.safetensors"]
     manifest = json.loads((ckpt / "manifest.json").read_text())
-    assert manifest["algorithm"] == "sha256"
+    assert manifest["algorithm"] == "xxh3_128"
     assert sorted(manifest["files"]) == ["meta.json", "state.safetensors"]
-    entry = manifest["files"]["state.safetensors"]
-    assert entry["size"] == (ckpt / "state.safetensors").stat().st_size and len(entry["sha256"]) == 64
+    for name, entry in manifest["files"].items():  # the streamed digests are the xxhash library's over the whole file
+        data = (ckpt / name).read_bytes()
+        assert entry == {"size": len(data), "xxh3_128": xxhash.xxh3_128(data).hexdigest()}
     commit = json.loads((ckpt / "COMMIT").read_text())
-    assert commit["step"] == 120 and commit["manifest"]["size"] == (ckpt / "manifest.json").stat().st_size
+    manifest_bytes = (ckpt / "manifest.json").read_bytes()
+    assert commit == {
+        "step": 120,
+        "algorithm": "xxh3_128",
+        "manifest": {"size": len(manifest_bytes), "digest": xxhash.xxh3_128(manifest_bytes).hexdigest()},
+    }
+
+
+def test_a_sha256_manifest_holds_hashlib_digests_and_still_restores_with_the_default_options(tmp_path):
+    """hash_algorithm="sha256" (and checkpoints written when sha256 was the default) record sha256 in the manifest
+    and the marker; a manager with the default options verifies them with sha256, and finds a flipped byte."""
+    state = make_state()
+    with CheckpointManager(tmp_path, CheckpointManagerOptions(hash_algorithm="sha256")) as mgr:
+        mgr.save(1, state)
+        mgr.save(2, state)
+    ckpt = tmp_path / "step_00000001"
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    assert manifest["algorithm"] == "sha256"
+    for name, entry in manifest["files"].items():
+        data = (ckpt / name).read_bytes()
+        assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    commit = json.loads((ckpt / "COMMIT").read_text())
+    assert commit["algorithm"] == "sha256"
+    assert commit["manifest"]["digest"] == hashlib.sha256((ckpt / "manifest.json").read_bytes()).hexdigest()
+    damaged = tmp_path / "step_00000002" / "state.safetensors"
+    _flip_byte(damaged, _middle_of_the_tensors(damaged))
+    with CheckpointManager(tmp_path) as mgr:
+        assert_bitwise_equal(mgr.restore(1, like=make_state(seed=3)), state)
+        with pytest.raises(CorruptCheckpointError, match="'state.safetensors' is corrupt: its sha256 differs"):
+            mgr.restore(2, like=make_state())
 
 
 def test_hugging_face_style_directory_names(tmp_path):
@@ -140,17 +178,22 @@ def test_a_committed_step_is_never_overwritten(tmp_path):
         assert mgr.all_steps() == [] and mgr.save(5, make_state(), force=True)
 
 
+@pytest.mark.parametrize("algorithm", ["xxh3_128", "sha256"])
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
-        (lambda p: _flip_byte(p, p.stat().st_size - 3), "its sha256 differs from the manifest's"),
+        (lambda p: _flip_byte(p, p.stat().st_size - 3), "its {} differs from the manifest's"),
+        (lambda p: _flip_byte(p, _middle_of_the_tensors(p)), "its {} differs from the manifest's"),
         (lambda p: _truncate(p, 5), r"expected \d+ bytes, found \d+ \(truncated or overwritten\?\)"),
     ],
-    ids=["flipped-byte", "truncated"],
+    ids=["flipped-last-byte", "flipped-middle-byte", "truncated"],
 )
-def test_a_damaged_tensor_file_is_named_and_restore_falls_back_to_the_previous_checkpoint(tmp_path, damage, message):
-    states = _three_checkpoints(tmp_path)
+def test_a_damaged_tensor_file_is_named_and_restore_falls_back_to_the_previous_checkpoint(
+    tmp_path, damage, message, algorithm
+):
+    states = _three_checkpoints(tmp_path, hash_algorithm=algorithm)
     damage(tmp_path / "step_00000003" / "state.safetensors")
+    message = message.format(algorithm)
     with CheckpointManager(tmp_path) as mgr:
         with pytest.raises(CorruptCheckpointError, match=rf"file 'state.safetensors' is corrupt: {message}") as e:
             mgr.restore(3, like=make_state())
@@ -182,7 +225,7 @@ def test_a_damaged_dcp_file_is_named(tmp_path):
     shard = tmp_path / "step_00000003" / "dcp" / "__0_0.distcp"
     _flip_byte(shard, shard.stat().st_size // 2)
     with CheckpointManager(tmp_path, CheckpointManagerOptions(backend="dcp")) as mgr:
-        with pytest.raises(CorruptCheckpointError, match=r"file 'dcp/__0_0.distcp' is corrupt: its sha256 differs"):
+        with pytest.raises(CorruptCheckpointError, match=r"file 'dcp/__0_0.distcp' is corrupt: its xxh3_128 differs"):
             mgr.restore(3, like=make_state())
         with pytest.warns(UserWarning, match="falling back to step 2"):
             assert int(mgr.restore(like=make_state()).step) == 2
