@@ -551,10 +551,16 @@ class Trainer:
         return loss_fn
 
     def _make_train_step(self) -> Any:
-        step = make_train_step(self._make_loss_fn(), accum_steps=self.plan.data.gradient_accumulation_steps)
+        """The pure train step the loop runs, donated: the Trainer owns its ``TrainState`` and never reads one after
+        stepping it, so the step writes the new state into the old one's tensors, in place as ``torch.optim`` does
+        (one copy of params and optimizer state; ``self.model``, whose storage the state shares, sees each update).
+        Eager, ``make_train_step(..., donate=True)``; with ``torch_compile``, ``ftrain.jit`` donates
+        (``plan.step.jit_options``). A state sharded on a mesh (DTensor leaves) steps undonated when eager: the
+        eager in-place update copies with ``torch._foreach_copy_``, which DTensor has no sharding rule for."""
+        accum_steps = self.plan.data.gradient_accumulation_steps
         if self.plan.step.torch_compile:
-            return jit(step, **self.plan.step.jit_options)
-        return step
+            return jit(make_train_step(self._make_loss_fn(), accum_steps=accum_steps), **self.plan.step.jit_options)
+        return make_train_step(self._make_loss_fn(), accum_steps=accum_steps, donate=self.mesh is None)
 
     def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> torch.Tensor:
         """One microbatch's differentiable loss, called inside the pure train step (transformers' name and
