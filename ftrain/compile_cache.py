@@ -93,7 +93,7 @@ def _function_fingerprint(fn: Any, depth: int = 0) -> list[str]:
     if not isinstance(fn, types.FunctionType) or depth > 4:
         return [type(fn).__qualname__, _source_hash(fn), repr(fn) if _is_plain(fn) else ""]
     code = fn.__code__
-    out = [fn.__module__, fn.__qualname__, code.co_code.hex(), repr(code.co_consts), _source_hash(fn)]
+    out = [fn.__module__, fn.__qualname__, _code_fingerprint(code), _source_hash(fn)]
     for name in code.co_names:  # functions it calls by global name (a lambda calling the real loss function)
         value = fn.__globals__.get(name)
         if isinstance(value, types.FunctionType) and value is not fn:
@@ -105,6 +105,13 @@ def _function_fingerprint(fn: Any, depth: int = 0) -> list[str]:
             continue
         out += _function_fingerprint(value, depth + 1) if callable(value) else [type(value).__qualname__, _plain(value)]
     return out
+
+
+def _code_fingerprint(code: types.CodeType) -> str:
+    """Bytecode and constants, nested code objects (comprehensions, inner functions) by their own content: their
+    ``repr`` holds a memory address, which differs from process to process."""
+    consts = [_code_fingerprint(c) if isinstance(c, types.CodeType) else repr(c) for c in code.co_consts]
+    return f"{code.co_code.hex()}({','.join(consts)})"
 
 
 def _is_plain(value: Any) -> bool:

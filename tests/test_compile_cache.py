@@ -53,6 +53,37 @@ def test_cache_key_changes_with_what_decides_the_compiled_code():
     assert len(set(changed.values()) | {base}) == len(changed) + 1, changed
 
 
+_KEY_CHILD = textwrap.dedent(
+    """
+    import sys, torch
+    sys.path.insert(0, sys.argv[1])
+    from conftest import lm_batches, make_gpt
+    from ftrain import TrainState, compile_cache, make_train_step, optim
+    from ftrain.step import TrainStep
+
+    def loss(model, batch):  # a comprehension: a nested code object, whose repr holds an address
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        return model(inputs["input_ids"]).float().square().mean()
+
+    step = make_train_step(loss)
+    state = TrainState.create(make_gpt(), optim.adamw(1e-2), key=0)
+    args = (step, state.skeleton, state.params, state.buffers, lm_batches(1)[0])
+    print(compile_cache.cache_key(TrainStep.grads_and_norm, args, {"mode": None}))
+    """
+)
+
+
+def test_cache_key_is_the_same_in_another_process():
+    # What a resume relies on: a fresh process computes the key the first one saved under (nothing process-local
+    # such as an address may enter it).
+    tests = str(Path(__file__).parent)
+    keys = {
+        subprocess.run([sys.executable, "-c", _KEY_CHILD, tests], capture_output=True, text=True, check=True).stdout
+        for _ in range(2)
+    }
+    assert len(keys) == 1 and len(keys.pop().strip()) == 32
+
+
 def _bigger_gpt():
     from conftest import TINY
 

@@ -166,6 +166,19 @@ _TORCH_OPTIMIZER_ADVICE = (
 )
 
 
+def _default_loss(default: Any, device_type: str, autocast_dtype: torch.dtype | None) -> Any:
+    """The Trainer's loss without overridden hooks: ``default`` (:func:`~ftrain.step.make_loss_fn`) under
+    ``torch.autocast`` when ``args.bf16`` (what ``compute_loss_context_manager`` gives)."""
+
+    def loss_fn(model: Any, batch: Any) -> Loss:
+        if autocast_dtype is None:
+            return default(model, batch)[0]
+        with torch.autocast(device_type, dtype=autocast_dtype, cache_enabled=True):
+            return default(model, batch)[0]
+
+    return loss_fn
+
+
 class Trainer:
     """Hugging Face's ``Trainer`` API over ftrain's pure core; see the module docstring.
 
@@ -535,6 +548,10 @@ class Trainer:
         kwargs = dict(label_smoothing=self._label_smoothing(), compute_loss_func=self.compute_loss_func)
         custom_loss = self.overrides("compute_loss")
         default = None if custom_loss or self.overrides("training_step") else make_loss_fn(self.model, **kwargs)
+        contexts = ("compute_loss_context_manager", "autocast_smart_context_manager")
+        if default is not None and not any(self.overrides(hook) for hook in contexts):
+            # Nothing here refers to the Trainer, so a precompiled step (ftrain.compile_cache) can be saved.
+            return _default_loss(default, self.plan.process.device.type, self.plan.step.autocast_dtype)
 
         def loss_fn(model: Any, batch: Any) -> Loss:
             if default is not None:

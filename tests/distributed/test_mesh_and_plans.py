@@ -93,15 +93,20 @@ def test_one_process_sharded_step_equals_plain_step(world_of_one):
         shard_state(sharded, get_plan(sharded).mesh, config)
     step = make_train_step(lambda m, b: losses.mse(m(b["x"]), b["y"]))
     batch = {"x": torch.randn(8, 4, dtype=torch.float64), "y": torch.randn(8, 4, dtype=torch.float64)}
+    losses_seen = []
     for _ in range(3):
         plain, m1 = step(plain, batch)
         sharded, m2 = step(sharded, batch)
-    # Bitwise: on one rank the sharded step runs the plain step's kernels on the same tensors (a Shard(0) over one
-    # rank is the whole tensor, and the collectives over one rank return their input), in the same order.
-    assert torch.equal(m1["loss"], m2["loss"])
+        losses_seen.append((m1["loss"], m2["loss"]))
+    # The first forward is bitwise the same: on one rank a Shard(0) is the whole tensor and the sharded step runs
+    # the plain step's kernels on the same values. The updates are not: the plain state's AdamW takes the fused
+    # kernel (ftrain.optim.update_and_apply), DTensor leaves the generic foreach route - the same mathematics
+    # rounded differently, so from then on float64 (the state is float64) and FLOAT64.
+    assert torch.equal(*losses_seen[0])
+    for a, b in losses_seen[1:]:
+        torch.testing.assert_close(b, a, **FLOAT64)
     for k, v in gather_state(sharded).params.items():
-        assert torch.equal(v, plain.params[k]), k
-    # Except the norm: the plan sums squares shard by shard then takes one sqrt, the plain step a foreach_norm - the
-    # same mathematics by another reduction, so float64 (the state is float64) and FLOAT64.
+        torch.testing.assert_close(v, plain.params[k], **FLOAT64, msg=k)
+    # The norm: the plan sums squares shard by shard then takes one sqrt, the plain step a foreach_norm.
     assert m1["grad_norm"].dtype == m2["grad_norm"].dtype == torch.float64
     torch.testing.assert_close(m2["grad_norm"], m1["grad_norm"], **FLOAT64)

@@ -148,3 +148,48 @@ def test_subclass_hooks_run_and_train_as_transformers_with_donation(tmp_path):
     plain = _run(Trainer, TrainingArguments, TrainerCallback, tmp_path, "plain", **settings)[0]
     plain_norm = next(e["grad_norm"] for e in plain.state.log_history if "grad_norm" in e)
     assert ft_norms[0] == pytest.approx(2 * plain_norm, **APPROX64)  # the override doubled the first gradient
+
+
+def _closure_values(fn, seen=None):
+    """Every value reachable from ``fn`` through closure cells (functions recursively)."""
+    seen = set() if seen is None else seen
+    for cell in getattr(fn, "__closure__", None) or ():
+        value = cell.cell_contents
+        if id(value) not in seen:
+            seen.add(id(value))
+            yield value
+            yield from _closure_values(value, seen)
+
+
+def test_default_loss_holds_no_trainer_and_an_overridden_context_still_runs(tmp_path):
+    """Without overridden hooks the step's loss function refers to no Trainer (so ftrain.jit can save the step it
+    precompiles: a Trainer does not pickle); a subclass overriding compute_loss_context_manager gets it called once
+    per microbatch, as transformers' training_step does, and trains the same weights."""
+    plain = Trainer(model=tiny_gpt2(), args=TrainingArguments(str(tmp_path / "plain"), **SETTINGS))
+    assert not any(v is plain for v in _closure_values(plain._make_loss_fn()))
+
+    def counted(base):
+        class Counted(base):
+            calls = 0
+
+            def compute_loss_context_manager(self):
+                type(self).calls += 1
+                return super().compute_loss_context_manager()
+
+        return Counted
+
+    settings = {**SETTINGS, "gradient_accumulation_steps": 2}
+    out = {}
+    for side, (trainer_cls, args_cls) in {
+        "hf": (transformers.Trainer, transformers.TrainingArguments),
+        "ft": (Trainer, TrainingArguments),
+    }.items():
+        trainer = counted(trainer_cls)(
+            model=tiny_gpt2(), args=args_cls(output_dir=str(tmp_path / side), **settings), train_dataset=token_rows()
+        )
+        trainer.train()
+        out[side] = trainer
+    assert type(out["ft"]).calls == type(out["hf"]).calls == 6  # 3 updates x 2 microbatches
+    hf_params = dict(out["hf"].model.named_parameters())
+    for name, p in out["ft"].model.named_parameters():
+        torch.testing.assert_close(p.detach(), hf_params[name].detach(), **FLOAT64)
