@@ -146,8 +146,8 @@ def test_trainer_overhead_ratios_are_split_into_measured_baseline_and_goal(run_a
 
 
 def test_step_time_and_memory_rows_use_the_best_hand_loop_and_the_eager_loop(run_all):
-    ms = {"a": 210.0, "b": 200.0, "c": 196.0, "d": 230.0, "e": 185.0, "f": 192.0, "g": 198.0}
-    mb = {"a": 600.0, "b": 601.0, "c": 570.0, "d": 970.0, "e": 680.0, "f": 690.0, "g": 612.0}
+    ms = {"a": 210.0, "b": 200.0, "c": 196.0, "d": 230.0, "e": 185.0, "f": 192.0, "g": 198.0, "h": 190.0, "i": 180.0}
+    mb = {"a": 600.0, "b": 601.0, "c": 570.0, "d": 970.0, "e": 680.0, "f": 690.0, "g": 612.0, "h": 1100.0, "i": 630.0}
     payload = {
         "time_size": "3.5M",
         "mem_size": "25M",
@@ -159,6 +159,8 @@ def test_step_time_and_memory_rows_use_the_best_hand_loop_and_the_eager_loop(run
         (230.0, 196.0, None, None),  # (d)-(f) against the best of (a)-(c), here (c)
         (185.0, 196.0, "<= 0.95", True),  # 0.94
         (192.0, 196.0, "<= 0.95", False),  # 0.98
+        (190.0, 196.0, None, None),  # (h): context for (i)
+        (180.0, 196.0, "<= 0.95", True),  # (i) 0.92: the Trainer's compiled step
         (230.0, 200.0, None, None),  # the eager steps against (b), the best eager hand loop
         (198.0, 200.0, "<= 1.00", True),  # 0.99
     ]
@@ -168,6 +170,8 @@ def test_step_time_and_memory_rows_use_the_best_hand_loop_and_the_eager_loop(run
         (680.0, 600.0, None, None),
         (690.0, 600.0, "<= 1.10", False),  # 1.15
         (612.0, 600.0, "<= 1.10", True),  # 1.02
+        (1100.0, 600.0, None, None),
+        (630.0, 600.0, "<= 1.10", True),  # 1.05
     ]
 
 

@@ -87,11 +87,18 @@ def build_run(recipe: Recipe, *, compile: bool | None = None, rank: int = 0, wor
 
         config = recipe.parallel.config(world_size)
         state = shard_state(state, build_mesh(config), config)
-    train_step = ftrain.make_train_step(task.loss_fn)
+    # Donated, the step writes the next state into the previous one's tensors (memory as torch.optim's in-place
+    # loop). On one process the optimizer runs as fused eager kernels (compiled: after the compiled gradients,
+    # which a rerun or resume loads from ftrain's precompile cache); DTensor leaves keep the generic route, whole
+    # step compiled (DTensor has no rule for the in-place copy an eager donated update makes).
+    donate, one_process = recipe.train.donate, world_size == 1
     eval_step = ftrain.make_eval_step(task.loss_fn)
     if recipe.train.compile if compile is None else compile:
-        train_step = ftrain.jit(train_step, donate=recipe.train.donate)
+        optimizer = "eager" if one_process else "compiled"
+        train_step = ftrain.jit(ftrain.make_train_step(task.loss_fn), donate=donate, optimizer=optimizer)
         eval_step = ftrain.jit(eval_step)
+    else:
+        train_step = ftrain.make_train_step(task.loss_fn, donate=donate and one_process)
     return Run(recipe, task, state, train_step, eval_step, data_key, rank, world_size)
 
 

@@ -113,7 +113,7 @@ class TrainConfig:
         accum: microbatches per optimizer step (``batch_size`` must be divisible by it).
         seed: the run's seed: initial weights, data order and dropout derive from it.
         compile: compile the train and eval steps with ``ftrain.jit`` (deterministic either way).
-        donate: let the compiled step reuse the state's memory.
+        donate: let the step write the next state into the previous one's memory (eager or compiled).
         eval_every: evaluate every this many steps (0: only at the end).
         eval_batches: validation batches per evaluation (0: the whole validation split).
         threads: torch's CPU threads for the run (0: torch's default). One thread is fastest for small models on a

@@ -576,7 +576,10 @@ class Trainer:
         eager in-place update copies with ``torch._foreach_copy_``, which DTensor has no sharding rule for."""
         accum_steps = self.plan.data.gradient_accumulation_steps
         if self.plan.step.torch_compile:
-            return jit(make_train_step(self._make_loss_fn(), accum_steps=accum_steps), **self.plan.step.jit_options)
+            options = dict(self.plan.step.jit_options)
+            if self.mesh is not None:  # DTensor leaves: the optimizer stays in the compiled graph
+                options["optimizer"] = "compiled"
+            return jit(make_train_step(self._make_loss_fn(), accum_steps=accum_steps), **options)
         return make_train_step(self._make_loss_fn(), accum_steps=accum_steps, donate=self.mesh is None)
 
     def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> torch.Tensor:

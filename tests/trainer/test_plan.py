@@ -462,6 +462,7 @@ def test_step_policy():
         "fallback_random": True,  # an Inductor option: eager's random numbers under full_determinism
         "mode": "max-autotune",
         "backend": "inductor",
+        "optimizer": "eager",  # gradients compiled, the fused eager optimizer (benchmarks step_time (i), cold_start)
     }
     kwargs = {"use_reentrant": False, "every_n_layers": 2, "offload": True}
     checkpointing = make_plan(TrainingArguments(activation_checkpointing=True, activation_checkpointing_kwargs=kwargs))
