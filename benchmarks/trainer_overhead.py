@@ -7,9 +7,9 @@ the linear schedule and clipping of the default arguments; timed in one process,
       Trainer builds), the loss read every ``logging_steps`` as the Trainer logs it
   (b) ``ftrain.Trainer.train()``, default arguments
   (c) ``transformers.Trainer.train()``, default arguments
-  with ``--compile``, also each with ``torch_compile=True``: (a) and (b) compile the whole step with ``ftrain.jit``
-  and the Trainer's ``jit_options`` (donated state, deterministic algorithms only under ``full_determinism``); (c)
-  is transformers' ``torch.compile`` of the model.
+  with ``--compile``, also each with ``torch_compile=True``: (a) and (b) compile with ``ftrain.jit`` and the
+  Trainer's ``jit_options`` (donated state, the gradients compiled and the optimizer fused eager kernels,
+  deterministic algorithms only under ``full_determinism``); (c) is transformers' ``torch.compile`` of the model.
 "Default arguments" leaves the optimizer, schedule, clipping and precision to each library's defaults; only what
 makes the workload is set: batch size, steps, learning rate and weight decay, sequential sampling, logging every 10
 steps, no saving, no reporting, no progress bar.

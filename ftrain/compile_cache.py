@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import json
 import logging
 import os
+import platform
 import sys
 import types
 from collections.abc import Callable
@@ -33,7 +35,15 @@ from typing import Any
 import torch
 import torch.utils._pytree
 
-__all__ = ["ENV", "cache_key", "portable_guards", "precompile_supported", "resolve_cache_dir"]
+__all__ = [
+    "ENV",
+    "cache_key",
+    "portable_guards",
+    "precompile_supported",
+    "record_vector_isas",
+    "resolve_cache_dir",
+    "trust_recorded_vector_isas",
+]
 
 ENV = "FTRAIN_COMPILE_CACHE"
 _OFF = ("", "0", "off", "false", "no")
@@ -215,3 +225,69 @@ def save(compiled: Any, path: Path) -> None:
     except Exception as err:
         tmp.unlink(missing_ok=True)
         _log.warning("ftrain.jit: could not save the precompiled step to %s (%s)", path, err)
+
+
+# --- Inductor's vector-ISA probe ----------------------------------------------------------------------------------
+#
+# Before it loads or builds CPU kernels, Inductor checks once per process which vector instruction sets (AVX2,
+# AVX-512, ...) the CPU reports *and* the C++ compiler can build and load: for each, a test library is built (cached
+# on disk) and then dlopen-ed in a fresh subprocess, about 1.8 s of a 3 s warm first step here. The answer only
+# depends on the machine, the compiler and torch, so the first process records it next to the precompiled steps and
+# later ones reuse it: when every ISA the CPU reports passed the probe, Inductor is told so (``cpp.vec_isa_ok``)
+# while it makes its (cached, per-process) list, which is then the list the probe would have made.
+
+_ISA_RECORD = "vector_isa.json"
+
+
+def _isa_candidates() -> tuple[Any, list[Any]] | None:
+    """Inductor's ISA module and the ISAs this CPU reports (before the build probe); ``None`` off x86-64 Linux."""
+    if sys.platform != "linux" or platform.machine() != "x86_64":
+        return None
+    from torch._inductor import cpu_vec_isa
+
+    flags = cpu_vec_isa.x86_isa_checker()
+    return cpu_vec_isa, [isa for isa in cpu_vec_isa.supported_vec_isa_list if all(f in flags for f in str(isa).split())]
+
+
+def _isa_machine_key(cpu_vec_isa: Any, candidates: list[Any]) -> str:
+    """What the probe's answer depends on: torch, the C++ compiler (its version), the CPU's ISAs, ``CXX``."""
+    compiler = cpu_vec_isa._get_isa_dry_compile_fingerprint("")
+    return hashlib.sha256(repr((compiler, [str(c) for c in candidates], os.environ.get("CXX"))).encode()).hexdigest()
+
+
+def trust_recorded_vector_isas(cache_dir: Path | None) -> bool:
+    """Skips Inductor's ISA probe in this process when ``cache_dir`` records that, on this machine, every ISA the
+    CPU reports passed it; returns whether it did. Never raises (the probe then runs as usual)."""
+    try:
+        found = _isa_candidates()
+        if cache_dir is None or found is None or torch._inductor.config.cpp.vec_isa_ok is not None:
+            return False
+        cpu_vec_isa, candidates = found
+        record = json.loads((cache_dir / _ISA_RECORD).read_text())
+        if not candidates or record.get(_isa_machine_key(cpu_vec_isa, candidates)) is not True:
+            return False
+        with torch._inductor.config.patch({"cpp.vec_isa_ok": True}):
+            return [str(i) for i in cpu_vec_isa.valid_vec_isa_list()] == [str(c) for c in candidates]
+    except Exception:  # no record, another torch's internals: the probe runs
+        return False
+
+
+def record_vector_isas(cache_dir: Path | None) -> None:
+    """Records in ``cache_dir`` whether this process's ISA probe passed every ISA the CPU reports (the probe has
+    run by then: a step was compiled). Never raises."""
+    try:
+        found = _isa_candidates()
+        if cache_dir is None or found is None or torch._inductor.config.cpp.vec_isa_ok is not None:
+            return
+        cpu_vec_isa, candidates = found
+        if not cpu_vec_isa.valid_vec_isa_list.cache_info().currsize:  # no CPU kernels built: nothing was probed
+            return
+        path = cache_dir / _ISA_RECORD
+        record = json.loads(path.read_text()) if path.exists() else {}
+        probed = [str(i) for i in cpu_vec_isa.valid_vec_isa_list()]
+        record[_isa_machine_key(cpu_vec_isa, candidates)] = probed == [str(c) for c in candidates]
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(record))
+        os.replace(tmp, path)
+    except Exception as err:
+        _log.debug("ftrain.jit: could not record the vector ISA probe (%s)", err)

@@ -172,6 +172,7 @@ class Jitted:
         :func:`~ftrain.compile_cache.cache_key` is there, else compiled ahead of time and saved there."""
         fn = type(self.step).grads_and_norm
         self.cache_file = self.cache_dir / f"{_cache.cache_key(fn, (self.step, *args), self._key_options)}.pt2"
+        _cache.trust_recorded_vector_isas(self.cache_dir)
         loaded = _cache.load(self.cache_file)
         if loaded is not None:
             self.cache_loaded = True
@@ -185,6 +186,7 @@ class Jitted:
             logging.getLogger(__name__).warning("ftrain.jit: precompile failed (%s); compiling without the cache", err)
             return None
         _cache.save(compiled, self.cache_file)
+        _cache.record_vector_isas(self.cache_dir)
         compiled.disable_guard_check()
         return compiled
 

@@ -6,6 +6,7 @@ donation), and one float32 gradient function compiled ahead of time by a first s
 
 import json
 import os
+import platform
 import subprocess
 import sys
 import textwrap
@@ -180,3 +181,37 @@ def test_a_second_process_loads_the_precompiled_step_instead_of_compiling(tmp_pa
     # bitwise: the same saved kernels on the same inputs
     assert (second["loss"], second["wte"]) == (first["loss"], first["wte"])
     assert not second["other_guard"]  # another dtype never runs the loaded function
+
+
+_ISA_CHILD = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    from torch._inductor import cpu_vec_isa
+    from ftrain import compile_cache
+    cache = Path(sys.argv[1])
+    trusted = compile_cache.trust_recorded_vector_isas(cache)
+    isas = [str(i) for i in cpu_vec_isa.valid_vec_isa_list()]  # the probe runs here unless trusted
+    compile_cache.record_vector_isas(cache)
+    print(json.dumps(dict(trusted=trusted, isas=isas)))
+    """
+)
+
+
+@pytest.mark.skipif(sys.platform != "linux" or platform.machine() != "x86_64", reason="Inductor probes x86-64 ISAs")
+def test_a_recorded_vector_isa_probe_gives_the_list_the_probe_gives(tmp_path):
+    # The first process probes (builds and dlopens a test library per ISA) and records; the second reuses the
+    # record and must end with the very list the probe made; a record saying the probe failed an ISA is not used.
+    def child():
+        out = subprocess.run([sys.executable, "-c", _ISA_CHILD, str(tmp_path)], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    probed = child()
+    assert not probed["trusted"] and probed["isas"]
+    record = json.loads((tmp_path / "vector_isa.json").read_text())
+    (passed,) = record.values()  # True where the compiler built and loaded every ISA the CPU reports (here: yes)
+    reused = child()
+    assert reused["trusted"] == passed and reused["isas"] == probed["isas"]
+    (tmp_path / "vector_isa.json").write_text(json.dumps({k: False for k in record}))
+    assert not child()["trusted"]
