@@ -181,9 +181,10 @@ def _table(rows: list[dict], time_size: str, mem_size: str) -> str:
     best_ms = min(timed) if timed else None
     fused = by_time.get("b")  # the best eager hand loop: what the eager steps (d), (g) are held to
     base = by_mem.get("a")
+    w = 4 + max(len(name) for name in VARIANTS.values())
     lines = [
-        f"{'variant':<36} {'ms/step':>8} {'x best(a-c)':>11} {'x (b)':>6} {'peak MB':>8} {'x (a)':>6}",
-        f"{'':<36} {time_size:>8} {'':>11} {'':>6} {mem_size:>8} {'':>6}",
+        f"{'variant':<{w}} {'ms/step':>8} {'x best(a-c)':>11} {'x (b)':>6} {'peak MB':>8} {'x (a)':>6}",
+        f"{'':<{w}} {time_size:>8} {'':>11} {'':>6} {mem_size:>8} {'':>6}",
     ]
     for v, name in VARIANTS.items():
         t, m = by_time.get(v), by_mem.get(v)
@@ -194,7 +195,7 @@ def _table(rows: list[dict], time_size: str, mem_size: str) -> str:
         ms = f"{t['ms_per_step']:8.1f} {ratio} {x_b}" if t else f"{'-':>8} {'-':>11} {'-':>6}"
         x_a = f"{m['peak_mb'] / base['peak_mb']:6.2f}" if m and base else f"{'-':>6}"
         peak = f"{m['peak_mb']:8.1f} {x_a}" if m else f"{'-':>8} {'-':>6}"
-        lines.append(f"({v}) {name:<32} {ms} {peak}")
+        lines.append(f"({v}) {name:<{w - 4}} {ms} {peak}")
     return "\n".join(lines)
 
 
