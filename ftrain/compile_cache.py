@@ -215,15 +215,23 @@ def load(path: Path) -> Any | None:
         return None
 
 
-def save(compiled: Any, path: Path) -> None:
-    """Writes a precompiled function to ``path`` atomically (a temporary name, then a rename)."""
+def _write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
+    """``write(tmp)`` to a temporary name beside ``path``, then renamed over it: a reader (another process of
+    the same cache) sees the old file or the whole new one. Raises what ``write`` raises, leaving no file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        compiled.save_compiled_function(str(tmp))
+        write(tmp)
         os.replace(tmp, path)
-    except Exception as err:
+    finally:
         tmp.unlink(missing_ok=True)
+
+
+def save(compiled: Any, path: Path) -> None:
+    """Writes a precompiled function to ``path`` atomically; a failure is logged (the step still runs)."""
+    try:
+        _write_atomically(path, lambda tmp: compiled.save_compiled_function(str(tmp)))
+    except Exception as err:
         _log.warning("ftrain.jit: could not save the precompiled step to %s (%s)", path, err)
 
 
@@ -286,8 +294,6 @@ def record_vector_isas(cache_dir: Path | None) -> None:
         record = json.loads(path.read_text()) if path.exists() else {}
         probed = [str(i) for i in cpu_vec_isa.valid_vec_isa_list()]
         record[_isa_machine_key(cpu_vec_isa, candidates)] = probed == [str(c) for c in candidates]
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, path)
+        _write_atomically(path, lambda tmp: tmp.write_text(json.dumps(record)))
     except Exception as err:
         _log.debug("ftrain.jit: could not record the vector ISA probe (%s)", err)
